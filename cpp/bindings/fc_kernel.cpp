@@ -1,6 +1,104 @@
-// Bindings of the fully-connected kernel recursions (NNGP, NTK).
+// Bindings of the fully-connected kernel recursions (NNGP, NTK): one engine class per dtype.
+// Validation and dtype choice live in python/arcflow/_dispatch.py; here we only check shapes and pointers.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <memory>
+#include <string>
+
+#include "arcflow/fc_kernel.hpp"
 #include "registry.hpp"
 
+namespace py = pybind11;
+
 namespace arcflow::bind {
-void register_fc_kernel(pybind11::module_& m) { (void)m; }
+namespace {
+
+template <class T>
+using carray = py::array_t<T, py::array::c_style>;
+
+template <class T>
+T* out_ptr(const py::object& o, py::ssize_t rows_needed, py::ssize_t cols, const char* name) {
+  if (o.is_none()) return nullptr;
+  auto a = py::cast<carray<T>>(o);  // no conversion: the Python layer passes exact arrays
+  if (!(a.flags() & py::array::c_style) || !a.writeable())
+    throw std::invalid_argument(std::string("arcflow: ") + name + " must be a writeable C-contiguous array");
+  if (a.size() != rows_needed * cols)
+    throw std::invalid_argument(std::string("arcflow: ") + name + " has the wrong size");
+  return a.mutable_data();
+}
+
+template <class T>
+struct py_engine {
+  carray<T> x1, x2;
+  bool symmetric;
+  std::unique_ptr<fc_engine<T>> eng;
+
+  py_engine(carray<T> a, py::object b, fc_params p) : x1(std::move(a)), symmetric(b.is_none()) {
+    if (x1.ndim() != 2) throw std::invalid_argument("arcflow: x1 must be 2-D");
+    x2 = symmetric ? x1 : py::cast<carray<T>>(b);
+    if (x2.ndim() != 2 || x2.shape(1) != x1.shape(1))
+      throw std::invalid_argument("arcflow: x2 must be 2-D with as many columns as x1");
+    eng = std::make_unique<fc_engine<T>>(x1.data(), x1.shape(0), x2.data(), x2.shape(0), x1.shape(1), symmetric, p);
+  }
+
+  void rows(py::ssize_t r0, py::ssize_t r1, py::object nngp, py::object ntk, py::object ntk_all, int threads) {
+    const py::ssize_t n1 = x1.shape(0), n2 = x2.shape(0);
+    const py::ssize_t L = eng->params().depth + 1;
+    T* a = out_ptr<T>(nngp, n1, n2, "nngp output");
+    T* b = out_ptr<T>(ntk, n1, n2, "ntk output");
+    T* c = out_ptr<T>(ntk_all, L * L * n1, n2, "ntk_all output");
+    py::gil_scoped_release nogil;
+    eng->rows(r0, r1, a, b, c, threads);
+  }
+
+  void diag(py::object nngp, py::object ntk, int threads) {
+    const py::ssize_t n1 = x1.shape(0);
+    T* a = out_ptr<T>(nngp, n1, 1, "nngp output");
+    T* b = out_ptr<T>(ntk, n1, 1, "ntk output");
+    py::gil_scoped_release nogil;
+    eng->diag(a, b, threads);
+  }
+};
+
+template <class T>
+void bind_engine(py::module_& m, const char* name) {
+  py::class_<py_engine<T>>(m, name)
+      .def(py::init([](carray<T> x1, py::object x2, int kind, double a, double b, int n, int depth, double w_var,
+                       double b_var, double gram_scale, int fix_dep) {
+             fc_params p;
+             p.act.kind = static_cast<act_kind>(kind);
+             p.act.a = a;
+             p.act.b = b;
+             p.act.n = n;
+             p.depth = depth;
+             p.w_var = w_var;
+             p.b_var = b_var;
+             p.gram_scale = gram_scale;
+             p.fix_dep = fix_dep;
+             return new py_engine<T>(std::move(x1), std::move(x2), p);
+           }),
+           py::arg("x1").noconvert(), py::arg("x2"), py::arg("kind"), py::arg("a"), py::arg("b"), py::arg("n"),
+           py::arg("depth"), py::arg("w_var"), py::arg("b_var"), py::arg("gram_scale"), py::arg("fix_dep"))
+      .def("rows", &py_engine<T>::rows, py::arg("r0"), py::arg("r1"), py::arg("nngp"), py::arg("ntk"),
+           py::arg("ntk_all"), py::arg("threads"))
+      .def("diag", &py_engine<T>::diag, py::arg("nngp"), py::arg("ntk"), py::arg("threads"));
+}
+
+}  // namespace
+
+void register_fc_kernel(py::module_& m) {
+  bind_engine<float>(m, "FcEngineF32");
+  bind_engine<double>(m, "FcEngineF64");
+  m.attr("fc_tile") = py::int_(fc_engine<double>::tile);
+  m.def(
+      "asin_throughput",
+      [](bool single, double seconds) {
+        py::gil_scoped_release nogil;
+        return asin_throughput(single, seconds);
+      },
+      py::arg("single_precision"), py::arg("seconds") = 0.2,
+      "Vectorised arcsine throughput of this build on one core, elements per second (for the roofline).");
+}
+
 }  // namespace arcflow::bind

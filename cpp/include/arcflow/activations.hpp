@@ -1,0 +1,206 @@
+// The activations of the fully-connected recursion: E[phi(u)phi(v)], E[phi'(u)phi'(v)] and the gaps.
+#pragma once
+// Contract: header-only, usable on the host and in CUDA kernels (ARCFLOW_HD). Each activation is a small
+// struct, a template parameter of the kernels, so the per-element code is specialised and inlined.
+//
+// Per pair the recursion carries s12 = Sigma(x,y) and the two gaps gm = P - s12, gp = P + s12, where
+// P = sqrt(Sigma(x,x) Sigma(y,y)). The gaps are what keeps collinear pairs exact (SPEC.md, numerical notes):
+// with sigma = sin(theta/2) = sqrt(gm / 2P) and kappa = cos(theta/2) = sqrt(gp / 2P) the angle is taken
+// from the smaller of the two half-angle sines, never from arccos(1 - eps). Each activation returns, in
+// absolute units, T = E[phi phi], Tdot = E[phi' phi'] and its own gaps sqrt(T11 T22) -/+ T computed
+// from formulas that do not cancel.
+//
+// Per row and layer the kernels precompute s = Sigma(x,x), r = sqrt(s), ir = 1/r (0 when r = 0), and
+// two activation factors pa, pb (see row()), and t = sqrt(T11) where T11 = E[phi(u)^2], u ~ N(0, s).
+#include <cmath>
+
+#include "arcflow/common.hpp"
+#include "arcflow/fast_math.hpp"
+
+namespace arcflow {
+
+enum class act_kind : int { abrelu = 0, monomial = 1, sign = 2, erf = 3 };
+
+// The activation as the bindings pass it: kind plus its numbers (a, b for ABReLU, n for monomials).
+struct act_params {
+  act_kind kind = act_kind::abrelu;
+  double a = 0.0, b = 1.0;
+  int n = 1;
+};
+
+template <class T>
+struct pair_out {
+  T t, tdot, gm, gp;
+};
+
+// Half-angle description of the pair, from the carried gaps. h = 1 / (2P), 0 when P = 0 (a zero row):
+// then the angle is pi/2 by convention (c = 0), as in the NumPy code of Arora et al.
+template <class T>
+struct angle {
+  T sig2, kap2, sig, kap, theta, x, sin_t, cos_t;
+  bool big;  // theta > pi/2; x = min(theta, pi - theta)
+};
+
+template <class T>
+ARCFLOW_HD angle<T> make_angle(T gm, T gp, T h) {
+  angle<T> a;
+  const bool zero = !(h > T(0));
+  a.sig2 = zero ? T(0.5) : fm::clamp01(gm * h);
+  a.kap2 = zero ? T(0.5) : fm::clamp01(gp * h);
+  a.sig = std::sqrt(a.sig2);
+  a.kap = std::sqrt(a.kap2);
+  a.big = a.sig > a.kap;
+  const T m = a.big ? a.kap : a.sig;  // m <= 1/sqrt(2)
+  a.x = T(2) * fm::asin_pos(m, T(1) - m);
+  a.theta = a.big ? fm::consts<T>::pi - a.x : a.x;
+  a.sin_t = T(2) * a.sig * a.kap;
+  a.cos_t = a.kap2 - a.sig2;
+  return a;
+}
+
+// phi(x) = a min(x, 0) + b max(x, 0): ReLU (0, 1), LeakyReLU (alpha, 1), Abs (-1, 1), Identity (1, 1).
+// T = P [k1 S(theta) + k2 cos(theta)], S(t) = sin t - t cos t, k1 = (a-b)^2 / 2pi, k2 = (a^2+b^2) / 2;
+// Tdot = k2 - k1 theta. The gap near theta = pi uses x = pi - theta: k2 P - T = P [kd - 2ab kap^2 - k1 S(x)],
+// kd = (a+b)^2 / 2, so that Abs at antiparallel inputs stays exact.
+template <class T>
+struct abrelu_act {
+  T k1, k2, kd, ab;
+  explicit abrelu_act(const act_params& p)
+      : k1(T((p.a - p.b) * (p.a - p.b) / (2.0 * 3.14159265358979323846))),
+        k2(T((p.a * p.a + p.b * p.b) / 2.0)),
+        kd(T((p.a + p.b) * (p.a + p.b) / 2.0)),
+        ab(T(p.a * p.b)) {}
+  static double diag_t(const act_params& p, double s) { return (p.a * p.a + p.b * p.b) / 2.0 * s; }
+  static void row(const act_params&, double, double r, double& pa, double& pb) { pa = r; pb = 1.0; }
+  ARCFLOW_HD pair_out<T> pair(T s12, T gm, T gp, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
+    (void)s12; (void)pa1; (void)pb1; (void)t1; (void)pa2; (void)pb2; (void)t2;
+    const angle<T> g = make_angle(gm, gp, h);
+    const T s_theta = g.sin_t - g.theta * g.cos_t;
+    const T abs_cos = g.cos_t < T(0) ? -g.cos_t : g.cos_t;
+    const T s_x = g.sin_t - g.x * abs_cos;
+    const T gm_r = g.big ? kd - T(2) * ab * g.kap2 - k1 * s_x : T(2) * k2 * g.sig2 - k1 * s_x;
+    const T gp_r = T(2) * k2 * g.kap2 + k1 * s_theta;
+    pair_out<T> o;
+    o.t = P * (k1 * s_theta + k2 * g.cos_t);
+    o.tdot = k2 - k1 * g.theta;
+    o.gm = P * (gm_r > T(0) ? gm_r : T(0));
+    o.gp = P * (gp_r > T(0) ? gp_r : T(0));
+    return o;
+  }
+};
+
+// phi(x) = max(x, 0)^n, the arc-cosine kernel of order n (Cho & Saul 2009): T = P^n J_n(theta) / 2pi,
+// Tdot = n^2 P^(n-1) J_(n-1)(theta) / 2pi, with J_0 = pi - theta, J_1 = sin + (pi - theta) cos and
+// J_k = (2k-1) cos J_(k-1) + (k-1)^2 sin^2 J_(k-2). The gap uses D_k = J_k(0) - J_k(theta), which obeys
+// D_k = (2k-1) [J_(k-1)(0) (1 - cos) + cos D_(k-1)] - (k-1)^2 sin^2 J_(k-2), D_0 = theta,
+// D_1 = pi (1 - cos) - S(theta): no cancellation at small theta. J_k(0) = pi (2k-1)!!.
+// Row factors: pa = r^n, pb = r^(n-1).
+template <class T>
+struct monomial_act {
+  int n;
+  explicit monomial_act(const act_params& p) : n(p.n) {}
+  static double j0_at_zero(int n) {
+    double j = 3.14159265358979323846;
+    for (int k = 1; k <= n; ++k) j *= (2 * k - 1);
+    return j;
+  }
+  static double diag_t(const act_params& p, double s) {
+    return std::pow(s, p.n) * j0_at_zero(p.n) / (2.0 * 3.14159265358979323846);
+  }
+  static void row(const act_params& p, double, double r, double& pa, double& pb) {
+    pa = std::pow(r, p.n);
+    pb = p.n >= 1 ? std::pow(r, p.n - 1) : 0.0;
+  }
+  ARCFLOW_HD pair_out<T> pair(T s12, T gm, T gp, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
+    (void)s12; (void)P; (void)t1; (void)t2;
+    const angle<T> g = make_angle(gm, gp, h);
+    const T pi = fm::consts<T>::pi;
+    const T one_m_cos = T(2) * g.sig2;
+    const T sin2 = g.sin_t * g.sin_t;
+    T j_prev = pi - g.theta;  // J_0
+    T d_prev = g.theta;       // D_0
+    T j0_prev = pi;           // J_0(0)
+    T j_cur = j_prev, d_cur = d_prev, j0_cur = j0_prev;
+    T j_before = j_prev;  // J_(n-1)
+    if (n >= 1) {
+      j_cur = g.sin_t + (pi - g.theta) * g.cos_t;
+      d_cur = pi * one_m_cos - (g.sin_t - g.theta * g.cos_t);
+      j0_cur = pi;
+      j_before = j_prev;
+      for (int k = 2; k <= n; ++k) {
+        const T kk = T(2 * k - 1), km = T((k - 1) * (k - 1));
+        const T j_next = kk * g.cos_t * j_cur + km * sin2 * j_prev;
+        const T d_next = kk * (j0_cur * one_m_cos + g.cos_t * d_cur) - km * sin2 * j_prev;
+        j_before = j_cur;
+        j_prev = j_cur;
+        j_cur = j_next;
+        d_cur = d_next;
+        j0_cur = kk * j0_cur;
+      }
+    }
+    const T c = fm::consts<T>::inv_two_pi;
+    const T pn = pa1 * pa2;
+    pair_out<T> o;
+    o.t = pn * j_cur * c;
+    o.tdot = n >= 1 ? T(n) * T(n) * pb1 * pb2 * j_before * c : T(0);
+    const T dm = d_cur > T(0) ? d_cur : T(0);
+    o.gm = pn * dm * c;
+    o.gp = pn * (T(2) * j0_cur - dm) * c;
+    return o;
+  }
+};
+
+// phi(x) = sign(x): T = 1 - 2 theta / pi (NNGP only).
+template <class T>
+struct sign_act {
+  explicit sign_act(const act_params&) {}
+  static double diag_t(const act_params&, double) { return 1.0; }
+  static void row(const act_params&, double, double, double& pa, double& pb) { pa = 1.0; pb = 0.0; }
+  ARCFLOW_HD pair_out<T> pair(T s12, T gm, T gp, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
+    (void)s12; (void)P; (void)pa1; (void)pb1; (void)t1; (void)pa2; (void)pb2; (void)t2;
+    const angle<T> g = make_angle(gm, gp, h);
+    const T u = T(2) * g.theta * fm::consts<T>::inv_pi;
+    pair_out<T> o;
+    o.t = T(1) - u;
+    o.tdot = T(0);
+    o.gm = u;
+    o.gp = T(2) - u;
+    return o;
+  }
+};
+
+// phi(x) = erf(x) (Williams 1997): T = 2/pi asin(2 s12 / sqrt(u1 u2)), u = 1 + 2 s,
+// Tdot = 4/pi / sqrt(u1 u2 - 4 s12^2). Without cancellation: u1 u2 - 4 s12^2 = u1 + u2 - 1 + 4 gm gp and
+// 1 -/+ z = [(u1 + u2 - 1) / (sqrt(u1 u2) + 2P) + 2 gm/gp] / sqrt(u1 u2). Row factors: pa = u, pb = sqrt(u).
+template <class T>
+struct erf_act {
+  explicit erf_act(const act_params&) {}
+  static double diag_t(const act_params&, double s) {
+    return 2.0 / 3.14159265358979323846 * std::asin(2.0 * s / (1.0 + 2.0 * s));
+  }
+  static void row(const act_params&, double s, double, double& pa, double& pb) {
+    pa = 1.0 + 2.0 * s;
+    pb = std::sqrt(pa);
+  }
+  ARCFLOW_HD pair_out<T> pair(T s12, T gm, T gp, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
+    (void)h;
+    const T U = pb1 * pb2;
+    const T iU = T(1) / U;
+    const T base = (pa1 + pa2 - T(1)) / (U + T(2) * P);
+    const T z = T(2) * s12 * iU;
+    const bool neg = z < T(0);
+    const T az = neg ? -z : z;
+    const T om = (base + T(2) * (neg ? gp : gm)) * iU;  // 1 - |z|
+    const T as = fm::asin_pos(az, om);
+    pair_out<T> o;
+    o.t = T(2) * fm::consts<T>::inv_pi * (neg ? -as : as);
+    o.tdot = T(4) * fm::consts<T>::inv_pi / std::sqrt(pa1 + pa2 - T(1) + T(4) * gm * gp);
+    const T tt = t1 * t2;
+    const T m = tt - o.t, p = tt + o.t;
+    o.gm = m > T(0) ? m : T(0);
+    o.gp = p > T(0) ? p : T(0);
+    return o;
+  }
+};
+
+}  // namespace arcflow

@@ -1,0 +1,70 @@
+// NNGP and NTK of a deep fully-connected network: the fused, tiled recursion (SPEC.md section 1).
+#pragma once
+// Contract:
+// - x1 (n1 x d) and x2 (n2 x d) are C-contiguous host arrays of T (float or double) that outlive the
+//   engine; for the symmetric case (x2 = None in Python) pass x2 == x1 and symmetric = true.
+// - Outputs are C-contiguous host arrays: nngp and ntk are n1 x n2; ntk_all is
+//   (depth+1) x (depth+1) x n1 x n2 with ntk_all[l][k] = Theta after layer l+1 with the first k layers
+//   frozen (written for k <= l only: the caller zero-fills the rest). Any of them may be null.
+// - rows(r0, r1, ...) computes rows [r0, r1) of x1 against all of x2 in tiles of `tile` x `tile`: the Gram
+//   tile, every layer and both kernels while the tile is in cache, each output element written once. In the
+//   symmetric case only tiles on or above the diagonal are computed (r0 must be a multiple of `tile`) and
+//   mirrored, so the result is exactly symmetric. OpenMP over tiles with `threads` threads.
+// - diag(...) computes k(x, x) for the rows of x1 in O(n1 (d + depth)).
+// - Throws std::invalid_argument on inconsistent arguments; never throws inside the parallel region.
+//   Thread-safety: const methods may run concurrently on one engine.
+#include <memory>
+#include <vector>
+
+#include "arcflow/activations.hpp"
+#include "arcflow/common.hpp"
+
+namespace arcflow {
+
+struct fc_params {
+  act_params act;
+  int depth = 1;            // hidden activations; the output is Sigma^(depth+1), Theta^(depth+1)
+  double w_var = 1.0;       // W_std^2
+  double b_var = 0.0;       // b_std^2
+  double gram_scale = 1.0;  // Sigma^1 = gram_scale * <x, y> + b_var (W_std^2 / d normally, 1 for compat)
+  int fix_dep = 0;          // Sigma^l enters Theta only for l > fix_dep
+};
+
+template <class T>
+class fc_engine {
+ public:
+  static constexpr index_t tile = 64;
+
+  fc_engine(const T* x1, index_t n1, const T* x2, index_t n2, index_t d, bool symmetric, const fc_params& p);
+
+  void rows(index_t r0, index_t r1, T* nngp, T* ntk, T* ntk_all, int threads) const;
+  void diag(T* nngp, T* ntk, int threads) const;
+
+  index_t n1() const { return n1_; }
+  index_t n2() const { return n2_; }
+
+  // Per-row tables, one block per layer l = 0..depth: r, ir, pa, pb, t (see activations.hpp), then the
+  // input norms |x| and 1/|x|. Public for the CUDA backend, which uploads them.
+  struct row_table {
+    index_t n = 0;
+    int layers = 0;
+    std::vector<T> data;  // [layer][field][row], fields r, ir, pa, pb, t
+    std::vector<T> norm, inv_norm;
+    const T* field(int layer, int f) const { return data.data() + (index_t(layer) * 5 + f) * n; }
+  };
+  const row_table& rows1() const { return tab1_; }
+  const row_table& rows2() const { return symmetric_ ? tab1_ : tab2_; }
+  const fc_params& params() const { return p_; }
+
+ private:
+  const T *x1_, *x2_;
+  index_t n1_, n2_, d_;
+  bool symmetric_;
+  fc_params p_;
+  row_table tab1_, tab2_;
+};
+
+// Vectorised-arcsine throughput of this build on one core (elements per second), for the roofline.
+double asin_throughput(bool single_precision, double seconds);
+
+}  // namespace arcflow

@@ -1,0 +1,449 @@
+// CPU bodies of the fused NNGP/NTK recursion: tiles of 64 x 64 pairs, OpenMP over tiles.
+#include "arcflow/fc_kernel.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <vector>
+
+#ifdef ARCFLOW_HAVE_OPENMP
+#include <omp.h>
+#endif
+
+// Runtime dispatch to wider SIMD without -march: gcc emits one clone per target and picks at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define ARCFLOW_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define ARCFLOW_CLONES
+#endif
+
+namespace arcflow {
+namespace {
+
+constexpr index_t TILE = fc_engine<double>::tile;
+
+index_t round_up(index_t n, index_t m) { return (n + m - 1) / m * m; }
+
+// Per-row tables, computed in double whatever T is (O(n (d + depth)), negligible).
+template <class T, class Act>
+void fill_table(const T* x, index_t n, index_t d, const fc_params& p, typename fc_engine<T>::row_table& tab) {
+  const index_t np = round_up(std::max<index_t>(n, 1), TILE);
+  tab.n = np;
+  tab.layers = p.depth + 1;
+  tab.data.assign(size_t(np) * 5 * size_t(tab.layers), T(0));
+  tab.norm.assign(size_t(np), T(0));
+  tab.inv_norm.assign(size_t(np), T(0));
+  for (index_t i = 0; i < n; ++i) {
+    double nx2 = 0.0;
+    const T* xi = x + i * d;
+    for (index_t k = 0; k < d; ++k) nx2 += double(xi[k]) * double(xi[k]);
+    const double nx = std::sqrt(nx2);
+    tab.norm[i] = T(nx);
+    tab.inv_norm[i] = nx > 0 ? T(1.0 / nx) : T(0);
+    double s = p.gram_scale * nx2 + p.b_var;
+    for (int l = 0; l < tab.layers; ++l) {
+      const double r = std::sqrt(s);
+      double pa = 0, pb = 0;
+      Act::row(p.act, s, r, pa, pb);
+      const double t11 = Act::diag_t(p.act, s);
+      T* base = tab.data.data() + size_t(l) * 5 * size_t(np);
+      base[0 * np + i] = T(r);
+      base[1 * np + i] = r > 0 ? T(1.0 / r) : T(0);
+      base[2 * np + i] = T(pa);
+      base[3 * np + i] = T(pb);
+      base[4 * np + i] = T(std::sqrt(t11));
+      s = p.w_var * t11 + p.b_var;
+    }
+  }
+}
+
+template <class T>
+struct workspace {
+  std::vector<T> bt, g, s12, gm, gp, ntk, td, h;
+  workspace(index_t d, int n_all) {
+    const size_t t2 = size_t(TILE) * TILE;
+    bt.resize(size_t(std::max<index_t>(d, 1)) * TILE);
+    g.resize(t2);
+    s12.resize(t2);
+    gm.resize(t2);
+    gp.resize(t2);
+    ntk.resize(t2);
+    td.resize(t2);
+    h.resize(t2 * size_t(n_all));
+  }
+};
+
+template <class T>
+struct tile_ctx {
+  const T *x1, *x2;
+  index_t n1, n2, d;
+  bool symmetric;
+  const fc_params* p;
+  const typename fc_engine<T>::row_table *tab1, *tab2;
+  T *nngp, *ntk, *ntk_all;
+};
+
+// G = a (ti x d) times bt (d x TILE, packed transposed), register-blocked 4 rows x JB columns.
+template <class T>
+inline __attribute__((always_inline)) void gram_tile(const T* a, index_t ti, index_t d, const T* bt, T* g) {
+  constexpr int JB = 128 / int(sizeof(T));
+  index_t i = 0;
+  for (; i + 4 <= ti; i += 4) {
+    const T* a0 = a + (i + 0) * d;
+    const T* a1 = a + (i + 1) * d;
+    const T* a2 = a + (i + 2) * d;
+    const T* a3 = a + (i + 3) * d;
+    for (int j0 = 0; j0 < TILE; j0 += JB) {
+      T c0[JB], c1[JB], c2[JB], c3[JB];
+      for (int j = 0; j < JB; ++j) c0[j] = c1[j] = c2[j] = c3[j] = T(0);
+      for (index_t k = 0; k < d; ++k) {
+        const T* b = bt + k * TILE + j0;
+        const T v0 = a0[k], v1 = a1[k], v2 = a2[k], v3 = a3[k];
+#pragma omp simd
+        for (int j = 0; j < JB; ++j) {
+          c0[j] += v0 * b[j];
+          c1[j] += v1 * b[j];
+          c2[j] += v2 * b[j];
+          c3[j] += v3 * b[j];
+        }
+      }
+      for (int j = 0; j < JB; ++j) {
+        g[(i + 0) * TILE + j0 + j] = c0[j];
+        g[(i + 1) * TILE + j0 + j] = c1[j];
+        g[(i + 2) * TILE + j0 + j] = c2[j];
+        g[(i + 3) * TILE + j0 + j] = c3[j];
+      }
+    }
+  }
+  for (; i < ti; ++i) {
+    const T* ai = a + i * d;
+    T* gi = g + i * TILE;
+    for (int j = 0; j < TILE; ++j) gi[j] = T(0);
+    for (index_t k = 0; k < d; ++k) {
+      const T v = ai[k];
+      const T* b = bt + k * TILE;
+#pragma omp simd
+      for (int j = 0; j < TILE; ++j) gi[j] += v * b[j];
+    }
+  }
+}
+
+// Writes a tile (ti x tj, leading dimension TILE) into a row-major n1 x n2 output; in the symmetric case
+// also its mirror, and on a diagonal tile only the upper triangle (so both halves hold identical bits).
+template <class T>
+inline void store_tile(T* out, index_t n2, index_t i0, index_t ti, index_t j0, index_t tj, bool symmetric,
+                       const T* src) {
+  const bool diag_tile = symmetric && i0 == j0;
+  for (index_t i = 0; i < ti; ++i) {
+    const index_t jb = diag_tile ? i : 0;
+    T* o = out + (i0 + i) * n2 + j0;
+    for (index_t j = jb; j < tj; ++j) o[j] = src[i * TILE + j];
+  }
+  if (symmetric) {
+    for (index_t j = 0; j < tj; ++j) {
+      T* o = out + (j0 + j) * n2 + i0;
+      const index_t ie = diag_tile ? j : ti;
+      for (index_t i = 0; i < ie; ++i) o[i] = src[i * TILE + j];
+    }
+  }
+}
+
+template <class T, class Act, bool Bias>
+ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act& act, index_t i0, index_t ti, index_t j0, index_t tj,
+                             workspace<T>& ws) {
+  const fc_params& p = *c.p;
+  const index_t d = c.d;
+  const int depth = p.depth;
+  const T wv = T(p.w_var), bv = T(p.b_var), gs = T(p.gram_scale);
+  const T sq_gs = T(std::sqrt(p.gram_scale));
+  const T w_sd = T(std::sqrt(p.w_var));
+  const int fix = p.fix_dep;
+  T* __restrict bt = ws.bt.data();
+  T* __restrict g = ws.g.data();
+  T* __restrict s12 = ws.s12.data();
+  T* __restrict gm = ws.gm.data();
+  T* __restrict gp = ws.gp.data();
+  T* __restrict ntk = ws.ntk.data();
+  T* __restrict td = ws.td.data();
+
+  // 1. Gram tile.
+  for (index_t k = 0; k < d; ++k) {
+    T* b = bt + k * TILE;
+    for (index_t j = 0; j < tj; ++j) b[j] = c.x2[(j0 + j) * d + k];
+    for (index_t j = tj; j < TILE; ++j) b[j] = T(0);
+  }
+  gram_tile<T>(c.x1 + i0 * d, ti, d, bt, g);
+
+  // 2. First layer: s12 = gs G + b, gaps |x||y| -/+ G, refined where they cancel.
+  const T* nrm1 = c.tab1->norm.data() + i0;
+  const T* nrm2 = c.tab2->norm.data() + j0;
+  const T tau = sizeof(T) == 4 ? T(1e-2) : T(1e-3);
+  for (index_t i = 0; i < ti; ++i) {
+    const T n1 = nrm1[i];
+#pragma omp simd
+    for (index_t j = 0; j < TILE; ++j) {
+      const T nn = n1 * nrm2[j];
+      gm[i * TILE + j] = nn - g[i * TILE + j];
+      gp[i * TILE + j] = nn + g[i * TILE + j];
+    }
+  }
+  {
+    const T* inv1 = c.tab1->inv_norm.data() + i0;
+    const T* inv2 = c.tab2->inv_norm.data() + j0;
+    for (index_t i = 0; i < ti; ++i) {
+      for (index_t j = 0; j < tj; ++j) {
+        const index_t e = i * TILE + j;
+        const T nn = nrm1[i] * nrm2[j];
+        const bool near_m = gm[e] < tau * nn, near_p = gp[e] < tau * nn;
+        if (!(nn > T(0)) || !(near_m || near_p)) continue;
+        // |x||y| -/+ <x,y> = |x||y| |u -/+ v|^2 / 2 for the unit vectors u, v: no cancellation.
+        const T* xa = c.x1 + (i0 + i) * d;
+        const T* xb = c.x2 + (j0 + j) * d;
+        const double ia = double(inv1[i]), ib = double(inv2[j]);
+        const double sgn = near_m ? -1.0 : 1.0;
+        double acc = 0.0;
+        for (index_t k = 0; k < d; ++k) {
+          const double u = double(xa[k]) * ia + sgn * double(xb[k]) * ib;
+          acc += u * u;
+        }
+        const T v = T(double(nn) * acc * 0.5);
+        if (near_m)
+          gm[e] = v;
+        else
+          gp[e] = v;
+      }
+    }
+  }
+  {
+    const T* r1 = c.tab1->field(0, 0) + i0;
+    const T* r2 = c.tab2->field(0, 0) + j0;
+    const T mask = 1 > fix ? T(1) : T(0);
+    for (index_t i = 0; i < ti; ++i) {
+      const T q1 = sq_gs * nrm1[i], ra = r1[i];
+#pragma omp simd
+      for (index_t j = 0; j < TILE; ++j) {
+        const index_t e = i * TILE + j;
+        T bterm = T(0);
+        if (Bias) {
+          const T q2 = sq_gs * nrm2[j];
+          const T dq = q1 - q2;
+          bterm = bv * dq * dq / (ra * r2[j] + q1 * q2 + bv);
+        }
+        const T s = gs * g[e] + bv;
+        s12[e] = s;
+        gm[e] = bterm + gs * gm[e];
+        gp[e] = bterm + T(2) * bv + gs * gp[e];
+        ntk[e] = mask * s;
+      }
+    }
+  }
+  const int n_all = c.ntk_all ? depth + 1 : 0;
+  const index_t plane = c.n1 * c.n2;
+  auto store_all = [&](int layer) {
+    // ntk_all[layer][k] for k <= layer; H_k lives in ws.h.
+    for (int k = 0; k <= layer; ++k)
+      store_tile(c.ntk_all + (index_t(layer) * n_all + k) * plane, c.n2, i0, ti, j0, tj, c.symmetric,
+                 ws.h.data() + size_t(k) * TILE * TILE);
+  };
+  if (n_all) {
+    T* h0 = ws.h.data();
+    for (index_t e = 0; e < TILE * TILE; ++e) h0[e] = s12[e];
+    for (int k = 1; k < n_all; ++k) std::fill_n(ws.h.data() + size_t(k) * TILE * TILE, TILE * TILE, T(0));
+    store_all(0);
+  }
+
+  // 3. Layers: Sigma^(l+1) -> Sigma^(l+2) and Theta alongside.
+  for (int l = 0; l < depth; ++l) {
+    const T* r1 = c.tab1->field(l, 0) + i0;
+    const T* ir1 = c.tab1->field(l, 1) + i0;
+    const T* pa1 = c.tab1->field(l, 2) + i0;
+    const T* pb1 = c.tab1->field(l, 3) + i0;
+    const T* t1 = c.tab1->field(l, 4) + i0;
+    const T* rn1 = c.tab1->field(l + 1, 0) + i0;
+    const T* r2 = c.tab2->field(l, 0) + j0;
+    const T* ir2 = c.tab2->field(l, 1) + j0;
+    const T* pa2 = c.tab2->field(l, 2) + j0;
+    const T* pb2 = c.tab2->field(l, 3) + j0;
+    const T* t2 = c.tab2->field(l, 4) + j0;
+    const T* rn2 = c.tab2->field(l + 1, 0) + j0;
+    const T mask = (l + 2) > fix ? T(1) : T(0);
+    for (index_t i = 0; i < ti; ++i) {
+      const T ra = r1[i], ira = ir1[i], paa = pa1[i], pba = pb1[i], ta = t1[i], rna = rn1[i];
+      const T qa = w_sd * ta;
+#pragma omp simd
+      for (index_t j = 0; j < TILE; ++j) {
+        const index_t e = i * TILE + j;
+        const T P = ra * r2[j];
+        const T h = T(0.5) * ira * ir2[j];
+        const pair_out<T> o = act.pair(s12[e], gm[e], gp[e], P, h, paa, pba, ta, pa2[j], pb2[j], t2[j]);
+        T bterm = T(0);
+        if (Bias) {
+          const T qb = w_sd * t2[j];
+          const T dq = qa - qb;
+          bterm = bv * dq * dq / (rna * rn2[j] + qa * qb + bv);
+        }
+        const T s = wv * o.t + bv;
+        s12[e] = s;
+        gm[e] = bterm + wv * o.gm;
+        gp[e] = bterm + T(2) * bv + wv * o.gp;
+        const T tdot = wv * o.tdot;
+        td[e] = tdot;
+        ntk[e] = mask * s + tdot * ntk[e];
+      }
+    }
+    if (n_all) {
+      for (int k = 0; k <= l + 1; ++k) {
+        T* hk = ws.h.data() + size_t(k) * TILE * TILE;
+        const T mk = (l + 2) > k ? T(1) : T(0);
+#pragma omp simd
+        for (index_t e = 0; e < TILE * TILE; ++e) hk[e] = mk * s12[e] + td[e] * hk[e];
+      }
+      store_all(l + 1);
+    }
+  }
+
+  // 4. One write of each requested output.
+  if (c.nngp) store_tile(c.nngp, c.n2, i0, ti, j0, tj, c.symmetric, s12);
+  if (c.ntk) store_tile(c.ntk, c.n2, i0, ti, j0, tj, c.symmetric, ntk);
+}
+
+template <class T, class Act, bool Bias>
+void run_rows(const tile_ctx<T>& c, const Act& act, index_t r0, index_t r1, int threads) {
+  struct tile_id {
+    index_t i0, j0;
+  };
+  std::vector<tile_id> tiles;
+  for (index_t i0 = r0; i0 < r1; i0 += TILE)
+    for (index_t j0 = c.symmetric ? i0 : 0; j0 < c.n2; j0 += TILE) tiles.push_back({i0, j0});
+  const index_t nt = index_t(tiles.size());
+  const int n_all = c.ntk_all ? c.p->depth + 1 : 0;
+#ifdef ARCFLOW_HAVE_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+    workspace<T> ws(c.d, n_all);
+#ifdef ARCFLOW_HAVE_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (index_t t = 0; t < nt; ++t) {
+      const index_t i0 = tiles[t].i0, j0 = tiles[t].j0;
+      run_tile<T, Act, Bias>(c, act, i0, std::min(TILE, r1 - i0), j0, std::min(TILE, c.n2 - j0), ws);
+    }
+  }
+  (void)threads;
+}
+
+template <class T, class Act>
+void run_rows_act(const tile_ctx<T>& c, index_t r0, index_t r1, int threads) {
+  const Act act(c.p->act);
+  if (c.p->b_var > 0)
+    run_rows<T, Act, true>(c, act, r0, r1, threads);
+  else
+    run_rows<T, Act, false>(c, act, r0, r1, threads);
+}
+
+template <class T, class Act>
+void diag_act(const T* x, index_t n, const fc_params& p, const typename fc_engine<T>::row_table& tab, T* nngp,
+              T* ntk) {
+  (void)x;
+  const Act act(p.act);
+  const T wv = T(p.w_var), bv = T(p.b_var);
+  for (index_t i = 0; i < n; ++i) {
+    T s = tab.field(0, 0)[i] * tab.field(0, 0)[i];
+    T gm = T(0), gp = T(2) * s;
+    T th = p.fix_dep < 1 ? s : T(0);
+    for (int l = 0; l < p.depth; ++l) {
+      const T r = tab.field(l, 0)[i], ir = tab.field(l, 1)[i], pa = tab.field(l, 2)[i], pb = tab.field(l, 3)[i],
+              t = tab.field(l, 4)[i];
+      const pair_out<T> o = act.pair(s, gm, gp, r * r, T(0.5) * ir * ir, pa, pb, t, pa, pb, t);
+      s = wv * o.t + bv;
+      gm = wv * o.gm;
+      gp = T(2) * bv + wv * o.gp;
+      th = ((l + 2) > p.fix_dep ? s : T(0)) + wv * o.tdot * th;
+    }
+    if (nngp) nngp[i] = s;
+    if (ntk) ntk[i] = th;
+  }
+}
+
+template <class T, class F>
+void by_activation(act_kind k, F&& f) {
+  switch (k) {
+    case act_kind::abrelu: f(abrelu_act<T>(act_params{})); break;
+    case act_kind::monomial: f(monomial_act<T>(act_params{})); break;
+    case act_kind::sign: f(sign_act<T>(act_params{})); break;
+    case act_kind::erf: f(erf_act<T>(act_params{})); break;
+    default: throw std::invalid_argument("arcflow: unknown activation kind");
+  }
+}
+
+}  // namespace
+
+template <class T>
+fc_engine<T>::fc_engine(const T* x1, index_t n1, const T* x2, index_t n2, index_t d, bool symmetric,
+                        const fc_params& p)
+    : x1_(x1), x2_(x2), n1_(n1), n2_(n2), d_(d), symmetric_(symmetric), p_(p) {
+  ARCFLOW_CHECK(n1 >= 0 && n2 >= 0 && d >= 0, "negative shape");
+  ARCFLOW_CHECK(p.depth >= 0, "depth must be >= 0");
+  ARCFLOW_CHECK(p.fix_dep >= 0 && p.fix_dep <= p.depth + 1, "fix_dep out of range");
+  ARCFLOW_CHECK(p.w_var >= 0 && p.b_var >= 0 && p.gram_scale >= 0, "variances must be >= 0");
+  ARCFLOW_CHECK(!symmetric || (x1 == x2 && n1 == n2), "symmetric needs x2 == x1");
+  ARCFLOW_CHECK(p.act.kind != act_kind::monomial || p.act.n >= 0, "monomial order must be >= 0");
+  by_activation<T>(p.act.kind, [&](auto a) {
+    using A = decltype(a);
+    fill_table<T, A>(x1, n1, d, p, tab1_);
+    if (!symmetric) fill_table<T, A>(x2, n2, d, p, tab2_);
+  });
+}
+
+template <class T>
+void fc_engine<T>::rows(index_t r0, index_t r1, T* nngp, T* ntk, T* ntk_all, int threads) const {
+  ARCFLOW_CHECK(0 <= r0 && r0 <= r1 && r1 <= n1_, "row range out of bounds");
+  ARCFLOW_CHECK(!symmetric_ || r0 % tile == 0, "symmetric row blocks must start at a multiple of the tile");
+  if (r0 == r1 || n2_ == 0) return;
+  tile_ctx<T> c{x1_, x2_, n1_, n2_, d_, symmetric_, &p_, &tab1_, symmetric_ ? &tab1_ : &tab2_, nngp, ntk, ntk_all};
+  threads = std::max(1, threads);
+  by_activation<T>(p_.act.kind, [&](auto a) { run_rows_act<T, decltype(a)>(c, r0, r1, threads); });
+}
+
+template <class T>
+void fc_engine<T>::diag(T* nngp, T* ntk, int threads) const {
+  (void)threads;
+  by_activation<T>(p_.act.kind, [&](auto a) { diag_act<T, decltype(a)>(x1_, n1_, p_, tab1_, nngp, ntk); });
+}
+
+template class fc_engine<float>;
+template class fc_engine<double>;
+
+namespace {
+template <class T>
+ARCFLOW_CLONES index_t asin_loop(T* v, index_t reps) {
+  for (index_t r = 0; r < reps; ++r) {
+#pragma omp simd
+    for (int j = 0; j < 1024; ++j) {
+      const T m = v[j];
+      v[j] = T(0.70710678) * fm::clamp01(fm::asin_pos(m, T(1) - m));
+    }
+  }
+  return reps * 1024;
+}
+}  // namespace
+
+double asin_throughput(bool single_precision, double seconds) {
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    std::vector<T> v(1024);
+    for (int j = 0; j < 1024; ++j) v[j] = T(0.7 * j / 1024.0);
+    index_t total = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    double el = 0;
+    while (el < seconds) {
+      total += asin_loop<T>(v.data(), 2000);
+      el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    return double(total) / el;
+  };
+  return single_precision ? run(float(0)) : run(double(0));
+}
+
+}  // namespace arcflow

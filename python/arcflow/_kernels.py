@@ -1,0 +1,226 @@
+"""NNGP and NTK of deep fully-connected networks: the public functions over the fused C++ recursion."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _core
+from . import _dispatch as dp
+from .activations import Activation, ActivationLike, resolve
+
+_KIND = {"abrelu": 0, "monomial": 1, "sign": 2, "erf": 3}
+_VALID_GET = ("nngp", "ntk")
+# Work (pair-layers) per C++ call: small enough that Ctrl-C and the progress bar react within a second.
+_WORK_PER_CALL = 4_000_000 * 8
+
+
+class Kernels(NamedTuple):
+    """The kernels of one pass; a field is None when it was not requested with ``get``."""
+
+    nngp: Optional[np.ndarray]
+    ntk: Optional[np.ndarray]
+
+
+def _engine_class(dtype):
+    return _core.FcEngineF32 if dtype == np.float32 else _core.FcEngineF64
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.bar = None
+        self.enabled = enabled
+        if not enabled:
+            return
+        try:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit="row", file=sys.stderr)
+        except ImportError:  # tqdm is optional: a plain line on stderr instead
+            self.total, self.done, self.t0, self.desc = total, 0, time.perf_counter(), desc
+
+    def update(self, n: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+        else:
+            self.done += n
+            el = time.perf_counter() - self.t0
+            sys.stderr.write(f"\r{self.desc}: {self.done}/{self.total} rows, {el:.1f} s")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            sys.stderr.write("\n")
+
+
+def _run_rows(engine, n1: int, n2: int, depth: int, symmetric: bool, outs, threads: int, progress: bool,
+              desc: str) -> None:
+    """Drive the engine over blocks of rows; between blocks Python handles signals (Ctrl-C) and progress."""
+    tile = int(_core.fc_tile)
+    per_row = max(1, n2 * (depth + 1))
+    block = max(tile, (_WORK_PER_CALL // per_row) // tile * tile)
+    bar = _Progress(n1, progress, desc)
+    try:
+        for r0 in range(0, n1, block):
+            r1 = min(n1, r0 + block)
+            engine.rows(r0, r1, *outs, threads)
+            bar.update(r1 - r0)
+    finally:
+        bar.close()
+
+
+def _prepare(x1, x2, where):
+    a1 = dp.as_matrix(x1, "x1", where)
+    a2 = None if x2 is None else dp.as_matrix(x2, "x2", where)
+    if a2 is not None and a2.shape[1] != a1.shape[1]:
+        raise ValueError(f"{where}: x1 and x2 must have the same number of features (columns), "
+                         f"got x1 {a1.shape} and x2 {a2.shape}")
+    dtype = dp.result_dtype(a1, a2)
+    dp.check_finite(a1, "x1", where)
+    if a2 is not None:
+        dp.check_finite(a2, "x2", where)
+    a1 = np.ascontiguousarray(a1, dtype=dtype)
+    if a2 is not None:
+        a2 = np.ascontiguousarray(a2, dtype=dtype)
+    return a1, a2, dtype
+
+
+def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu", w_std: float = 1.0,
+            b_std: float = 0.0, fix_dep: int = 0, diag: bool = False, get: Union[str, Sequence[str]] = ("nngp", "ntk"),
+            threads: Optional[int] = None, out=None, progress: bool = False) -> Kernels:
+    """NNGP and NTK of ``Dense(w_std, b_std) -> [activation -> Dense(w_std, b_std)] * depth`` in one pass.
+
+    The recursion (ntk parameterization, as neural-tangents' ``stax.serial``; SPEC.md section 1)::
+
+        Sigma^1 = w_std^2 <x, y> / d + b_std^2,          Theta^1 = Sigma^1
+        Sigma^(l+1) = w_std^2 E[phi(u) phi(v)] + b_std^2
+        Theta^(l+1) = Sigma^(l+1) + w_std^2 E[phi'(u) phi'(v)] Theta^l
+
+    Parameters
+    ----------
+    x1, x2 : (n1, d) and (n2, d) arrays. ``x2=None`` computes the symmetric matrix of x1 (one triangle,
+        mirrored). float32 in gives float32 out; float64, integer, bool and lists give float64.
+    depth : number of hidden activations (0 gives the linear kernel).
+    fix_dep : the first ``fix_dep`` layers are frozen and add nothing to Theta (0 <= fix_dep <= depth).
+    diag : only k(x, x) for the rows of x1, shape (n1,), in O(n1 (d + depth)).
+    get : "nngp", "ntk" or both; the other field of the result is None.
+    threads : OpenMP threads (default: ``arcflow.get_num_threads()``).
+    out : preallocated outputs (for example ``np.memmap``), written tile by tile: a dict
+        {"nngp": array, "ntk": array}, or a sequence in the order of ``get``.
+    progress : show a progress bar (tqdm when installed) on stderr.
+
+    Example
+    -------
+    >>> import numpy as np, arcflow
+    >>> x = np.random.default_rng(0).normal(size=(100, 10))
+    >>> k = arcflow.kernels(x, depth=3, activation="relu", w_std=1.4, b_std=0.1)
+    >>> k.ntk.shape
+    (100, 100)
+    """
+    where = "arcflow.kernels"
+    if isinstance(get, str):
+        get = (get,)
+    get = tuple(get)
+    bad = [g for g in get if g not in _VALID_GET]
+    if bad or not get:
+        raise ValueError(f"{where}: get must name 'nngp' and/or 'ntk', got {get!r}")
+    act = resolve(activation)
+    depth = dp.check_depth(depth, where)
+    w = dp.check_std(w_std, "w_std", where)
+    b = dp.check_std(b_std, "b_std", where)
+    fix_dep = dp.check_depth(fix_dep, where, "fix_dep")
+    if fix_dep > depth:
+        raise ValueError(f"{where}: fix_dep = {fix_dep} is larger than depth = {depth}; "
+                         f"at most depth layers can be frozen")
+    want_ntk = "ntk" in get
+    if want_ntk and not act.has_ntk:
+        raise ValueError(f"{where}: {act!r} has no NTK: its derivative is a Dirac delta, so E[phi'(u) phi'(v)] "
+                         f"is infinite; ask for get=('nngp',) only")
+    threads = dp.check_threads(threads, where)
+    a1, a2, dtype = _prepare(x1, x2, where)
+    n1, d = a1.shape
+    n2 = n1 if a2 is None else a2.shape[0]
+    if d == 0 and n1 > 0 and n2 > 0:
+        raise ValueError(f"{where}: x1 has no features (shape {a1.shape}); the kernel needs d >= 1")
+
+    shape = (n1,) if diag else (n1, n2)
+    wanted = [g for g in _VALID_GET if g in get]
+    outs = _collect_out(out, get, wanted, shape, dtype, where)
+    missing = [g for g in wanted if outs.get(g) is None]
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize * len(missing)
+    dp.check_allocation(nbytes, where, f"the output ({' and '.join(missing)}, shape {shape}, {dtype})")
+    for g in missing:
+        outs[g] = dp.allocate(shape, dtype, where)
+
+    if n1 > 0 and (diag or n2 > 0):
+        engine = _engine_class(dtype)(a1, a2, _KIND[act.kind], *_act_numbers(act), depth, w * w, b * b,
+                                      (w * w) / max(d, 1), fix_dep)
+        res = (outs.get("nngp"), outs.get("ntk"))
+        if diag:
+            engine.diag(*res, threads)
+        else:
+            _run_rows(engine, n1, n2, depth, a2 is None, (res[0], res[1], None), threads, progress, where)
+    return Kernels(outs.get("nngp"), outs.get("ntk"))
+
+
+def _act_numbers(act: Activation) -> Tuple[float, float, int]:
+    if act.kind == "abrelu":
+        a, b = act.params()
+        return float(a), float(b), 1
+    if act.kind == "monomial":
+        return 0.0, 1.0, int(act.params()[0])
+    return 0.0, 1.0, 1
+
+
+def _collect_out(out, get, wanted, shape, dtype, where):
+    if out is None:
+        return {}
+    if isinstance(out, np.ndarray):
+        if len(wanted) != 1:
+            raise ValueError(f"{where}: out= is a single array but two kernels were requested; "
+                             f"pass a dict {{'nngp': ..., 'ntk': ...}}")
+        out = {wanted[0]: out}
+    elif isinstance(out, dict):
+        extra = [k for k in out if k not in wanted]
+        if extra:
+            raise ValueError(f"{where}: out= has entries {extra} that were not requested (get={get!r})")
+    elif isinstance(out, (tuple, list)):
+        if len(out) != len(get):
+            raise ValueError(f"{where}: out= has {len(out)} arrays for get={get!r}")
+        out = dict(zip(get, out))
+    else:
+        raise ValueError(f"{where}: out= must be an array, a dict or a sequence of arrays, got {type(out).__name__}")
+    res = {}
+    for k, v in out.items():
+        if v is not None:
+            res[k] = dp.check_out(v, shape, dtype, where, f"out[{k!r}]")
+    return res
+
+
+def nngp(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu", w_std: float = 1.0,
+         b_std: float = 0.0, diag: bool = False, threads: Optional[int] = None, out=None,
+         progress: bool = False) -> np.ndarray:
+    """The NNGP kernel Sigma^(depth+1) (see :func:`kernels` for the recursion and the arguments).
+
+    >>> import numpy as np, arcflow
+    >>> k = arcflow.nngp(np.eye(3), depth=2, activation="erf")
+    """
+    return kernels(x1, x2, depth=depth, activation=activation, w_std=w_std, b_std=b_std, diag=diag,
+                   get=("nngp",), threads=threads, out=out, progress=progress).nngp
+
+
+def ntk(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu", w_std: float = 1.0,
+        b_std: float = 0.0, fix_dep: int = 0, diag: bool = False, threads: Optional[int] = None, out=None,
+        progress: bool = False) -> np.ndarray:
+    """The Neural Tangent Kernel Theta^(depth+1) (see :func:`kernels` for the recursion and the arguments).
+
+    >>> import numpy as np, arcflow
+    >>> k = arcflow.ntk(np.eye(3), depth=2, activation="relu", fix_dep=1)
+    """
+    return kernels(x1, x2, depth=depth, activation=activation, w_std=w_std, b_std=b_std, fix_dep=fix_dep,
+                   diag=diag, get=("ntk",), threads=threads, out=out, progress=progress).ntk
