@@ -1,6 +1,142 @@
-// Bindings of the invertible-network ops (filled in by the invertible-blocks work).
+// Bindings of the invertible-network ops: conv2d, channel affine (inference batch-norm), ReLU, psi.
+// Thin: Python (arcflow/invertible/_ops.py) validates, picks the dtype and allocates; here the shapes
+// are checked again, the GIL is released and the C++ op runs. One name per op x dtype.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+
+#include "arcflow/batchnorm.hpp"
+#include "arcflow/conv2d.hpp"
+#include "arcflow/psi.hpp"
 #include "registry.hpp"
 
+namespace py = pybind11;
+
 namespace arcflow::bind {
-void register_invertible(pybind11::module_& m) { (void)m; }
+namespace {
+
+template <typename T>
+using carr = py::array_t<T, py::array::c_style>;
+
+template <typename T>
+void need_ndim(const carr<T>& a, py::ssize_t nd, const char* what) {
+  if (a.ndim() != nd)
+    throw std::invalid_argument(std::string("arcflow: ") + what + " must have " + std::to_string(nd) +
+                                " dimensions");
+}
+
+template <typename T>
+const T* opt_ptr(const std::optional<carr<T>>& a, index_t size, const char* what) {
+  if (!a) return nullptr;
+  if (a->size() != size)
+    throw std::invalid_argument(std::string("arcflow: ") + what + " has the wrong size");
+  return a->data();
+}
+
+template <typename T>
+void conv2d(const carr<T>& x, const carr<T>& w, const std::optional<carr<T>>& bias, index_t stride,
+            index_t pad, const std::optional<carr<T>>& in_scale, const std::optional<carr<T>>& in_shift,
+            bool in_relu, double alpha, bool accumulate, carr<T>& out) {
+  need_ndim(x, 4, "conv2d input");
+  need_ndim(w, 4, "conv2d weight");
+  need_ndim(out, 4, "conv2d output");
+  Conv2dShape s{x.shape(0), x.shape(1), x.shape(2), x.shape(3), w.shape(0), w.shape(2), w.shape(3), stride, pad};
+  ARCFLOW_CHECK(w.shape(1) == s.c, "conv2d: weight in-channels differ from the input's channels");
+  ARCFLOW_CHECK(stride >= 1 && pad >= 0, "conv2d: stride must be >= 1 and padding >= 0");
+  ARCFLOW_CHECK(s.h + 2 * pad >= s.kh && s.w + 2 * pad >= s.kw, "conv2d: kernel larger than the padded input");
+  ARCFLOW_CHECK(out.shape(0) == s.n && out.shape(1) == s.m && out.shape(2) == s.ho() && out.shape(3) == s.wo(),
+                "conv2d: output has the wrong shape");
+  const T* b = opt_ptr(bias, s.m, "conv2d bias");
+  const T* sc = opt_ptr(in_scale, s.c, "conv2d in_scale");
+  const T* sf = opt_ptr(in_shift, s.c, "conv2d in_shift");
+  const T* xp = x.data();
+  const T* wp = w.data();
+  T* op = out.mutable_data();
+  py::gil_scoped_release release;
+  conv2d_cpu<T>(s, xp, wp, b, sc, sf, in_relu, static_cast<T>(alpha), accumulate, op);
+}
+
+template <typename T>
+void channel_affine(const carr<T>& x, const carr<T>& scale, const carr<T>& shift, bool relu, carr<T>& out) {
+  ARCFLOW_CHECK(x.ndim() >= 2, "channel_affine: input must be (n, c, ...)");
+  ARCFLOW_CHECK(out.ndim() == x.ndim(), "channel_affine: output has the wrong shape");
+  for (py::ssize_t d = 0; d < x.ndim(); ++d)
+    ARCFLOW_CHECK(out.shape(d) == x.shape(d), "channel_affine: output has the wrong shape");
+  const index_t n = x.shape(0), c = x.shape(1);
+  const index_t hw = c > 0 && n > 0 ? x.size() / (n * c) : 0;
+  ARCFLOW_CHECK(scale.size() == c && shift.size() == c, "channel_affine: scale/shift need one value per channel");
+  const T* xp = x.data();
+  const T* scp = scale.data();
+  const T* sfp = shift.data();
+  T* op = out.mutable_data();
+  py::gil_scoped_release release;
+  channel_affine_cpu<T>(xp, n, c, hw, scp, sfp, relu, op);
+}
+
+template <typename T>
+void relu(const carr<T>& x, carr<T>& out) {
+  ARCFLOW_CHECK(out.size() == x.size(), "relu: output has the wrong size");
+  const T* xp = x.data();
+  T* op = out.mutable_data();
+  const index_t size = x.size();
+  py::gil_scoped_release release;
+  relu_cpu<T>(xp, size, op);
+}
+
+template <typename T>
+void psi_fwd(const carr<T>& x, index_t b, carr<T>& out) {
+  need_ndim(x, 4, "psi input");
+  need_ndim(out, 4, "psi output");
+  const index_t n = x.shape(0), c = x.shape(1), h = x.shape(2), w = x.shape(3);
+  ARCFLOW_CHECK(b >= 1 && h % b == 0 && w % b == 0, "psi: h and w must be divisible by the block size");
+  ARCFLOW_CHECK(out.shape(0) == n && out.shape(1) == c * b * b && out.shape(2) == h / b && out.shape(3) == w / b,
+                "psi: output has the wrong shape");
+  const T* xp = x.data();
+  T* op = out.mutable_data();
+  py::gil_scoped_release release;
+  psi_forward_cpu<T>(xp, n, c, h, w, b, op);
+}
+
+template <typename T>
+void psi_inv(const carr<T>& y, index_t b, carr<T>& out) {
+  need_ndim(y, 4, "psi_inverse input");
+  need_ndim(out, 4, "psi_inverse output");
+  ARCFLOW_CHECK(b >= 1 && y.shape(1) % (b * b) == 0, "psi_inverse: channels must be divisible by block**2");
+  const index_t n = y.shape(0), c = y.shape(1) / (b * b), h = y.shape(2) * b, w = y.shape(3) * b;
+  ARCFLOW_CHECK(out.shape(0) == n && out.shape(1) == c && out.shape(2) == h && out.shape(3) == w,
+                "psi_inverse: output has the wrong shape");
+  const T* yp = y.data();
+  T* op = out.mutable_data();
+  py::gil_scoped_release release;
+  psi_inverse_cpu<T>(yp, n, c, h, w, b, op);
+}
+
+template <typename T>
+void register_dtype(py::module_& m, const std::string& sfx) {
+  m.def(("conv2d_cpu_" + sfx).c_str(), &conv2d<T>, py::arg("x").noconvert(), py::arg("w").noconvert(),
+        py::arg("bias").noconvert().none(true), py::arg("stride"), py::arg("pad"),
+        py::arg("in_scale").noconvert().none(true), py::arg("in_shift").noconvert().none(true),
+        py::arg("in_relu"), py::arg("alpha"), py::arg("accumulate"), py::arg("out").noconvert(),
+        "out (=|+=) alpha * conv2d(act(x), w) + bias; NCHW / OIHW, act = optional per-channel affine + ReLU");
+  m.def(("channel_affine_cpu_" + sfx).c_str(), &channel_affine<T>, py::arg("x").noconvert(),
+        py::arg("scale").noconvert(), py::arg("shift").noconvert(), py::arg("relu"), py::arg("out").noconvert(),
+        "out = [relu](x * scale[c] + shift[c]) (inference batch-norm); out may be x");
+  m.def(("relu_cpu_" + sfx).c_str(), &relu<T>, py::arg("x").noconvert(), py::arg("out").noconvert());
+  m.def(("psi_cpu_" + sfx).c_str(), &psi_fwd<T>, py::arg("x").noconvert(), py::arg("block"),
+        py::arg("out").noconvert());
+  m.def(("psi_inverse_cpu_" + sfx).c_str(), &psi_inv<T>, py::arg("y").noconvert(), py::arg("block"),
+        py::arg("out").noconvert());
+}
+
+}  // namespace
+
+void register_invertible(pybind11::module_& m) {
+  register_dtype<float>(m, "f32");
+  register_dtype<double>(m, "f64");
+  m.def("conv2d_cpu_isa", []() { return std::string(conv2d_cpu_isa()); },
+        "the conv2d micro-kernel the CPU dispatch chose (avx2 or generic)");
+}
+
 }  // namespace arcflow::bind

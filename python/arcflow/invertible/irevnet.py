@@ -1,27 +1,653 @@
-"""psi (space-to-depth), injective padding, the i-RevNet block and the whole i-RevNet. (Work in progress.)"""
+"""psi (space-to-depth), injective padding, the i-RevNet block and the whole i-RevNet (NCHW NumPy arrays).
+
+The architecture, the pair order and the parameter names follow the reference PyTorch code of
+Jacobsen, Smeulders & Oyallon, "i-RevNet: Deep Invertible Networks", ICLR 2018
+(github.com/jhjacobsen/pytorch-i-revnet, models/iRevNet.py): ``state_dict()`` has the same keys and
+shapes as that module, so a trained checkpoint converted to NumPy arrays loads with
+``load_state_dict(..., strict=True)`` (or through :func:`from_torch`). Batch-norm always runs in inference
+form (running statistics); dropout is the identity.
+
+Two places where this code deliberately differs from the reference, because the reference inverse is
+wrong there (its forward is unchanged):
+- the inverse of the injective padding drops the *appended* zero channels (the reference keeps the
+  first ``pad`` channels, which is right only when ``pad`` equals half the padded width);
+- with ``init_ds=0`` the inverse skips the initial psi (the reference calls psi with block size 0).
+"""
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
-class _NotYet:
-    def __init__(self, *a, **k):
-        raise NotImplementedError(f"{type(self).__name__} is not implemented yet")
+import numpy as np
 
+from . import _ops
 
-class SpaceToDepth(_NotYet):
-    pass
+__all__ = ["SpaceToDepth", "InjectivePad", "IRevNetBlock", "IRevNet", "from_torch"]
 
+Pair = Tuple[np.ndarray, np.ndarray]
 
-class InjectivePad(_NotYet):
-    pass
-
-
-class IRevNetBlock(_NotYet):
-    pass
+_BN_EPS = 1e-5  # torch.nn.BatchNorm2d default, used by the reference
 
 
-class IRevNet(_NotYet):
-    pass
+def _rng(rng) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
-def from_torch(state_dict):
-    raise NotImplementedError("from_torch is not implemented yet")
+def _param_dtype(dtype) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def _check_array(x, where: str, expected: str, channels: Optional[int] = None, even_hw: bool = False,
+                 allow_int: bool = True) -> np.ndarray:
+    """Shape and finiteness checks shared by the blocks; returns a C-contiguous float32/float64 array."""
+    xa = np.asarray(x)
+    if xa.dtype.kind not in ("fiub" if allow_int else "f"):
+        raise TypeError(f"{where}: expected a real array, got dtype {xa.dtype}")
+    if xa.ndim != 4:
+        raise ValueError(f"{where}: expected input of shape {expected}, got shape {xa.shape} (ndim {xa.ndim})")
+    if channels is not None and xa.shape[1] != channels:
+        raise ValueError(f"{where}: expected input of shape {expected}, got shape {xa.shape} "
+                         f"({xa.shape[1]} channels instead of {channels})")
+    if even_hw and (xa.shape[2] % 2 or xa.shape[3] % 2):
+        raise ValueError(f"{where}: expected input of shape {expected} with H and W divisible by 2 "
+                         f"(stride 2), got shape {xa.shape}")
+    if xa.shape[2] == 0 or xa.shape[3] == 0:
+        raise ValueError(f"{where}: expected input of shape {expected}, got an empty image {xa.shape}")
+    dt = _ops.result_dtype(xa)
+    xa = np.ascontiguousarray(xa, dtype=dt)
+    if not np.isfinite(xa).all():
+        raise ValueError(f"{where}: input contains NaN or Inf")
+    return xa
+
+
+def _pair_dtype(x1: np.ndarray, x2: np.ndarray) -> Pair:
+    dt = _ops.result_dtype(x1, x2)
+    return np.ascontiguousarray(x1, dtype=dt), np.ascontiguousarray(x2, dtype=dt)
+
+
+def _load_checked(where: str, expected: "OrderedDict[str, np.ndarray]", mapping: Mapping, strict: bool
+                  ) -> "OrderedDict[str, np.ndarray]":
+    """Validate a state dict against the expected keys and shapes; return the new arrays (cast to the
+    expected dtypes) without touching any weights. Raises ValueError listing every problem."""
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{where}: load_state_dict expects a mapping of name -> array, got {type(mapping).__name__}")
+    mapping = {k: _to_numpy(v) for k, v in mapping.items()}
+    missing = [k for k in expected if k not in mapping]
+    unexpected = [k for k in mapping if k not in expected]
+    wrong = []
+    bad_values = []
+    new = OrderedDict()
+    for k, ref in expected.items():
+        if k not in mapping:
+            continue
+        v = np.asarray(mapping[k])
+        if v.shape != ref.shape:
+            wrong.append(f"{k}: expected shape {tuple(ref.shape)}, got {tuple(v.shape)}")
+            continue
+        if v.dtype.kind not in "fiub":
+            wrong.append(f"{k}: expected a real array, got dtype {v.dtype}")
+            continue
+        if not np.isfinite(v).all():
+            bad_values.append(k)
+            continue
+        new[k] = np.array(v, dtype=ref.dtype, copy=True)
+    problems = []
+    if strict and missing:
+        problems.append("missing keys: " + ", ".join(missing))
+    if strict and unexpected:
+        problems.append("unexpected keys: " + ", ".join(unexpected))
+    if wrong:
+        problems.append("wrongly shaped keys: " + "; ".join(wrong))
+    if bad_values:
+        problems.append("keys with NaN or Inf: " + ", ".join(bad_values))
+    if problems:
+        raise ValueError(f"{where}: load_state_dict failed, weights left unchanged. " + " | ".join(problems))
+    return new
+
+
+def _to_numpy(v) -> np.ndarray:
+    if isinstance(v, np.ndarray):
+        return v
+    if hasattr(v, "detach") and hasattr(v, "cpu") and hasattr(v, "numpy"):  # a torch tensor
+        return v.detach().cpu().numpy()
+    return np.asarray(v)
+
+
+class SpaceToDepth:
+    """psi: (N, C, H, W) -> (N, b*b*C, H/b, W/b) in the reference i-RevNet channel order,
+    ``y[n, (dy*b + dx)*C + c, i, j] = x[n, c, i*b + dy, j*b + dx]``; a permutation, so ``inverse`` is exact.
+
+    >>> SpaceToDepth(2).forward(np.zeros((1, 3, 4, 4), np.float32)).shape
+    (1, 12, 2, 2)
+    """
+
+    def __init__(self, block: int = 2):
+        block = int(block)
+        if block < 1:
+            raise ValueError(f"SpaceToDepth: block must be >= 1, got {block}")
+        self.block = block
+
+    def __repr__(self) -> str:
+        return f"SpaceToDepth(block={self.block})"
+
+    def forward(self, x) -> np.ndarray:
+        b = self.block
+        where = repr(self)
+        xa = np.asarray(x)
+        if xa.ndim != 4 or xa.shape[2] % b or xa.shape[3] % b:
+            raise ValueError(f"{where}: expected input of shape (N, C, H, W) with H and W divisible by {b}, "
+                             f"got shape {xa.shape}")
+        _check_array(xa, where, f"(N, C, H, W) with H, W divisible by {b}")
+        return _ops.psi(xa, b)
+
+    __call__ = forward
+
+    def inverse(self, y) -> np.ndarray:
+        b = self.block
+        ya = np.asarray(y)
+        if ya.ndim != 4 or ya.shape[1] % (b * b):
+            raise ValueError(f"{self!r}.inverse: expected input of shape (N, C*{b * b}, H, W), got shape {ya.shape}")
+        _check_array(ya, f"{self!r}.inverse", f"(N, C*{b * b}, H, W)")
+        return _ops.psi_inverse(ya, b)
+
+    def logdet(self, x) -> np.ndarray:
+        """0 for every sample (a permutation)."""
+        xa = np.asarray(x)
+        return np.zeros(xa.shape[0], dtype=_ops.result_dtype(xa))
+
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        return OrderedDict()
+
+    def load_state_dict(self, mapping: Mapping, strict: bool = True) -> None:
+        _load_checked(repr(self), OrderedDict(), mapping, strict)
+
+
+class InjectivePad:
+    """Append ``pad`` zero channels: (N, C, H, W) -> (N, C + pad, H, W); ``inverse`` drops them again.
+
+    Injective, not bijective: ``inverse(forward(x)) == x`` exactly, but ``forward(inverse(y)) == y`` only
+    when the last ``pad`` channels of ``y`` are zero.
+    """
+
+    def __init__(self, pad: int):
+        pad = int(pad)
+        if pad < 0:
+            raise ValueError(f"InjectivePad: pad must be >= 0, got {pad}")
+        self.pad = pad
+
+    def __repr__(self) -> str:
+        return f"InjectivePad(pad={self.pad})"
+
+    def forward(self, x) -> np.ndarray:
+        xa = _check_array(x, repr(self), "(N, C, H, W)")
+        n, c, h, w = xa.shape
+        out = np.zeros((n, c + self.pad, h, w), dtype=xa.dtype)
+        out[:, :c] = xa
+        return out
+
+    __call__ = forward
+
+    def inverse(self, y) -> np.ndarray:
+        ya = np.asarray(y)
+        if ya.ndim != 4 or ya.shape[1] < self.pad:
+            raise ValueError(f"{self!r}.inverse: expected input of shape (N, C + {self.pad}, H, W), got shape "
+                             f"{ya.shape}")
+        ya = _check_array(ya, f"{self!r}.inverse", f"(N, C + {self.pad}, H, W)")
+        return np.ascontiguousarray(ya[:, : ya.shape[1] - self.pad])
+
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        return OrderedDict()
+
+    def load_state_dict(self, mapping: Mapping, strict: bool = True) -> None:
+        _load_checked(repr(self), OrderedDict(), mapping, strict)
+
+
+class IRevNetBlock:
+    """The additive i-RevNet block (reference ``irevnet_block``), exact forward and inverse.
+
+    ``forward((x1, x2)) = (psi_s(x2), psi_s(x1) + F(x2))`` and ``inverse((a, b)) = (psi_s^-1(b - F(x2)), x2)``
+    with ``x2 = psi_s^-1(a)``; ``F`` = [BN, ReLU,] conv3x3(stride) , BN, ReLU, conv3x3, BN, ReLU, conv3x3 with
+    hidden width ``out_ch // mult`` (no leading BN-ReLU when ``first``). ``in_ch`` is the total channel
+    count of the input pair, ``out_ch`` the channel count of each half of the output pair. At stride 1
+    with ``2*out_ch > in_ch`` the merged input is padded with zero channels first (injective block).
+
+    Input/output: a pair ``(x1, x2)`` of (N, C, H, W) arrays (returns a pair), or one merged array
+    (N, in_ch, H, W) split as the reference does (first ``in_ch // 2`` channels, returns a merged array).
+    float32 input computes in float32, anything else in float64; the weights are cast once and cached.
+
+    >>> blk = IRevNetBlock(32, 16, stride=1, rng=0)
+    >>> x = np.random.default_rng(1).standard_normal((2, 32, 8, 8)).astype(np.float32)
+    >>> float(np.abs(blk.inverse(blk.forward(x)) - x).max()) < 1e-5
+    True
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, first: bool = False, mult: int = 4,
+                 affine_bn: bool = True, *, rng=None, dtype=np.float32):
+        in_ch, out_ch, stride, mult = int(in_ch), int(out_ch), int(stride), int(mult)
+        self.in_ch, self.out_ch, self.stride, self.first = in_ch, out_ch, stride, bool(first)
+        self.mult, self.affine_bn = mult, bool(affine_bn)
+        self.dtype = _param_dtype(dtype)
+        where = repr(self)
+        if stride not in (1, 2):
+            raise ValueError(f"{where}: stride must be 1 or 2")
+        if in_ch < 1 or out_ch < 1 or mult < 1:
+            raise ValueError(f"{where}: in_ch, out_ch and mult must be positive")
+        self.pad = 2 * out_ch - in_ch
+        self.injective = self.pad != 0 and stride == 1
+        if stride == 1 and self.pad < 0:
+            raise ValueError(f"{where}: a stride-1 block cannot shrink the channels (needs 2*out_ch >= in_ch)")
+        if stride == 2 and (in_ch % 2 or out_ch != 2 * in_ch):
+            raise ValueError(f"{where}: a stride-2 block needs an even in_ch and out_ch == 2*in_ch "
+                             f"(psi multiplies each half's channels by 4)")
+        self.hidden = out_ch // mult
+        if self.hidden < 1:
+            raise ValueError(f"{where}: out_ch // mult must be >= 1")
+        # channels of the bottleneck input x2 (after injective padding, if any)
+        self.f_in = out_ch if self.injective else in_ch // 2
+        self._layout = self._make_layout()
+        self._params = OrderedDict()
+        self.reset_parameters(rng)
+
+    def __repr__(self) -> str:
+        return (f"IRevNetBlock(in_ch={self.in_ch}, out_ch={self.out_ch}, stride={self.stride}, "
+                f"first={self.first}, mult={self.mult}, affine_bn={self.affine_bn})")
+
+    # ---- parameters ---------------------------------------------------------------------------
+    def _make_layout(self):
+        """[(kind, sequential index, channels / conv shape)] in the reference nn.Sequential order."""
+        h = self.hidden
+        s = []
+        j = 0
+        if not self.first:
+            s.append(("bn", j, self.f_in))
+            j += 2  # BN, ReLU
+        s.append(("conv", j, (h, self.f_in, 3, 3)))
+        j += 1
+        s.append(("bn", j, h))
+        j += 2
+        s.append(("conv", j, (h, h, 3, 3)))
+        j += 2  # conv, Dropout
+        s.append(("bn", j, h))
+        j += 2
+        s.append(("conv", j, (self.out_ch, h, 3, 3)))
+        return s
+
+    def reset_parameters(self, rng=None) -> None:
+        """PyTorch's default initialisation, seeded: conv weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+        BN weight 1, bias 0, running mean 0, running variance 1."""
+        g = _rng(rng)
+        p = OrderedDict()
+        for kind, j, spec in self._layout:
+            pre = f"bottleneck_block.{j}."
+            if kind == "conv":
+                fan_in = spec[1] * spec[2] * spec[3]
+                bound = 1.0 / np.sqrt(fan_in)
+                p[pre + "weight"] = g.uniform(-bound, bound, size=spec).astype(self.dtype)
+            else:
+                if self.affine_bn:
+                    p[pre + "weight"] = np.ones(spec, self.dtype)
+                    p[pre + "bias"] = np.zeros(spec, self.dtype)
+                p[pre + "running_mean"] = np.zeros(spec, self.dtype)
+                p[pre + "running_var"] = np.ones(spec, self.dtype)
+                p[pre + "num_batches_tracked"] = np.array(0, dtype=np.int64)
+        self._params = p
+        self._cache = {}
+
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """Copies of the parameters and buffers, keyed as the reference ``irevnet_block`` module."""
+        return OrderedDict((k, v.copy()) for k, v in self._params.items())
+
+    def load_state_dict(self, mapping: Mapping, strict: bool = True) -> None:
+        """Load weights (NumPy arrays or torch tensors). Missing, unexpected (strict) or wrongly shaped
+        keys raise ValueError listing them, and the weights are left unchanged."""
+        new = _load_checked(repr(self), self._params, mapping, strict)
+        self._params.update(new)
+        self._cache = {}
+
+    def _compute(self, dt: np.dtype):
+        """Weights in the compute dtype: [(bn scale, shift) or None, conv w] x 3, cached per dtype."""
+        c = self._cache.get(dt)
+        if c is None:
+            p = self._params
+            convs, bns = [], []
+            for kind, j, _ in self._layout:
+                pre = f"bottleneck_block.{j}."
+                if kind == "conv":
+                    convs.append(np.ascontiguousarray(p[pre + "weight"], dtype=dt))
+                else:
+                    bns.append(_ops.batchnorm_scale_shift(p.get(pre + "weight"), p.get(pre + "bias"),
+                                                          p[pre + "running_mean"], p[pre + "running_var"],
+                                                          _BN_EPS, dtype=dt))
+            pre_bn = [None] + bns if self.first else bns
+            c = list(zip(pre_bn, convs))
+            self._cache[dt] = c
+        return c
+
+    # ---- the bottleneck and the coupling --------------------------------------------------------
+    def _residual(self, x2: np.ndarray, out: np.ndarray, alpha: float) -> None:
+        """out += alpha * F(x2), F run with the fused (BN, ReLU) -> conv ops."""
+        layers = self._compute(x2.dtype)
+        h = x2
+        last = len(layers) - 1
+        for i, (bn, w) in enumerate(layers):
+            stride = self.stride if i == 0 else 1
+            kw = dict(in_scale=bn[0], in_shift=bn[1], in_relu=True) if bn is not None else {}
+            if i < last:
+                h = _ops.conv2d(h, w, None, stride, 1, check_finite=False, **kw)
+            else:
+                _ops.conv2d(h, w, None, stride, 1, out=out, accumulate=True, alpha=alpha, check_finite=False,
+                            **kw)
+
+    def bottleneck(self, x2) -> np.ndarray:
+        """F(x2) alone (the non-invertible residual branch)."""
+        x2 = _check_array(x2, f"{self!r}.bottleneck", f"(N, {self.f_in}, H, W)", self.f_in, self.stride == 2)
+        n, _, h, w = x2.shape
+        out = np.zeros((n, self.out_ch, h // self.stride, w // self.stride), dtype=x2.dtype)
+        self._residual(x2, out, 1.0)
+        return out
+
+    def _forward_pair(self, x1: np.ndarray, x2: np.ndarray) -> Pair:
+        if self.injective:
+            n, _, h, w = x1.shape
+            x = np.zeros((n, 2 * self.out_ch, h, w), dtype=x1.dtype)
+            c1 = x1.shape[1]
+            x[:, :c1] = x1
+            x[:, c1:c1 + x2.shape[1]] = x2
+            x1 = x[:, : self.out_ch]
+            x2 = np.ascontiguousarray(x[:, self.out_ch:])
+        if self.stride == 2:
+            y1 = _ops.psi(x1, 2)
+            a = _ops.psi(x2, 2)
+        else:
+            y1 = np.array(x1, order="C", copy=True)
+            a = x2
+        self._residual(x2, y1, 1.0)
+        return a, y1
+
+    def _inverse_pair(self, a: np.ndarray, b: np.ndarray) -> Pair:
+        x2 = _ops.psi_inverse(a, 2) if self.stride == 2 else a
+        t = np.array(b, order="C", copy=True)
+        self._residual(x2, t, -1.0)
+        x1 = _ops.psi_inverse(t, 2) if self.stride == 2 else t
+        if self.injective:
+            x = np.concatenate([x1, x2], axis=1)[:, : self.in_ch]
+            n1 = self.in_ch // 2
+            return np.ascontiguousarray(x[:, :n1]), np.ascontiguousarray(x[:, n1:])
+        return x1, x2
+
+    def _input_pair(self, x, where: str, inverse: bool):
+        """Validate a pair or a merged array; returns (x1, x2, merged?)."""
+        if inverse:
+            c1 = c2 = self.out_ch
+            hw = "H, W"
+        else:
+            c1, c2 = self.in_ch // 2, self.in_ch - self.in_ch // 2
+            hw = "H, W" if self.stride == 1 else "H, W (even)"
+        even = self.stride == 2 and not inverse
+        if isinstance(x, (tuple, list)):
+            if len(x) != 2:
+                raise ValueError(f"{where}: expected a pair (x1, x2) of shapes (N, {c1}, {hw}) and "
+                                 f"(N, {c2}, {hw}), got {len(x)} arrays")
+            x1 = _check_array(x[0], where, f"(N, {c1}, {hw}) for x1", c1, even)
+            x2 = _check_array(x[1], where, f"(N, {c2}, {hw}) for x2", c2, even)
+            if x1.shape[0] != x2.shape[0] or x1.shape[2:] != x2.shape[2:]:
+                raise ValueError(f"{where}: x1 {x1.shape} and x2 {x2.shape} must agree in N, H and W")
+            x1, x2 = _pair_dtype(x1, x2)
+            return x1, x2, False
+        xa = _check_array(x, where, f"(N, {c1 + c2}, {hw})", c1 + c2, even)
+        return np.ascontiguousarray(xa[:, :c1]), np.ascontiguousarray(xa[:, c1:]), True
+
+    def forward(self, x: Union[np.ndarray, Pair]):
+        """(x1, x2) -> (psi_s(x2), psi_s(x1) + F(x2)); a merged array gives a merged array."""
+        x1, x2, merged = self._input_pair(x, repr(self), inverse=False)
+        a, b = self._forward_pair(x1, x2)
+        return np.concatenate([a, b], axis=1) if merged else (a, b)
+
+    __call__ = forward
+
+    def inverse(self, y: Union[np.ndarray, Pair]):
+        """(a, b) -> (psi_s^-1(b - F(x2)), x2) with x2 = psi_s^-1(a) (undoing the injective padding)."""
+        a, b, merged = self._input_pair(y, f"{self!r}.inverse", inverse=True)
+        x1, x2 = self._inverse_pair(a, b)
+        return np.concatenate([x1, x2], axis=1) if merged else (x1, x2)
+
+    def logdet(self, x) -> np.ndarray:
+        """0 for every sample: the additive coupling and psi preserve volume (bijective blocks only)."""
+        if self.injective:
+            raise ValueError(f"{self!r}: an injective (channel-padding) block has no log-determinant")
+        x1, _, _ = self._input_pair(x, repr(self), inverse=False)
+        return np.zeros(x1.shape[0], dtype=x1.dtype)
+
+
+class IRevNet:
+    """The whole i-RevNet of the reference code: an optional initial psi, a stack of :class:`IRevNetBlock`
+    and a non-invertible classifier head (BN, ReLU, average pool, linear).
+
+    ``forward(x) -> z`` is the invertible representation (the reference's ``out_bij``, shape
+    (N, 2*n_channels[-1], H', W')), ``inverse(z) -> x`` reconstructs the input, ``classify(z)`` gives the
+    logits (the reference forward's first output). Parameters are named as in the reference module
+    (``stack.{i}.bottleneck_block.{j}.weight``, ``bn1.*``, ``linear.*``).
+
+    Paper configurations: :meth:`cifar10` (nBlocks 18-18-18, strides 1-2-2, channels 16-64-256,
+    init_ds 0, 3x32x32, mult 4) and :meth:`imagenet` (6-16-72-6, strides 2-2-2-2, channels 24-96-384-1536,
+    init_ds 2, 3x224x224).
+    """
+
+    def __init__(self, n_blocks: Sequence[int], n_strides: Sequence[int], n_channels: Optional[Sequence[int]] = None,
+                 init_ds: int = 2, in_shape: Sequence[int] = (3, 224, 224), mult: int = 4, affine_bn: bool = True,
+                 *, n_classes: int = 1000, rng=None, dtype=np.float32):
+        self.n_blocks = [int(v) for v in n_blocks]
+        self.n_strides = [int(v) for v in n_strides]
+        self.init_ds = int(init_ds)
+        self.in_shape = tuple(int(v) for v in in_shape)
+        self.mult, self.affine_bn, self.n_classes = int(mult), bool(affine_bn), int(n_classes)
+        self.dtype = _param_dtype(dtype)
+        if len(self.in_shape) != 3 or min(self.in_shape) < 1:
+            raise ValueError(f"IRevNet: in_shape must be (C, H, W), got {in_shape}")
+        if self.init_ds != 0 and self.init_ds ** 2 != 2 ** self.init_ds:
+            # the reference uses psi(init_ds) (channels x init_ds**2) but counts channels as x 2**init_ds
+            raise ValueError(f"IRevNet: init_ds must be 0, 2 or 4 (the reference's channel count "
+                             f"in_shape[0] * 2**init_ds), got {init_ds}")
+        if len(self.n_strides) != len(self.n_blocks):
+            raise ValueError("IRevNet: n_blocks and n_strides must have the same length")
+        self.in_ch = self.in_shape[0] * 2 ** self.init_ds
+        if n_channels is None:
+            n_channels = [self.in_ch // 2 * 4 ** i for i in range(4)]
+        self.n_channels = [int(v) for v in n_channels][: len(self.n_blocks)]
+        if len(self.n_channels) != len(self.n_blocks):
+            raise ValueError("IRevNet: n_channels must have one entry per stage")
+        b = max(self.init_ds, 1)
+        self.ds = self.in_shape[2] // 2 ** (self.n_strides.count(2) + self.init_ds // 2)
+        g = _rng(rng)
+        self.stack = []
+        in_ch, first = self.in_ch, True
+        h, w = self.in_shape[1] // b, self.in_shape[2] // b
+        if self.init_ds and (self.in_shape[1] % b or self.in_shape[2] % b):
+            raise ValueError(f"IRevNet: in_shape {self.in_shape} not divisible by the initial psi block {b}")
+        for channel, depth, stride in zip(self.n_channels, self.n_blocks, self.n_strides):
+            for k in range(depth):
+                s = stride if k == 0 else 1
+                if s == 2:
+                    if h % 2 or w % 2:
+                        raise ValueError(f"IRevNet: a stride-2 stage needs even H and W, got {h}x{w} "
+                                         f"(in_shape {self.in_shape})")
+                    h, w = h // 2, w // 2
+                self.stack.append(IRevNetBlock(in_ch, channel, s, first, self.mult, self.affine_bn, rng=g,
+                                               dtype=self.dtype))
+                in_ch, first = 2 * channel, False
+        if not self.stack:
+            raise ValueError("IRevNet: needs at least one block")
+        self.out_shape = (2 * self.n_channels[-1], h, w)
+        nf = 2 * self.n_channels[-1]
+        self._head = OrderedDict()
+        self._head["bn1.weight"] = np.ones(nf, self.dtype)
+        self._head["bn1.bias"] = np.zeros(nf, self.dtype)
+        self._head["bn1.running_mean"] = np.zeros(nf, self.dtype)
+        self._head["bn1.running_var"] = np.ones(nf, self.dtype)
+        self._head["bn1.num_batches_tracked"] = np.array(0, dtype=np.int64)
+        bound = 1.0 / np.sqrt(nf)
+        self._head["linear.weight"] = g.uniform(-bound, bound, (self.n_classes, nf)).astype(self.dtype)
+        self._head["linear.bias"] = g.uniform(-bound, bound, self.n_classes).astype(self.dtype)
+
+    @classmethod
+    def cifar10(cls, **kw) -> "IRevNet":
+        """The CIFAR-10 i-RevNet of the paper (reference README: --nBlocks 18 18 18 --nStrides 1 2 2
+        --nChannels 16 64 256, init_ds 0, in_shape 3x32x32, bottleneck_mult 4, 10 classes)."""
+        args = dict(n_blocks=[18, 18, 18], n_strides=[1, 2, 2], n_channels=[16, 64, 256], init_ds=0,
+                    in_shape=(3, 32, 32), mult=4, affine_bn=True, n_classes=10)
+        args.update(kw)
+        return cls(**args)
+
+    @classmethod
+    def imagenet(cls, **kw) -> "IRevNet":
+        """The bijective ImageNet i-RevNet (a) of the paper (6 16 72 6, strides 2 2 2 2, channels
+        24 96 384 1536, init_ds 2, 3x224x224, 1000 classes)."""
+        args = dict(n_blocks=[6, 16, 72, 6], n_strides=[2, 2, 2, 2], n_channels=[24, 96, 384, 1536], init_ds=2,
+                    in_shape=(3, 224, 224), mult=4, affine_bn=True, n_classes=1000)
+        args.update(kw)
+        return cls(**args)
+
+    def __repr__(self) -> str:
+        return (f"IRevNet(n_blocks={self.n_blocks}, n_strides={self.n_strides}, n_channels={self.n_channels}, "
+                f"init_ds={self.init_ds}, in_shape={list(self.in_shape)}, mult={self.mult}, "
+                f"affine_bn={self.affine_bn}, n_classes={self.n_classes})")
+
+    # ---- the invertible part --------------------------------------------------------------------
+    def forward(self, x) -> np.ndarray:
+        """x (N, C, H, W) = (N, *in_shape) -> z (N, *out_shape)."""
+        c, h, w = self.in_shape
+        x = _check_array(x, "IRevNet.forward", f"(N, {c}, {h}, {w})", c)
+        if x.shape[2:] != (h, w):
+            raise ValueError(f"IRevNet.forward: expected input of shape (N, {c}, {h}, {w}), got shape {x.shape}")
+        if self.init_ds:
+            x = _ops.psi(x, self.init_ds)
+        n = self.in_ch // 2
+        pair = (np.ascontiguousarray(x[:, :n]), np.ascontiguousarray(x[:, n:]))
+        for blk in self.stack:
+            pair = blk._forward_pair(*pair)
+        return np.concatenate(pair, axis=1)
+
+    __call__ = forward
+
+    def inverse(self, z) -> np.ndarray:
+        """z (N, *out_shape) -> x (N, *in_shape), exact up to rounding."""
+        c, h, w = self.out_shape
+        z = _check_array(z, "IRevNet.inverse", f"(N, {c}, {h}, {w})", c)
+        if z.shape[2:] != (h, w):
+            raise ValueError(f"IRevNet.inverse: expected input of shape (N, {c}, {h}, {w}), got shape {z.shape}")
+        half = c // 2
+        pair = (np.ascontiguousarray(z[:, :half]), np.ascontiguousarray(z[:, half:]))
+        for blk in reversed(self.stack):
+            pair = blk._inverse_pair(*pair)
+        x = np.concatenate(pair, axis=1)
+        if self.init_ds:
+            x = _ops.psi_inverse(x, self.init_ds)
+        return x
+
+    def logdet(self, x) -> np.ndarray:
+        """0 for every sample when every block is bijective (no injective padding)."""
+        if any(b.injective for b in self.stack):
+            raise ValueError(f"{self!r}: an injective i-RevNet (channel padding) has no log-determinant")
+        xa = np.asarray(x)
+        return np.zeros(xa.shape[0], dtype=_ops.result_dtype(xa))
+
+    # ---- the classifier head (not invertible) ---------------------------------------------------
+    def classify(self, z) -> np.ndarray:
+        """Logits (N, n_classes) = linear(avg_pool(relu(bn1(z)), ds)) as the reference forward."""
+        c, h, w = self.out_shape
+        z = _check_array(z, "IRevNet.classify", f"(N, {c}, {h}, {w})", c)
+        if z.shape[2:] != (h, w):
+            raise ValueError(f"IRevNet.classify: expected input of shape (N, {c}, {h}, {w}), got shape {z.shape}")
+        dt = z.dtype
+        p = self._head
+        scale, shift = _ops.batchnorm_scale_shift(p["bn1.weight"], p["bn1.bias"], p["bn1.running_mean"],
+                                                  p["bn1.running_var"], _BN_EPS, dtype=dt)
+        a = _ops.batchnorm_inference(z, scale, shift, relu=True)
+        ds = self.ds
+        hq, wq = h // ds, w // ds
+        if hq < 1 or wq < 1:
+            raise ValueError(f"IRevNet.classify: pooling window {ds} larger than the representation {h}x{w}")
+        n = a.shape[0]
+        pooled = a[:, :, : hq * ds, : wq * ds].reshape(n, c, hq, ds, wq, ds).mean(axis=(3, 5)).reshape(n, -1)
+        wl = p["linear.weight"].astype(dt)
+        if pooled.shape[1] != wl.shape[1]:
+            raise ValueError(f"IRevNet.classify: pooled features {pooled.shape[1]} do not match linear.weight "
+                             f"{wl.shape} (the reference needs the pooled map to be 1x1)")
+        return pooled @ wl.T + p["linear.bias"].astype(dt)
+
+    def predict(self, x) -> np.ndarray:
+        """classify(forward(x))."""
+        return self.classify(self.forward(x))
+
+    # ---- weights --------------------------------------------------------------------------------
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """Copies of all parameters and buffers with the reference module's keys and shapes."""
+        out = OrderedDict()
+        for i, blk in enumerate(self.stack):
+            for k, v in blk._params.items():
+                out[f"stack.{i}.{k}"] = v.copy()
+        for k, v in self._head.items():
+            out[k] = v.copy()
+        return out
+
+    def load_state_dict(self, mapping: Mapping, strict: bool = True) -> None:
+        """Load weights (NumPy arrays or torch tensors) keyed as the reference module. Missing,
+        unexpected (strict=True) or wrongly shaped keys raise ValueError listing them; then no weight
+        changes."""
+        expected = OrderedDict()
+        for i, blk in enumerate(self.stack):
+            for k, v in blk._params.items():
+                expected[f"stack.{i}.{k}"] = v
+        expected.update(self._head)
+        new = _load_checked("IRevNet", expected, mapping, strict)
+        for i, blk in enumerate(self.stack):
+            pre = f"stack.{i}."
+            upd = {k[len(pre):]: v for k, v in new.items() if k.startswith(pre)}
+            if upd:
+                blk._params.update(upd)
+                blk._cache = {}
+        for k in self._head:
+            if k in new:
+                self._head[k] = new[k]
+
+    def num_parameters(self) -> int:
+        """Trainable parameters (conv, BN affine, linear), as sum(p.numel() for p in module.parameters())."""
+        total = 0
+        for k, v in self.state_dict().items():
+            if not (k.endswith("running_mean") or k.endswith("running_var") or k.endswith("num_batches_tracked")):
+                total += v.size
+        return int(total)
+
+
+def from_torch(state_dict, model: Optional[Union[IRevNet, IRevNetBlock]] = None, strict: bool = True, **config):
+    """Convert a PyTorch i-RevNet state dict (tensors, or an ``nn.Module``) to NumPy arrays.
+
+    - keys saved through ``nn.DataParallel`` lose their ``module.`` prefix;
+    - BN layers of checkpoints older than PyTorch 0.4.1 get ``num_batches_tracked = 0``;
+    - with ``model`` given, the weights are loaded into it (``strict`` as in load_state_dict) and the
+      model is returned; with IRevNet keyword arguments (``n_blocks=..., n_strides=..., ...``) a new
+      :class:`IRevNet` is built, loaded and returned; otherwise the dict of NumPy arrays is returned.
+    torch is only needed to hold the tensors; it is never imported here.
+    """
+    if hasattr(state_dict, "state_dict") and callable(state_dict.state_dict):
+        state_dict = state_dict.state_dict()
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"from_torch: expected a state dict (mapping) or a module, got {type(state_dict).__name__}")
+    arrays = OrderedDict()
+    for k, v in state_dict.items():
+        key = k[len("module."):] if k.startswith("module.") else k
+        arrays[key] = _to_numpy(v)
+    for k in list(arrays):
+        if k.endswith(".running_var"):
+            nbt = k[: -len("running_var")] + "num_batches_tracked"
+            if nbt not in arrays:
+                arrays[nbt] = np.array(0, dtype=np.int64)
+    if model is None and config:
+        model = IRevNet(**config)
+    if model is None:
+        return arrays
+    model.load_state_dict(arrays, strict=strict)
+    return model

@@ -1,0 +1,41 @@
+// 2-D convolution (NCHW input, OIHW weights) with an optional fused per-channel affine + ReLU on the input.
+#pragma once
+// Contract:
+//   x      : (n, c, h, w), C-contiguous host memory.
+//   weight : (m, c, kh, kw), C-contiguous.
+//   bias   : (m) or nullptr.
+//   in_scale / in_shift : (c) or nullptr. When given, the convolution reads act(x) with
+//            act(v) = max(0, v * in_scale[c] + in_shift[c]) if in_relu, else v * in_scale[c] + in_shift[c];
+//            the zero padding is applied AFTER act (it pads the activated tensor), as in
+//            Conv2d(ReLU(BatchNorm(x))). in_relu without scale/shift is a plain ReLU on the input.
+//   out    : (n, m, ho, wo) with ho = (h + 2*pad - kh)/stride + 1, wo likewise.
+//            out = alpha * conv(act(x), weight) + bias            (accumulate == false)
+//            out = out + alpha * conv(act(x), weight) + bias      (accumulate == true)
+//   out must not alias x.
+// Method: implicit GEMM. The (activated, zero-padded) input is split into stride x stride phases, so
+// every kernel tap is a constant offset into the phase buffer and the GEMM's B operand is read straight
+// from it (no 9x im2col copy); a register-blocked micro-kernel (AVX2+FMA where the CPU has it, chosen
+// at run time) computes blocks of output channels x pixels. OpenMP over images, or over pixel tiles
+// when there are fewer images than threads.
+// Throws std::invalid_argument (ARCFLOW_CHECK) on inconsistent sizes; std::bad_alloc on memory.
+// Thread-safe: no global state (the OpenMP thread count is the caller's).
+#include "arcflow/common.hpp"
+
+namespace arcflow {
+
+struct Conv2dShape {
+  index_t n, c, h, w;   // input
+  index_t m, kh, kw;    // weight
+  index_t stride, pad;  // symmetric zero padding
+  index_t ho() const { return (h + 2 * pad - kh) / stride + 1; }
+  index_t wo() const { return (w + 2 * pad - kw) / stride + 1; }
+};
+
+template <typename T>
+void conv2d_cpu(const Conv2dShape& s, const T* x, const T* weight, const T* bias, const T* in_scale,
+                const T* in_shift, bool in_relu, T alpha, bool accumulate, T* out);
+
+// The name of the micro-kernel the CPU dispatch picked ("avx2" or "generic"), for benchmarks.
+const char* conv2d_cpu_isa();
+
+}  // namespace arcflow

@@ -1,0 +1,51 @@
+// psi_forward_cpu / psi_inverse_cpu: the reference i-RevNet space-to-depth order (SPEC.md section 2).
+#include "arcflow/psi.hpp"
+
+namespace arcflow {
+
+template <typename T>
+void psi_forward_cpu(const T* x, index_t n, index_t c, index_t h, index_t w, index_t b, T* y) {
+  ARCFLOW_CHECK(b >= 1 && h % b == 0 && w % b == 0, "psi: h and w must be divisible by the block size");
+  const index_t ho = h / b, wo = w / b;
+#pragma omp parallel for collapse(2) schedule(static) if (n * c * h * w > (1 << 17))
+  for (index_t in = 0; in < n; ++in)
+    for (index_t ci = 0; ci < c; ++ci) {
+      const T* xc = x + (in * c + ci) * h * w;
+      for (index_t dy = 0; dy < b; ++dy)
+        for (index_t dx = 0; dx < b; ++dx) {
+          T* yc = y + (in * b * b * c + (dy * b + dx) * c + ci) * ho * wo;
+          for (index_t i = 0; i < ho; ++i) {
+            const T* src = xc + (i * b + dy) * w + dx;
+            T* dst = yc + i * wo;
+            for (index_t j = 0; j < wo; ++j) dst[j] = src[j * b];
+          }
+        }
+    }
+}
+
+template <typename T>
+void psi_inverse_cpu(const T* y, index_t n, index_t c, index_t h, index_t w, index_t b, T* x) {
+  ARCFLOW_CHECK(b >= 1 && h % b == 0 && w % b == 0, "psi_inverse: h and w must be divisible by the block size");
+  const index_t ho = h / b, wo = w / b;
+#pragma omp parallel for collapse(2) schedule(static) if (n * c * h * w > (1 << 17))
+  for (index_t in = 0; in < n; ++in)
+    for (index_t ci = 0; ci < c; ++ci) {
+      T* xc = x + (in * c + ci) * h * w;
+      for (index_t dy = 0; dy < b; ++dy)
+        for (index_t dx = 0; dx < b; ++dx) {
+          const T* yc = y + (in * b * b * c + (dy * b + dx) * c + ci) * ho * wo;
+          for (index_t i = 0; i < ho; ++i) {
+            T* dst = xc + (i * b + dy) * w + dx;
+            const T* src = yc + i * wo;
+            for (index_t j = 0; j < wo; ++j) dst[j * b] = src[j];
+          }
+        }
+    }
+}
+
+template void psi_forward_cpu<float>(const float*, index_t, index_t, index_t, index_t, index_t, float*);
+template void psi_forward_cpu<double>(const double*, index_t, index_t, index_t, index_t, index_t, double*);
+template void psi_inverse_cpu<float>(const float*, index_t, index_t, index_t, index_t, index_t, float*);
+template void psi_inverse_cpu<double>(const double*, index_t, index_t, index_t, index_t, index_t, double*);
+
+}  // namespace arcflow

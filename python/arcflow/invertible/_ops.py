@@ -1,0 +1,198 @@
+"""Validated NumPy wrappers around the C++ ops of the invertible blocks (NCHW / OIHW).
+
+Each function checks its input, picks the compute dtype from the data input ``x`` (float32 stays
+float32; float64 and every other numeric type go to float64; ``dtype=`` overrides), casts the other
+arrays (weights, scale, ...) to it, makes everything C-contiguous and calls the C++ op, which runs
+without the GIL.
+
+    conv2d(x, w, b=None, stride=1, padding=0)      -> (N, O, Ho, Wo)
+    batchnorm_inference(x, scale, shift, relu=False)
+    batchnorm_scale_shift(weight, bias, running_mean, running_var, eps=1e-5) -> (scale, shift)
+    relu(x)
+    psi(x, block=2), psi_inverse(y, block=2)
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .. import _core
+
+__all__ = ["conv2d", "batchnorm_inference", "batchnorm_scale_shift", "relu", "psi", "psi_inverse",
+           "result_dtype"]
+
+
+def result_dtype(*arrays, dtype=None) -> np.dtype:
+    """``dtype`` if given (float32 or float64), else float32 if every array is float32, else float64."""
+    if dtype is not None:
+        dt = np.dtype(dtype)
+        if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"dtype must be float32 or float64, got {dt}")
+        return dt
+    dts = [np.asarray(a).dtype for a in arrays if a is not None]
+    for dt in dts:
+        if dt.kind not in "fiub":
+            raise TypeError(f"expected a real numeric array, got dtype {dt}")
+    if dts and all(dt == np.float32 for dt in dts):
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def _suffix(dt: np.dtype) -> str:
+    return "f32" if dt == np.float32 else "f64"
+
+
+def _as(a, dt, name: str, where: str, ndim: Optional[int] = None, check_finite: bool = True) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"{where}: {name} must be a real numeric array, got dtype {arr.dtype}")
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{where}: {name} must have {ndim} dimensions, got shape {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=dt)
+    if check_finite and not np.isfinite(arr).all():
+        raise ValueError(f"{where}: {name} contains NaN or Inf")
+    return arr
+
+
+def conv2d(x, w, b=None, stride: int = 1, padding: int = 0, *, dtype=None, out: Optional[np.ndarray] = None,
+           accumulate: bool = False, alpha: float = 1.0, in_scale=None, in_shift=None,
+           in_relu: bool = False, check_finite: bool = True) -> np.ndarray:
+    """2-D cross-correlation, as ``torch.nn.functional.conv2d``: NCHW input, OIHW weight, symmetric zero padding.
+
+    ``y[n, o, i, j] = b[o] + sum_{c, u, v} w[o, c, u, v] * xp[n, c, i*stride + u, j*stride + v]``
+    where ``xp`` is ``act(x)`` zero-padded by ``padding`` on each side.
+
+    Keyword-only extras (fused, used by the i-RevNet blocks):
+      ``in_scale``, ``in_shift`` (per input channel) and ``in_relu``: ``act(x) = [relu](x*in_scale + in_shift)``
+      applied before the padding (Conv2d(ReLU(BatchNorm(x)))).
+      ``out``: write into this C-contiguous array of the right shape and dtype; with ``accumulate=True``
+      the result is added to it: ``out += alpha * conv + b``.
+
+    Example: ``conv2d(np.ones((1, 3, 8, 8), np.float32), np.ones((4, 3, 3, 3), np.float32), padding=1)``.
+    """
+    where = "conv2d"
+    dt = result_dtype(x, dtype=dtype if dtype is not None else (out.dtype if out is not None else None))
+    x = _as(x, dt, "x", where, 4, check_finite)
+    w = _as(w, dt, "w", where, 4, check_finite)
+    n, c, h, wd = x.shape
+    o, ci, kh, kw = w.shape
+    if ci != c:
+        raise ValueError(f"{where}: weight expects {ci} input channels (shape (O, {ci}, kh, kw)), "
+                         f"input has {c} (shape {x.shape})")
+    if o == 0 or kh == 0 or kw == 0 or c == 0 or h == 0 or wd == 0:
+        raise ValueError(f"{where}: empty input {x.shape} or weight {w.shape}")
+    stride = int(stride)
+    padding = int(padding)
+    if stride < 1 or padding < 0:
+        raise ValueError(f"{where}: stride must be >= 1 and padding >= 0 (got {stride}, {padding})")
+    if h + 2 * padding < kh or wd + 2 * padding < kw:
+        raise ValueError(f"{where}: kernel {kh}x{kw} larger than the padded input {h + 2 * padding}x{wd + 2 * padding}")
+    ho = (h + 2 * padding - kh) // stride + 1
+    wo = (wd + 2 * padding - kw) // stride + 1
+    if b is not None:
+        b = _as(b, dt, "b", where, None, check_finite).reshape(-1)
+        if b.shape[0] != o:
+            raise ValueError(f"{where}: bias must have shape ({o},), got {b.shape}")
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError(f"{where}: in_scale and in_shift go together")
+    if in_scale is not None:
+        in_scale = _as(in_scale, dt, "in_scale", where, None, check_finite).reshape(-1)
+        in_shift = _as(in_shift, dt, "in_shift", where, None, check_finite).reshape(-1)
+        if in_scale.shape[0] != c or in_shift.shape[0] != c:
+            raise ValueError(f"{where}: in_scale and in_shift must have shape ({c},)")
+    if out is None:
+        if accumulate:
+            raise ValueError(f"{where}: accumulate=True needs out=")
+        out = np.empty((n, o, ho, wo), dtype=dt)
+    else:
+        if not isinstance(out, np.ndarray) or out.dtype != dt or out.shape != (n, o, ho, wo) \
+                or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"{where}: out must be a writeable C-contiguous {dt} array of shape {(n, o, ho, wo)}")
+        if np.may_share_memory(out, x):
+            raise ValueError(f"{where}: out must not overlap x")
+    getattr(_core, "conv2d_cpu_" + _suffix(dt))(x, w, b, stride, padding, in_scale, in_shift, bool(in_relu),
+                                                 float(alpha), bool(accumulate), out)
+    return out
+
+
+def batchnorm_scale_shift(weight, bias, running_mean, running_var, eps: float = 1e-5,
+                          dtype=np.float64) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-channel (scale, shift) of an inference batch-norm: ``scale = weight / sqrt(var + eps)``,
+    ``shift = bias - mean * scale`` (``weight``/``bias`` None means affine=False: 1 and 0)."""
+    mean = np.asarray(running_mean, dtype=np.float64).reshape(-1)
+    var = np.asarray(running_var, dtype=np.float64).reshape(-1)
+    g = np.ones_like(mean) if weight is None else np.asarray(weight, dtype=np.float64).reshape(-1)
+    bb = np.zeros_like(mean) if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
+    scale = g / np.sqrt(var + eps)
+    shift = bb - mean * scale
+    return scale.astype(dtype), shift.astype(dtype)
+
+
+def batchnorm_inference(x, scale, shift, relu: bool = False, *, dtype=None, out: Optional[np.ndarray] = None
+                        ) -> np.ndarray:
+    """``y[n, c, ...] = x[n, c, ...] * scale[c] + shift[c]`` (then ``max(0, .)`` if ``relu``): an inference
+    batch-norm with (scale, shift) from :func:`batchnorm_scale_shift`. ``out`` may be ``x`` (in place)."""
+    where = "batchnorm_inference"
+    dt = result_dtype(x, dtype=dtype)
+    x = _as(x, dt, "x", where, None, False)
+    if x.ndim < 2:
+        raise ValueError(f"{where}: x must be (N, C, ...), got shape {x.shape}")
+    c = x.shape[1]
+    scale = _as(scale, dt, "scale", where, None).reshape(-1)
+    shift = _as(shift, dt, "shift", where, None).reshape(-1)
+    if scale.shape[0] != c or shift.shape[0] != c:
+        raise ValueError(f"{where}: scale and shift must have shape ({c},), got {scale.shape}, {shift.shape}")
+    if out is None:
+        out = np.empty_like(x)
+    elif out.dtype != dt or out.shape != x.shape or not out.flags.c_contiguous:
+        raise ValueError(f"{where}: out must be a C-contiguous {dt} array of shape {x.shape}")
+    getattr(_core, "channel_affine_cpu_" + _suffix(dt))(x, scale, shift, bool(relu), out)
+    return out
+
+
+def relu(x, *, dtype=None) -> np.ndarray:
+    """``max(0, x)`` elementwise (NaN stays NaN); float32 stays float32."""
+    xa = np.asarray(x)
+    dt = result_dtype(xa, dtype=dtype)
+    xa = _as(xa, dt, "x", "relu", None, False)
+    out = np.empty_like(xa)
+    getattr(_core, "relu_cpu_" + _suffix(dt))(xa.reshape(-1), out.reshape(-1))
+    return out
+
+
+def psi(x, block: int = 2, *, dtype=None) -> np.ndarray:
+    """Space-to-depth in the reference i-RevNet channel order (SPEC.md section 2):
+    ``psi(x)[n, (dy*b + dx)*C + c, i, j] = x[n, c, i*b + dy, j*b + dx]``, shape (N, b*b*C, H/b, W/b)."""
+    where = f"psi(block={block})"
+    block = int(block)
+    if block < 1:
+        raise ValueError(f"{where}: block must be >= 1")
+    xa = np.asarray(x)
+    dt = result_dtype(xa, dtype=dtype)
+    xa = _as(xa, dt, "x", where, None, False)
+    if xa.ndim != 4:
+        raise ValueError(f"{where}: expected x of shape (N, C, H, W) with H, W divisible by {block}, got {xa.shape}")
+    n, c, h, w = xa.shape
+    if h % block or w % block:
+        raise ValueError(f"{where}: expected x of shape (N, C, H, W) with H, W divisible by {block}, got {xa.shape}")
+    out = np.empty((n, c * block * block, h // block, w // block), dtype=dt)
+    getattr(_core, "psi_cpu_" + _suffix(dt))(xa, block, out)
+    return out
+
+
+def psi_inverse(y, block: int = 2, *, dtype=None) -> np.ndarray:
+    """The inverse of :func:`psi`: (N, b*b*C, H, W) -> (N, C, H*b, W*b); ``psi_inverse(psi(x)) == x`` exactly."""
+    where = f"psi_inverse(block={block})"
+    block = int(block)
+    if block < 1:
+        raise ValueError(f"{where}: block must be >= 1")
+    ya = np.asarray(y)
+    dt = result_dtype(ya, dtype=dtype)
+    ya = _as(ya, dt, "y", where, None, False)
+    if ya.ndim != 4 or ya.shape[1] % (block * block):
+        raise ValueError(f"{where}: expected y of shape (N, C*{block * block}, H, W), got {ya.shape}")
+    n, cb, h, w = ya.shape
+    out = np.empty((n, cb // (block * block), h * block, w * block), dtype=dt)
+    getattr(_core, "psi_inverse_cpu_" + _suffix(dt))(ya, block, out)
+    return out
