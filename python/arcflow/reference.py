@@ -80,7 +80,8 @@ def arccos_j(n: int, theta):
 
 def _angle(s1, s2, s12):
     """sqrt(s1 s2), c and theta, with c = 0 where s1 or s2 is zero."""
-    root = np.sqrt(s1 * s2)             # exact for s1 == s2 (sqrt(s*s) == s in IEEE arithmetic)
+    root = np.sqrt(s1) * np.sqrt(s2)               # no overflow of s1 * s2 (deep monomials)
+    root = np.where(s1 == s2, s1, root)            # exact, so identical pairs get c = 1 exactly
     zero = root == 0.0
     c = np.clip(s12 / np.where(zero, 1.0, root), -1.0, 1.0)
     c = np.where(zero, 0.0, c)
