@@ -417,3 +417,26 @@ def test_cpp_and_numpy_convolutions_agree(monkeypatch):
     np.testing.assert_allclose(y, y2, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(ld, ld2, rtol=1e-13)
     assert _rel(cp.inverse(y2), x) <= 1e-12
+
+
+def test_sequential_with_irevnet_blocks():
+    from arcflow.invertible import InjectivePad, IRevNetBlock, SpaceToDepth
+    g = np.random.default_rng(15)
+    x = g.normal(size=(2, 4, 4, 4))
+    cp = _coupling(16, 18)
+    flow = Sequential(_actnorm(4, 19), SpaceToDepth(2), IRevNetBlock(16, 8, stride=1, rng=0, dtype=np.float64),
+                      InvertibleConv1x1(16, rng=20), cp)
+    y, ld = flow.forward(x, return_logdet=True)
+    assert y.shape == (2, 16, 2, 2)
+    assert _rel(flow.inverse(y), x) <= 1e-12
+    h = x
+    for b in flow.blocks[:4]:
+        h = b.forward(h)
+    np.testing.assert_allclose(ld, flow[0].logdet(x) + cp.logdet(h), rtol=1e-12)
+    y32 = flow.forward(x.astype(np.float32))
+    assert y32.dtype == np.float32 and _rel(flow.inverse(y32), x) <= 1e-5
+    # the injective padding is not a bijection: no log-determinant
+    padded = Sequential(InjectivePad(2), ActNorm(6))
+    assert _rel(padded.inverse(padded.forward(x)), x) <= 1e-12
+    with pytest.raises(ValueError, match="InjectivePad"):
+        padded.logdet(x)

@@ -517,22 +517,23 @@ class InvertibleConv1x1(_FlowBlock):
 def _is_volume_preserving(block) -> bool:
     if getattr(block, "volume_preserving", False):
         return True
-    # the i-RevNet blocks are documented volume-preserving (permutations, zero padding, additive coupling)
+    # psi is a permutation. (IRevNetBlock has its own logdet, 0, which refuses injective blocks; InjectivePad,
+    # not a bijection, has no log-determinant at all.)
     try:
-        from . import irevnet
+        from .irevnet import SpaceToDepth
     except ImportError:  # pragma: no cover
         return False
-    kinds = tuple(getattr(irevnet, n) for n in ("SpaceToDepth", "InjectivePad", "IRevNetBlock") if hasattr(irevnet, n))
-    return isinstance(block, kinds)
+    return isinstance(block, SpaceToDepth)
 
 
 class Sequential(_FlowBlock):
     """Composition of invertible blocks: forward in order, inverse in reverse order, log-determinants summed.
 
     Any block with ``forward`` and ``inverse`` is accepted (the flow blocks here, the i-RevNet blocks, another
-    Sequential). A block without ``logdet`` counts 0 only if it is volume-preserving (``volume_preserving = True``,
-    or SpaceToDepth / InjectivePad / IRevNetBlock); otherwise ``logdet`` raises ValueError. state_dict keys are
-    ``"<index>.<key>"``, as in torch.nn.Sequential.
+    Sequential); what one block returns (an array, or an i-RevNet pair) goes to the next as it is. A block
+    without ``logdet`` counts 0 only if it is volume-preserving (``volume_preserving = True``, or SpaceToDepth);
+    otherwise ``logdet`` raises ValueError (so does a Sequential containing InjectivePad, which is not a
+    bijection). state_dict keys are ``"<index>.<key>"``, as in torch.nn.Sequential.
     """
 
     def __init__(self, *blocks):
@@ -582,9 +583,9 @@ class Sequential(_FlowBlock):
                 total = ld if total is None else total + ld
         if not return_logdet:
             return x
-        x = np.asarray(x)
         if total is None:
-            total = np.zeros(x.shape[0], dtype=x.dtype if x.dtype in (np.float32, np.float64) else np.float64)
+            first = np.asarray(x[0] if isinstance(x, tuple) else x)
+            total = np.zeros(first.shape[0], dtype=np.float32 if first.dtype == np.float32 else np.float64)
         return x, total
 
     def inverse(self, y):
