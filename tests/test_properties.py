@@ -89,8 +89,9 @@ def assert_close(actual, expected, dtype, what=""):
 # Known engine bugs, reported to the lead (issue 2). Marked strict xfail so that CI stays green while
 # they are open and a fix turns them into XPASS failures, which forces the marker's removal.
 STEP_SIGN_SYMMETRIC_DIAGONAL = (
-    "engine bug: Step/Sign NNGP with x2=None in float64 drifts on the diagonal from depth 2 "
-    "(0.5 -> 0.49 at depth 5 for Step), so np.diag(full) != diag=True and != the oracle")
+    "engine bug: Step/Sign NNGP in float64 drifts on collinear pairs (the diagonal with x2=None, and "
+    "kernels(x, x)) from depth 2 (0.5 -> 0.49 at depth 5 for Step), so np.diag(full) != diag=True "
+    "and != the oracle; float32 is right")
 STEP_ZERO_ROW = (
     "engine bug: Step with a zero row and b_std=0 uses c=0 for the entry but c=1 for the row's own "
     "variance (depth 2 gives 1/3 where the oracle and neural-tangents' convention give 0.375 / 0.5)")
@@ -450,3 +451,34 @@ def test_out_memmap(tmp_path):
     assert arcflow.nngp(x1.astype(np.float32), out=out32) is out32
     assert np.array_equal(np.asarray(out32), arcflow.nngp(x1.astype(np.float32)))
     del out32
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_x2_equal_to_x1_matches_the_symmetric_oracle(request, name, dtype):
+    """kernels(x, x): every diagonal pair is collinear but goes through the general (n1 x n2) path; the
+    float32 diagonal, too, must be within 1e-5 (the cosine of x with itself is 1)."""
+    known_engine_bug(request, name in ("step", "sign", "monomial_0") and dtype == np.float64,
+                     STEP_SIGN_SYMMETRIC_DIAGONAL)
+    act, w_std, b_std = ACTIVATIONS[name]
+    x, _ = _data(8, None, 5, seed=20)
+    x = x.astype(dtype)
+    for depth in (1, 3, 8):
+        kw = dict(depth=depth, activation=act, w_std=w_std, b_std=b_std, get=_get(act))
+        got = arcflow.kernels(x, x.copy(), **kw)
+        want = reference.kernels(_as64(x), **kw)
+        for field in _get(act):
+            assert_close(getattr(got, field), getattr(want, field), dtype, f"{field} depth {depth}")
+
+
+def test_kernels_out_dict_and_sequence():
+    x1, x2 = _data(6, 5, 3, seed=21)
+    want = arcflow.kernels(x1, x2, depth=2)
+    outs = {"nngp": np.empty((6, 5)), "ntk": np.empty((6, 5))}
+    got = arcflow.kernels(x1, x2, depth=2, out=outs)
+    assert got.nngp is outs["nngp"] and got.ntk is outs["ntk"]
+    assert np.array_equal(got.nngp, want.nngp) and np.array_equal(got.ntk, want.ntk)
+    seq = [np.empty((6, 5)), np.empty((6, 5))]
+    got = arcflow.kernels(x1, x2, depth=2, get=("ntk", "nngp"), out=seq)
+    assert got.ntk is seq[0] and got.nngp is seq[1]
+    assert np.array_equal(seq[0], want.ntk) and np.array_equal(seq[1], want.nngp)
