@@ -84,6 +84,19 @@ def test_irevnet_part_prints_the_error(capsys, monkeypatch, tmp_path):
     assert "3.5e-16" in capsys.readouterr().out
 
 
+def test_irevnet_part_prints_a_result_dict(capsys, monkeypatch):
+    import numpy as np
+
+    def fake(images, png_path=None):
+        return {"rel_error": 2e-7, "rel_error_float64": 4e-16, "blocks": 3, "seconds": 0.01,
+                "png": png_path}
+
+    _fake_irevnet(monkeypatch, fake)
+    demo.irevnet_part(np.zeros((2, 8, 8)), None)
+    line = capsys.readouterr().out
+    assert "2e-07 (float32)" in line and "4e-16 (float64)" in line and "figure" not in line
+
+
 def test_cli_rejects_unknown_command():
     with pytest.raises(SystemExit):
         cli_main(["no-such-command"])

@@ -162,6 +162,19 @@ def irevnet_part(images: np.ndarray, png_path: Optional[str]) -> Optional[object
 def _describe_irevnet(result) -> str:
     if isinstance(result, (float, int, np.floating)):
         return f"relative reconstruction error ||x - f^-1(f(x))|| / ||x|| = {float(result):.3g}"
+    if isinstance(result, dict) and "rel_error" in result:
+        parts = []
+        parts.append(f"relative reconstruction error ||x - f^-1(f(x))|| / ||x|| = "
+                     f"{result['rel_error']:.2g} (float32)")
+        if "rel_error_float64" in result:
+            parts.append(f"{result['rel_error_float64']:.2g} (float64)")
+        if "blocks" in result:
+            parts.append(f"{result['blocks']} i-RevNet blocks")
+        if "seconds" in result:
+            parts.append(f"forward + inverse {result['seconds']:.3f} s")
+        if result.get("png"):
+            parts.append(f"figure: {result['png']}")
+        return ", ".join(parts)
     if isinstance(result, dict):
         return ", ".join(f"{k} = {v:.3g}" if isinstance(v, (float, np.floating)) else f"{k} = {v}"
                          for k, v in result.items())
