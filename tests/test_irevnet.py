@@ -298,3 +298,22 @@ def test_bad_input_errors_name_block_and_shape():
         net.inverse(np.zeros((1, 511, 4, 4)))
     with pytest.raises(ValueError, match="NaN or Inf"):
         net.forward(np.full((1, 3, 16, 16), np.inf))
+
+
+def test_demo_inverts_digits(tmp_path):
+    from arcflow.invertible.demo import run_irevnet_demo
+    datasets = pytest.importorskip("sklearn.datasets")
+    images = datasets.load_digits().images[:16] / 16.0
+    png = tmp_path / "irevnet.png"
+    res = run_irevnet_demo(images[:, None], png_path=str(png), rng=1)
+    assert res["rel_error"] <= 1e-5 and res["rel_error_float64"] <= 1e-12
+    assert res["shape"] == (16, 128, 2, 2) and res["seconds"] > 0
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert res["png"] is None
+    else:
+        assert res["png"] == str(png) and png.stat().st_size > 0
+    assert run_irevnet_demo(images[:3], png_path=None)["png"] is None
+    with pytest.raises(ValueError, match="greyscale"):
+        run_irevnet_demo(np.zeros((2, 3, 8, 8)))
