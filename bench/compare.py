@@ -488,7 +488,7 @@ def report(results, args, machine, dtypes, nt_python):
     rows.append((f"original NumPy kernel_value_batch(X, {depth})", "float64", args.n_kvb,
                  "original/float64", "compat/float64"))
 
-    head = f"{'program':<42} {'dtype':<8} {'N':>6} {'median s':>9} {'reps':>4} " \
+    head = f"{'program':<42} {'dtype':<8} {'N':>6} {'median s':>9} {'min s':>7} {'reps':>4} " \
            f"{'x arcflow':>9} {'peak MB':>8} {'delta MB':>8}"
     say(head)
     say("-" * len(head))
@@ -497,8 +497,8 @@ def report(results, args, machine, dtypes, nt_python):
         r = results.get(key)
         if r is None:
             if key.startswith("nt/") and not nt_python:
-                say(f"{label:<42} {dt:<8} {nn:>6} {'(not run: neural-tangents not importable; '}"
-                    f"--nt-python)")
+                say(f"{label:<42} {dt:<8} {nn:>6} {'(not run: skipped, or neural-tangents not '}"
+                    f"importable: pass --nt-python)")
             continue
         if "error" in r:
             say(f"{label:<42} {dt:<8} {nn:>6} failed: {r['error'].splitlines()[0][:60]}")
@@ -506,14 +506,14 @@ def report(results, args, machine, dtypes, nt_python):
         m, mb = r["median_s"], med(base_key)
         ratio = m / mb if (mb and key != base_key) else (1.0 if key == base_key else float("nan"))
         delta = r["peak_mb"] - r["rss_before_mb"]
-        say(f"{label:<42} {dt:<8} {nn:>6} {m:9.3f} {len(r['times']):>4} {ratio:9.2f} "
+        say(f"{label:<42} {dt:<8} {nn:>6} {m:9.3f} {min(r['times']):7.3f} {len(r['times']):>4} {ratio:9.2f} "
             f"{r['peak_mb']:8.0f} {delta:8.0f}")
         summary["rows"].append({"program": label, "dtype": dt, "n": nn, "median_s": m,
                                 "reps": len(r["times"]), "times": r["times"],
                                 "ratio_vs_arcflow": ratio, "peak_mb": r["peak_mb"],
                                 "delta_mb": delta})
     say("(x arcflow = median time / arcflow's median time for the same dtype and N; peak MB = the "
-        "worker's ru_maxrss, delta = peak minus the RSS just before the first timed call)")
+        "worker's ru_maxrss, delta = peak minus the RSS just before the warm-up)")
     out_mb = 2 * n * n * 8 / 2**20
     say(f"(one float64 output pair NNGP + NTK at N = {n}: {out_mb:.0f} MB)")
 
