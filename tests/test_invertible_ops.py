@@ -122,6 +122,11 @@ def test_conv2d_fused_bn_relu_and_accumulate(dtype, stride):
     b = rng.standard_normal(5).astype(dtype)
     _ops.conv2d(x, w, b, stride, 1, out=out, accumulate=True, alpha=-0.5, in_scale=sc, in_shift=sf, in_relu=True)
     np.testing.assert_allclose(out, base - 0.5 * ref + b[None, :, None, None], rtol=0, atol=tol)
+    out2 = np.empty_like(base)
+    _ops.conv2d(x, w, b, stride, 1, out=out2, addend=base, alpha=-0.5, in_scale=sc, in_shift=sf, in_relu=True)
+    np.testing.assert_array_equal(out2, out)  # addend= and accumulate= round the same sum
+    with pytest.raises(ValueError, match="addend"):
+        _ops.conv2d(x, w, b, stride, 1, out=out2, addend=base[:1])
 
 
 def test_conv2d_noncontiguous_and_dtypes():
@@ -144,8 +149,8 @@ def test_conv2d_noncontiguous_and_dtypes():
 def test_conv2d_batch_not_multiple_of_threads():
     # n = 1, 3, 5 take the pixel-tile-parallel path or uneven image split; results must not depend on it
     rng = np.random.default_rng(11)
-    w = rng.standard_normal((8, 4, 3, 3))
-    x = rng.standard_normal((5, 4, 20, 20))
+    w = rng.standard_normal((8, 32, 3, 3))
+    x = rng.standard_normal((5, 32, 40, 40))
     full = _ops.conv2d(x, w, padding=1)
     for n in (1, 3):
         np.testing.assert_array_equal(_ops.conv2d(x[:n], w, padding=1), full[:n])

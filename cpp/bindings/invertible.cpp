@@ -38,7 +38,7 @@ const T* opt_ptr(const std::optional<carr<T>>& a, index_t size, const char* what
 template <typename T>
 void conv2d(const carr<T>& x, const carr<T>& w, const std::optional<carr<T>>& bias, index_t stride,
             index_t pad, const std::optional<carr<T>>& in_scale, const std::optional<carr<T>>& in_shift,
-            bool in_relu, double alpha, bool accumulate, carr<T>& out) {
+            bool in_relu, double alpha, bool accumulate, const std::optional<carr<T>>& addend, carr<T>& out) {
   need_ndim(x, 4, "conv2d input");
   need_ndim(w, 4, "conv2d weight");
   need_ndim(out, 4, "conv2d output");
@@ -54,8 +54,13 @@ void conv2d(const carr<T>& x, const carr<T>& w, const std::optional<carr<T>>& bi
   const T* xp = x.data();
   const T* wp = w.data();
   T* op = out.mutable_data();
+  const T* add = opt_ptr(addend, out.size(), "conv2d addend");
+  if (accumulate) {
+    ARCFLOW_CHECK(add == nullptr, "conv2d: accumulate and addend exclude each other");
+    add = op;
+  }
   py::gil_scoped_release release;
-  conv2d_cpu<T>(s, xp, wp, b, sc, sf, in_relu, static_cast<T>(alpha), accumulate, op);
+  conv2d_cpu<T>(s, xp, wp, b, sc, sf, in_relu, static_cast<T>(alpha), add, op);
 }
 
 template <typename T>
@@ -118,8 +123,10 @@ void register_dtype(py::module_& m, const std::string& sfx) {
   m.def(("conv2d_cpu_" + sfx).c_str(), &conv2d<T>, py::arg("x").noconvert(), py::arg("w").noconvert(),
         py::arg("bias").noconvert().none(true), py::arg("stride"), py::arg("pad"),
         py::arg("in_scale").noconvert().none(true), py::arg("in_shift").noconvert().none(true),
-        py::arg("in_relu"), py::arg("alpha"), py::arg("accumulate"), py::arg("out").noconvert(),
-        "out (=|+=) alpha * conv2d(act(x), w) + bias; NCHW / OIHW, act = optional per-channel affine + ReLU");
+        py::arg("in_relu"), py::arg("alpha"), py::arg("accumulate"), py::arg("addend").noconvert().none(true),
+        py::arg("out").noconvert(),
+        "out = [out or addend +] (alpha * conv2d(act(x), w) + bias); NCHW / OIHW, act = optional per-channel "
+        "affine + ReLU");
   m.def(("channel_affine_cpu_" + sfx).c_str(), &channel_affine<T>, py::arg("x").noconvert(),
         py::arg("scale").noconvert(), py::arg("shift").noconvert(), py::arg("relu"), py::arg("out").noconvert(),
         "out = [relu](x * scale[c] + shift[c]) (inference batch-norm); out may be x");

@@ -9,9 +9,11 @@
 //            the zero padding is applied AFTER act (it pads the activated tensor), as in
 //            Conv2d(ReLU(BatchNorm(x))). in_relu without scale/shift is a plain ReLU on the input.
 //   out    : (n, m, ho, wo) with ho = (h + 2*pad - kh)/stride + 1, wo likewise.
-//            out = alpha * conv(act(x), weight) + bias            (accumulate == false)
-//            out = out + alpha * conv(act(x), weight) + bias      (accumulate == true)
-//   out must not alias x.
+//            out = alpha * conv(act(x), weight) + bias                 (addend == nullptr)
+//            out = addend + (alpha * conv(act(x), weight) + bias)      (addend: same shape as out)
+//   addend may be out itself (in-place accumulation); out must not alias x.
+// The i-RevNet coupling y1 = x1 + F(x2) and its inverse x1 = y1 + (-F(x2)) are the addend form, so both
+// round the same sum.
 // Method: implicit GEMM. The (activated, zero-padded) input is split into stride x stride phases, so
 // every kernel tap is a constant offset into the phase buffer and the GEMM's B operand is read straight
 // from it (no 9x im2col copy); a register-blocked micro-kernel (AVX2+FMA where the CPU has it, chosen
@@ -33,7 +35,7 @@ struct Conv2dShape {
 
 template <typename T>
 void conv2d_cpu(const Conv2dShape& s, const T* x, const T* weight, const T* bias, const T* in_scale,
-                const T* in_shift, bool in_relu, T alpha, bool accumulate, T* out);
+                const T* in_shift, bool in_relu, T alpha, const T* addend, T* out);
 
 // The name of the micro-kernel the CPU dispatch picked ("avx2" or "generic"), for benchmarks.
 const char* conv2d_cpu_isa();

@@ -25,7 +25,8 @@ struct TileArgs {
   const index_t* off;   // tap k -> offset in the phase buffer
   const T* bias;        // (m) or nullptr
   T alpha;
-  bool accumulate;
+  const T* addend;      // image-relative (n, m, ho, wo) values added to the result, or nullptr; may be out
+  index_t addend_img;   // stride between images of addend
 };
 
 namespace isa_generic {
@@ -46,14 +47,14 @@ namespace isa_avx2 {
 #pragma GCC pop_options
 #endif
 
-// Register blocking: MR output channels x NV vectors of pixels (12 accumulators, 3 B vectors and a
-// broadcast: 16 vector registers, the x86-64 count without AVX-512).
-constexpr int kMR = 4;
-constexpr int kNV = 3;
-
+// Register blocking: MR output channels x NV vectors of pixels. Both shapes fit the 16 vector
+// registers of x86-64 without AVX-512: 4 x 3 (12 accumulators, 3 B vectors, a broadcast) and 6 x 2
+// (12 accumulators, 2 B vectors, a broadcast). The driver picks the one that wastes less work on
+// padding (channels rounded up to MR, grid pixels rounded up to the tile width).
 template <typename T>
 struct Kernel {
   void (*tiles)(const TileArgs<T>&, const T*, T*, index_t, index_t);
+  index_t mr;  // output channels per panel
   index_t nr;  // pixels per tile
   const char* name;
 };
@@ -68,12 +69,23 @@ bool cpu_has_avx2() {
 }
 
 template <typename T>
-Kernel<T> pick_kernel() {
+Kernel<T> pick_kernel(index_t m, index_t qtot) {
+  Kernel<T> a, b;
 #ifdef ARCFLOW_CONV_HAVE_AVX2
-  if (cpu_has_avx2())
-    return {&isa_avx2::compute_tiles<T, kMR, kNV>, index_t(kNV * 32 / sizeof(T)), "avx2"};
+  if (cpu_has_avx2()) {
+    a = {&isa_avx2::compute_tiles<T, 4, 3>, 4, index_t(3 * 32 / sizeof(T)), "avx2"};
+    b = {&isa_avx2::compute_tiles<T, 6, 2>, 6, index_t(2 * 32 / sizeof(T)), "avx2"};
+  } else
 #endif
-  return {&isa_generic::compute_tiles<T, kMR, kNV>, index_t(kNV * 16 / sizeof(T)), "generic"};
+  {
+    a = {&isa_generic::compute_tiles<T, 4, 3>, 4, index_t(3 * 16 / sizeof(T)), "generic"};
+    b = {&isa_generic::compute_tiles<T, 6, 2>, 6, index_t(2 * 16 / sizeof(T)), "generic"};
+  }
+  auto work = [&](const Kernel<T>& k) {
+    // padded multiply-adds, plus a small penalty for b's extra broadcast per FMA pair
+    return static_cast<double>((m + k.mr - 1) / k.mr * k.mr) * ((qtot + k.nr - 1) / k.nr * k.nr);
+  };
+  return work(b) * 1.05 < work(a) ? b : a;
 }
 
 // A buffer aligned to 64 bytes, zero-initialised.
@@ -183,7 +195,7 @@ const char* conv2d_cpu_isa() { return cpu_has_avx2() ? "avx2" : "generic"; }
 
 template <typename T>
 void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bias, const T* in_scale,
-                const T* in_shift, bool in_relu, T alpha, bool accumulate, T* out) {
+                const T* in_shift, bool in_relu, T alpha, const T* addend, T* out) {
   ARCFLOW_CHECK(sh.n >= 0 && sh.c > 0 && sh.h > 0 && sh.w > 0, "conv2d: bad input shape");
   ARCFLOW_CHECK(sh.m > 0 && sh.kh > 0 && sh.kw > 0, "conv2d: bad weight shape");
   ARCFLOW_CHECK(sh.stride >= 1 && sh.pad >= 0, "conv2d: stride must be >= 1 and padding >= 0");
@@ -193,18 +205,21 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
                 "conv2d: in_scale and in_shift go together");
   if (sh.n == 0) return;
 
-  const Kernel<T> kern = pick_kernel<T>();
+  const index_t qtot_est = sh.ho() * ((sh.w + 2 * sh.pad + sh.stride - 1) / sh.stride);
+  const Kernel<T> kern = pick_kernel<T>(sh.m, qtot_est);
   const Geometry g(sh, kern.nr);
-  const index_t n_panels = (sh.m + kMR - 1) / kMR;
+  const index_t mr = kern.mr;
+  const index_t n_panels = (sh.m + mr - 1) / mr;
 
   // Pack the weights: panel p holds channels [p*MR, p*MR + MR) tap by tap (zeros past m).
-  AlignedBuf<T> ap(n_panels * kMR * g.K);
+  AlignedBuf<T> ap(n_panels * mr * g.K);
   for (index_t co = 0; co < sh.m; ++co) {
-    const index_t p = co / kMR, i = co % kMR;
-    for (index_t k = 0; k < g.K; ++k) ap.ptr[(p * g.K + k) * kMR + i] = weight[co * g.K + k];
+    const index_t p = co / mr, i = co % mr;
+    for (index_t k = 0; k < g.K; ++k) ap.ptr[(p * g.K + k) * mr + i] = weight[co * g.K + k];
   }
 
-  TileArgs<T> args{g.K, sh.m, g.ho, g.wo, g.wph, g.qtot, ap.ptr, g.off.data(), bias, alpha, accumulate};
+  TileArgs<T> args{g.K, sh.m, g.ho, g.wo, g.wph, g.qtot, ap.ptr, g.off.data(), bias, alpha,
+                   addend, sh.m * g.ho * g.wo};
   const index_t ntiles = (g.qtot + kern.nr - 1) / kern.nr;
   const index_t in_img = sh.c * sh.h * sh.w;
   const index_t out_img = sh.m * g.ho * g.wo;
@@ -221,7 +236,9 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
 #pragma omp for schedule(dynamic, 1)
       for (index_t img = 0; img < sh.n; ++img) {
         build_phases(sh, g, x + img * in_img, in_scale, in_shift, in_relu, 0, sh.c, buf.ptr);
-        kern.tiles(args, buf.ptr, out + img * out_img, 0, ntiles);
+        TileArgs<T> a = args;
+        if (addend) a.addend = addend + img * out_img;
+        kern.tiles(a, buf.ptr, out + img * out_img, 0, ntiles);
       }
     }
   } else {
@@ -236,17 +253,19 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
         // implicit barrier
         const index_t chunk = 4;
         const index_t nchunks = (ntiles + chunk - 1) / chunk;
+        TileArgs<T> a = args;
+        if (addend) a.addend = addend + img * out_img;
 #pragma omp for schedule(dynamic, 1)
         for (index_t ch = 0; ch < nchunks; ++ch)
-          kern.tiles(args, buf.ptr, out + img * out_img, ch * chunk, std::min(ntiles, ch * chunk + chunk));
+          kern.tiles(a, buf.ptr, out + img * out_img, ch * chunk, std::min(ntiles, ch * chunk + chunk));
       }
     }
   }
 }
 
 template void conv2d_cpu<float>(const Conv2dShape&, const float*, const float*, const float*, const float*,
-                                const float*, bool, float, bool, float*);
+                                const float*, bool, float, const float*, float*);
 template void conv2d_cpu<double>(const Conv2dShape&, const double*, const double*, const double*,
-                                 const double*, const double*, bool, double, bool, double*);
+                                 const double*, const double*, bool, double, const double*, double*);
 
 }  // namespace arcflow

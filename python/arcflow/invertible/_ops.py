@@ -43,6 +43,17 @@ def _suffix(dt: np.dtype) -> str:
     return "f32" if dt == np.float32 else "f64"
 
 
+def all_finite(a: np.ndarray) -> bool:
+    """True when no entry is NaN or Inf. One summation pass (no boolean temporary); only when the sum
+    is not finite (NaN/Inf present, or an overflow of huge finite values) the elementwise test decides."""
+    if a.size == 0 or a.dtype.kind in "iub":
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(a, axis=None)):
+            return True
+    return bool(np.isfinite(a).all())
+
+
 def _as(a, dt, name: str, where: str, ndim: Optional[int] = None, check_finite: bool = True) -> np.ndarray:
     arr = np.asarray(a)
     if arr.dtype.kind not in "fiub":
@@ -50,14 +61,14 @@ def _as(a, dt, name: str, where: str, ndim: Optional[int] = None, check_finite: 
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{where}: {name} must have {ndim} dimensions, got shape {arr.shape}")
     arr = np.ascontiguousarray(arr, dtype=dt)
-    if check_finite and not np.isfinite(arr).all():
+    if check_finite and not all_finite(arr):
         raise ValueError(f"{where}: {name} contains NaN or Inf")
     return arr
 
 
 def conv2d(x, w, b=None, stride: int = 1, padding: int = 0, *, dtype=None, out: Optional[np.ndarray] = None,
-           accumulate: bool = False, alpha: float = 1.0, in_scale=None, in_shift=None,
-           in_relu: bool = False, check_finite: bool = True) -> np.ndarray:
+           accumulate: bool = False, addend: Optional[np.ndarray] = None, alpha: float = 1.0, in_scale=None,
+           in_shift=None, in_relu: bool = False, check_finite: bool = True) -> np.ndarray:
     """2-D cross-correlation, as ``torch.nn.functional.conv2d``: NCHW input, OIHW weight, symmetric zero padding.
 
     ``y[n, o, i, j] = b[o] + sum_{c, u, v} w[o, c, u, v] * xp[n, c, i*stride + u, j*stride + v]``
@@ -67,7 +78,8 @@ def conv2d(x, w, b=None, stride: int = 1, padding: int = 0, *, dtype=None, out: 
       ``in_scale``, ``in_shift`` (per input channel) and ``in_relu``: ``act(x) = [relu](x*in_scale + in_shift)``
       applied before the padding (Conv2d(ReLU(BatchNorm(x)))).
       ``out``: write into this C-contiguous array of the right shape and dtype; with ``accumulate=True``
-      the result is added to it: ``out += alpha * conv + b``.
+      the result is added to it: ``out += alpha * conv + b``; with ``addend=a`` (same shape):
+      ``out = a + (alpha * conv + b)`` (``a`` may be ``out``).
 
     Example: ``conv2d(np.ones((1, 3, 8, 8), np.float32), np.ones((4, 3, 3, 3), np.float32), padding=1)``.
     """
@@ -111,8 +123,16 @@ def conv2d(x, w, b=None, stride: int = 1, padding: int = 0, *, dtype=None, out: 
             raise ValueError(f"{where}: out must be a writeable C-contiguous {dt} array of shape {(n, o, ho, wo)}")
         if np.may_share_memory(out, x):
             raise ValueError(f"{where}: out must not overlap x")
+    if addend is not None:
+        if accumulate:
+            raise ValueError(f"{where}: give accumulate=True or addend=, not both")
+        if not isinstance(addend, np.ndarray) or addend.dtype != dt or addend.shape != (n, o, ho, wo) \
+                or not addend.flags.c_contiguous:
+            raise ValueError(f"{where}: addend must be a C-contiguous {dt} array of shape {(n, o, ho, wo)}")
+        if np.may_share_memory(addend, x):
+            raise ValueError(f"{where}: addend must not overlap x")
     getattr(_core, "conv2d_cpu_" + _suffix(dt))(x, w, b, stride, padding, in_scale, in_shift, bool(in_relu),
-                                                 float(alpha), bool(accumulate), out)
+                                                 float(alpha), bool(accumulate), addend, out)
     return out
 
 

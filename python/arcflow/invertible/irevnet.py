@@ -58,7 +58,7 @@ def _check_array(x, where: str, expected: str, channels: Optional[int] = None, e
         raise ValueError(f"{where}: expected input of shape {expected}, got an empty image {xa.shape}")
     dt = _ops.result_dtype(xa)
     xa = np.ascontiguousarray(xa, dtype=dt)
-    if not np.isfinite(xa).all():
+    if not _ops.all_finite(xa):
         raise ValueError(f"{where}: input contains NaN or Inf")
     return xa
 
@@ -327,8 +327,9 @@ class IRevNetBlock:
         return c
 
     # ---- the bottleneck and the coupling --------------------------------------------------------
-    def _residual(self, x2: np.ndarray, out: np.ndarray, alpha: float) -> None:
-        """out += alpha * F(x2), F run with the fused (BN, ReLU) -> conv ops."""
+    def _residual(self, x2: np.ndarray, out: np.ndarray, alpha: float, addend: Optional[np.ndarray] = None
+                  ) -> None:
+        """out = addend + alpha * F(x2) (addend None: out += alpha * F(x2)), F run with fused (BN, ReLU) -> conv."""
         layers = self._compute(x2.dtype)
         h = x2
         last = len(layers) - 1
@@ -338,8 +339,8 @@ class IRevNetBlock:
             if i < last:
                 h = _ops.conv2d(h, w, None, stride, 1, check_finite=False, **kw)
             else:
-                _ops.conv2d(h, w, None, stride, 1, out=out, accumulate=True, alpha=alpha, check_finite=False,
-                            **kw)
+                _ops.conv2d(h, w, None, stride, 1, out=out, accumulate=addend is None, addend=addend, alpha=alpha,
+                            check_finite=False, **kw)
 
     def bottleneck(self, x2) -> np.ndarray:
         """F(x2) alone (the non-invertible residual branch)."""
@@ -361,16 +362,17 @@ class IRevNetBlock:
         if self.stride == 2:
             y1 = _ops.psi(x1, 2)
             a = _ops.psi(x2, 2)
+            self._residual(x2, y1, 1.0)
         else:
-            y1 = np.array(x1, order="C", copy=True)
+            y1 = np.empty(x1.shape, x1.dtype)
             a = x2
-        self._residual(x2, y1, 1.0)
+            self._residual(x2, y1, 1.0, addend=np.ascontiguousarray(x1))
         return a, y1
 
     def _inverse_pair(self, a: np.ndarray, b: np.ndarray) -> Pair:
         x2 = _ops.psi_inverse(a, 2) if self.stride == 2 else a
-        t = np.array(b, order="C", copy=True)
-        self._residual(x2, t, -1.0)
+        t = np.empty(b.shape, b.dtype)
+        self._residual(x2, t, -1.0, addend=np.ascontiguousarray(b))
         x1 = _ops.psi_inverse(t, 2) if self.stride == 2 else t
         if self.injective:
             x = np.concatenate([x1, x2], axis=1)[:, : self.in_ch]

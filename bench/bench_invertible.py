@@ -1,0 +1,273 @@
+"""Time the i-RevNet block and network: arcflow vs PyTorch CPU vs plain NumPy, in one run.
+
+    python bench/bench_invertible.py [--threads N] [--reps 5] [--batch 64] [--full-batch 16]
+                                     [--skip numpy,torch,full] [--json out.json]
+
+Workloads (float32, inference-form batch-norm with random running statistics, same weights everywhere):
+  1. one IRevNetBlock(in_ch=128, out_ch=64, stride=1): each half of the pair has 64 channels in and out,
+     32 x 32 pixels, batch 64; bottleneck 64 -> 16 -> 16 -> 64 (3x3 convolutions); forward and inverse;
+  2. the same at stride 2 (in_ch=64, out_ch=128: 32 x 32 -> 16 x 16), forward and inverse;
+  3. the full CIFAR-10 i-RevNet of the paper (18-18-18 blocks, 16-64-256 channels, 3 x 32 x 32),
+     forward + inverse, batch 16.
+Programs: arcflow (C++), PyTorch CPU (a transcription of the reference modules, torch.no_grad, eval mode)
+and a plain NumPy implementation (convolution = sliding-window view + tensordot into BLAS, the rest
+broadcasting). Every program runs with the same thread count: OMP_NUM_THREADS / torch.set_num_threads /
+threadpoolctl for NumPy's BLAS, set before the libraries are imported. Times are medians of --reps
+repetitions after one warm-up. The floor is the convolutions' multiply-adds at the machine's sgemm rate
+(NumPy float32 matmul 2048^3 at the same threads). Printed: times, ratios, GFLOP/s, time / floor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=None, help="threads for every program (default: all CPUs)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--full-batch", type=int, default=16)
+    p.add_argument("--skip", default="", help="comma list of: numpy, torch, full, stride2")
+    p.add_argument("--json", default=None)
+    return p.parse_args()
+
+
+ARGS = parse()
+THREADS = ARGS.threads or len(os.sched_getaffinity(0))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):  # NumPy at its best (BENCHMARKS.md)
+    os.environ.pop(var, None)
+
+import numpy as np  # noqa: E402
+
+import arcflow  # noqa: E402
+from arcflow import _core  # noqa: E402
+from arcflow.invertible import IRevNet, IRevNetBlock  # noqa: E402
+
+try:
+    import torch  # noqa: E402
+    torch.set_num_threads(THREADS)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from test_irevnet_torch import TorchBlock, TorchIRevNet, randomize  # noqa: E402
+except Exception as exc:  # torch missing, or its test module not importable
+    torch = None
+    TORCH_ERR = repr(exc)
+
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:
+    threadpool_limits = None
+
+
+def median_time(fn, reps):
+    fn()  # warm-up
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+# ---- plain NumPy implementation of the block --------------------------------------------------------
+def np_conv3x3(x, w, stride):
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (3, 3), axis=(2, 3))[:, :, ::stride, ::stride]
+    # win: (n, c, ho, wo, 3, 3); contract (c, 3, 3) with w (o, c, 3, 3)
+    return np.ascontiguousarray(np.tensordot(win, w, axes=([1, 4, 5], [1, 2, 3])).transpose(0, 3, 1, 2))
+
+
+def np_psi(x):
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 3, 5, 1, 2, 4).reshape(n, 4 * c, h // 2, w // 2)
+
+
+def np_psi_inv(y):
+    n, cb, h, w = y.shape
+    c = cb // 4
+    return y.reshape(n, 2, 2, c, h, w).transpose(0, 3, 4, 1, 5, 2).reshape(n, c, h * 2, w * 2)
+
+
+class NumpyBlock:
+    def __init__(self, blk):
+        sd = blk.state_dict()
+        self.stride, self.first = blk.stride, blk.first
+        self.layers = []
+        for kind, j, _ in blk._layout:
+            pre = f"bottleneck_block.{j}."
+            if kind == "conv":
+                self.layers.append(("conv", sd[pre + "weight"].astype(np.float32)))
+            else:
+                s = sd[pre + "weight"] / np.sqrt(sd[pre + "running_var"] + 1e-5)
+                t = sd[pre + "bias"] - sd[pre + "running_mean"] * s
+                self.layers.append(("bn", s.astype(np.float32)[None, :, None, None],
+                                    t.astype(np.float32)[None, :, None, None]))
+
+    def F(self, x):
+        first_conv = True
+        for layer in self.layers:
+            if layer[0] == "bn":
+                x = np.maximum(x * layer[1] + layer[2], 0)
+            else:
+                x = np_conv3x3(x, layer[1], self.stride if first_conv else 1)
+                first_conv = False
+        return x
+
+    def forward(self, x1, x2):
+        f = self.F(x2)
+        if self.stride == 2:
+            x1, x2 = np_psi(x1), np_psi(x2)
+        return x2, f + x1
+
+    def inverse(self, a, b):
+        x2 = np_psi_inv(a) if self.stride == 2 else a
+        x1 = b - self.F(x2)
+        return (np_psi_inv(x1) if self.stride == 2 else x1), x2
+
+
+def sgemm_rate():
+    a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
+    out = np.empty_like(a)
+    t = median_time(lambda: np.matmul(a, a, out=out), 3)
+    return 2 * 2048 ** 3 / t
+
+
+def randomize_np(obj, rng):
+    sd = obj.state_dict()
+    for k, v in sd.items():
+        if k.endswith("running_mean") or k.endswith(".bias"):
+            sd[k] = (0.1 * rng.standard_normal(v.shape)).astype(v.dtype)
+        elif k.endswith("running_var") or (k.endswith(".weight") and v.ndim == 1):
+            sd[k] = rng.uniform(0.5, 1.5, v.shape).astype(v.dtype)
+    obj.load_state_dict(sd)
+
+
+def block_flops(blk, n, h, w):
+    ho, wo = h // blk.stride, w // blk.stride
+    f_in, hid, out = blk.f_in, blk.hidden, blk.out_ch
+    return 2 * n * ho * wo * 9 * (f_in * hid + hid * hid + hid * out)
+
+
+def bench_block(name, in_ch, out_ch, stride, results, skip, rate):
+    rng = np.random.default_rng(0)
+    blk = IRevNetBlock(in_ch, out_ch, stride, rng=1)
+    randomize_np(blk, rng)
+    n, h, w = ARGS.batch, 32, 32
+    x = rng.standard_normal((n, in_ch, h, w)).astype(np.float32)
+    x1, x2 = np.ascontiguousarray(x[:, : in_ch // 2]), np.ascontiguousarray(x[:, in_ch // 2:])
+    a, b = blk.forward((x1, x2))
+    row = {"workload": name, "flops_per_pass": block_flops(blk, n, h, w)}
+    row["arcflow_fwd"] = median_time(lambda: blk.forward((x1, x2)), ARGS.reps)
+    row["arcflow_inv"] = median_time(lambda: blk.inverse((a, b)), ARGS.reps)
+    if torch is not None and "torch" not in skip:
+        tb = TorchBlock(in_ch, out_ch, stride)
+        tb.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in blk.state_dict().items()})
+        tb.eval()
+        t1, t2 = torch.from_numpy(x1), torch.from_numpy(x2)
+        ta, tbb = torch.from_numpy(a), torch.from_numpy(b)
+        with torch.no_grad():
+            ya, yb = tb((t1, t2))
+            row["torch_max_rel_diff"] = float(np.abs(yb.numpy() - b).max() / np.abs(b).max())
+            row["torch_fwd"] = median_time(lambda: tb((t1, t2)), ARGS.reps)
+            row["torch_inv"] = median_time(lambda: tb.inverse((ta, tbb)), ARGS.reps)
+    if "numpy" not in skip:
+        nb = NumpyBlock(blk)
+        ctx = threadpool_limits(THREADS) if threadpool_limits else None
+        try:
+            if ctx:
+                ctx.__enter__()
+            row["numpy_fwd"] = median_time(lambda: nb.forward(x1, x2), max(1, ARGS.reps // 2))
+            row["numpy_inv"] = median_time(lambda: nb.inverse(a, b), max(1, ARGS.reps // 2))
+        finally:
+            if ctx:
+                ctx.__exit__(None, None, None)
+    row["floor"] = row["flops_per_pass"] / rate
+    results.append(row)
+    return row
+
+
+def bench_full(results, skip, rate):
+    rng = np.random.default_rng(0)
+    net = IRevNet.cifar10(rng=2)
+    randomize_np(net, rng)
+    n = ARGS.full_batch
+    x = rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
+    fl, h = 0, 32
+    for b in net.stack:
+        fl += 2 * block_flops(b, n, h, h)  # forward and inverse each evaluate F once
+        h //= b.stride
+    row = {"workload": f"CIFAR-10 i-RevNet (54 blocks) forward+inverse, batch {n}", "flops_per_pass": fl}
+
+    def run_a():
+        net.inverse(net.forward(x))
+    row["arcflow_fwd_inv"] = median_time(run_a, ARGS.reps)
+    z = net.forward(x)
+    row["arcflow_rel_error"] = float(np.linalg.norm(net.inverse(z) - x) / np.linalg.norm(x))
+    if torch is not None and "torch" not in skip:
+        tnet = TorchIRevNet([18, 18, 18], [1, 2, 2], 10, [16, 64, 256], 0, True, [3, 32, 32], 4)
+        tnet.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in net.state_dict().items()})
+        tnet.eval()
+        tx = torch.from_numpy(x)
+        with torch.no_grad():
+            row["torch_fwd_inv"] = median_time(lambda: tnet.inverse(tnet(tx)[1]), ARGS.reps)
+    row["floor"] = fl / rate
+    results.append(row)
+    return row
+
+
+def main():
+    skip = set(s for s in ARGS.skip.split(",") if s)
+    if threadpool_limits:
+        with threadpool_limits(THREADS):
+            rate = sgemm_rate()
+    else:
+        rate = sgemm_rate()
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": THREADS,
+               "conv2d_isa": _core.conv2d_cpu_isa(), "numpy": np.__version__, "arcflow": arcflow.__version__,
+               "torch": torch.__version__ if torch is not None else None, "sgemm_GFLOPs": rate / 1e9}
+    try:
+        with open("/proc/cpuinfo") as f:
+            machine["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"machine: {machine['cpu']}, {THREADS} threads, conv2d micro-kernel {machine['conv2d_isa']}, "
+          f"NumPy sgemm {rate / 1e9:.0f} GFLOP/s, torch {machine['torch']}")
+    if torch is None:
+        print(f"(PyTorch not available: {TORCH_ERR})")
+    results = []
+    cases = [("IRevNetBlock(128, 64, stride 1), batch %d, 32x32" % ARGS.batch, 128, 64, 1)]
+    if "stride2" not in skip:
+        cases.append(("IRevNetBlock(64, 128, stride 2), batch %d, 32x32" % ARGS.batch, 64, 128, 2))
+    for name, ci, co, s in cases:
+        r = bench_block(name, ci, co, s, results, skip, rate)
+        print(f"\n{name}: {r['flops_per_pass'] / 1e9:.2f} GFLOP per pass (floor {r['floor'] * 1e3:.1f} ms)")
+        for d in ("fwd", "inv"):
+            t = r[f"arcflow_{d}"]
+            line = f"  {d}: arcflow {t * 1e3:8.1f} ms ({r['flops_per_pass'] / t / 1e9:5.0f} GFLOP/s, " \
+                   f"{t / r['floor']:.2f}x floor)"
+            if f"torch_{d}" in r:
+                line += f" | torch {r[f'torch_{d}'] * 1e3:8.1f} ms  arcflow/torch = {t / r[f'torch_{d}']:.2f}"
+            if f"numpy_{d}" in r:
+                line += f" | numpy {r[f'numpy_{d}'] * 1e3:8.1f} ms  numpy/arcflow = {r[f'numpy_{d}'] / t:.1f}x"
+            print(line)
+    if "full" not in skip:
+        r = bench_full(results, skip, rate)
+        t = r["arcflow_fwd_inv"]
+        line = (f"\n{r['workload']}: arcflow {t * 1e3:.1f} ms ({r['flops_per_pass'] / t / 1e9:.0f} GFLOP/s, "
+                f"{t / r['floor']:.2f}x floor, rel. reconstruction error {r['arcflow_rel_error']:.1e})")
+        if "torch_fwd_inv" in r:
+            line += f" | torch {r['torch_fwd_inv'] * 1e3:.1f} ms  arcflow/torch = {t / r['torch_fwd_inv']:.2f}"
+        print(line)
+    if ARGS.json:
+        with open(ARGS.json, "w") as f:
+            json.dump({"machine": machine, "command": " ".join(sys.argv), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
