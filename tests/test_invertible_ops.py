@@ -154,6 +154,12 @@ def test_conv2d_batch_not_multiple_of_threads():
     full = _ops.conv2d(x, w, padding=1)
     for n in (1, 3):
         np.testing.assert_array_equal(_ops.conv2d(x[:n], w, padding=1), full[:n])
+    for t in (1, 2, 3):  # the thread count changes the split, never the numbers
+        np.testing.assert_array_equal(_ops.conv2d(x, w, padding=1, threads=t), full)
+        np.testing.assert_array_equal(_ops.conv2d(x[:1], w, padding=1, threads=t), full[:1])
+        np.testing.assert_array_equal(_ops.psi(x, 2, threads=t), _ops.psi(x, 2))
+    with pytest.raises(ValueError, match="threads"):
+        _ops.conv2d(x, w, threads=0)
 
 
 def test_conv2d_errors():

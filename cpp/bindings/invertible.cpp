@@ -38,7 +38,8 @@ const T* opt_ptr(const std::optional<carr<T>>& a, index_t size, const char* what
 template <typename T>
 void conv2d(const carr<T>& x, const carr<T>& w, const std::optional<carr<T>>& bias, index_t stride,
             index_t pad, const std::optional<carr<T>>& in_scale, const std::optional<carr<T>>& in_shift,
-            bool in_relu, double alpha, bool accumulate, const std::optional<carr<T>>& addend, carr<T>& out) {
+            bool in_relu, double alpha, bool accumulate, const std::optional<carr<T>>& addend, carr<T>& out,
+            int threads) {
   need_ndim(x, 4, "conv2d input");
   need_ndim(w, 4, "conv2d weight");
   need_ndim(out, 4, "conv2d output");
@@ -60,11 +61,12 @@ void conv2d(const carr<T>& x, const carr<T>& w, const std::optional<carr<T>>& bi
     add = op;
   }
   py::gil_scoped_release release;
-  conv2d_cpu<T>(s, xp, wp, b, sc, sf, in_relu, static_cast<T>(alpha), add, op);
+  conv2d_cpu<T>(s, xp, wp, b, sc, sf, in_relu, static_cast<T>(alpha), add, op, threads);
 }
 
 template <typename T>
-void channel_affine(const carr<T>& x, const carr<T>& scale, const carr<T>& shift, bool relu, carr<T>& out) {
+void channel_affine(const carr<T>& x, const carr<T>& scale, const carr<T>& shift, bool relu, carr<T>& out,
+                    int threads) {
   ARCFLOW_CHECK(x.ndim() >= 2, "channel_affine: input must be (n, c, ...)");
   ARCFLOW_CHECK(out.ndim() == x.ndim(), "channel_affine: output has the wrong shape");
   for (py::ssize_t d = 0; d < x.ndim(); ++d)
@@ -77,21 +79,21 @@ void channel_affine(const carr<T>& x, const carr<T>& scale, const carr<T>& shift
   const T* sfp = shift.data();
   T* op = out.mutable_data();
   py::gil_scoped_release release;
-  channel_affine_cpu<T>(xp, n, c, hw, scp, sfp, relu, op);
+  channel_affine_cpu<T>(xp, n, c, hw, scp, sfp, relu, op, threads);
 }
 
 template <typename T>
-void relu(const carr<T>& x, carr<T>& out) {
+void relu(const carr<T>& x, carr<T>& out, int threads) {
   ARCFLOW_CHECK(out.size() == x.size(), "relu: output has the wrong size");
   const T* xp = x.data();
   T* op = out.mutable_data();
   const index_t size = x.size();
   py::gil_scoped_release release;
-  relu_cpu<T>(xp, size, op);
+  relu_cpu<T>(xp, size, op, threads);
 }
 
 template <typename T>
-void psi_fwd(const carr<T>& x, index_t b, carr<T>& out) {
+void psi_fwd(const carr<T>& x, index_t b, carr<T>& out, int threads) {
   need_ndim(x, 4, "psi input");
   need_ndim(out, 4, "psi output");
   const index_t n = x.shape(0), c = x.shape(1), h = x.shape(2), w = x.shape(3);
@@ -101,11 +103,11 @@ void psi_fwd(const carr<T>& x, index_t b, carr<T>& out) {
   const T* xp = x.data();
   T* op = out.mutable_data();
   py::gil_scoped_release release;
-  psi_forward_cpu<T>(xp, n, c, h, w, b, op);
+  psi_forward_cpu<T>(xp, n, c, h, w, b, op, threads);
 }
 
 template <typename T>
-void psi_inv(const carr<T>& y, index_t b, carr<T>& out) {
+void psi_inv(const carr<T>& y, index_t b, carr<T>& out, int threads) {
   need_ndim(y, 4, "psi_inverse input");
   need_ndim(out, 4, "psi_inverse output");
   ARCFLOW_CHECK(b >= 1 && y.shape(1) % (b * b) == 0, "psi_inverse: channels must be divisible by block**2");
@@ -115,7 +117,7 @@ void psi_inv(const carr<T>& y, index_t b, carr<T>& out) {
   const T* yp = y.data();
   T* op = out.mutable_data();
   py::gil_scoped_release release;
-  psi_inverse_cpu<T>(yp, n, c, h, w, b, op);
+  psi_inverse_cpu<T>(yp, n, c, h, w, b, op, threads);
 }
 
 template <typename T>
@@ -124,17 +126,18 @@ void register_dtype(py::module_& m, const std::string& sfx) {
         py::arg("bias").noconvert().none(true), py::arg("stride"), py::arg("pad"),
         py::arg("in_scale").noconvert().none(true), py::arg("in_shift").noconvert().none(true),
         py::arg("in_relu"), py::arg("alpha"), py::arg("accumulate"), py::arg("addend").noconvert().none(true),
-        py::arg("out").noconvert(),
+        py::arg("out").noconvert(), py::arg("threads") = 0,
         "out = [out or addend +] (alpha * conv2d(act(x), w) + bias); NCHW / OIHW, act = optional per-channel "
         "affine + ReLU");
   m.def(("channel_affine_cpu_" + sfx).c_str(), &channel_affine<T>, py::arg("x").noconvert(),
-        py::arg("scale").noconvert(), py::arg("shift").noconvert(), py::arg("relu"), py::arg("out").noconvert(),
+        py::arg("scale").noconvert(), py::arg("shift").noconvert(), py::arg("relu"), py::arg("out").noconvert(), py::arg("threads") = 0,
         "out = [relu](x * scale[c] + shift[c]) (inference batch-norm); out may be x");
-  m.def(("relu_cpu_" + sfx).c_str(), &relu<T>, py::arg("x").noconvert(), py::arg("out").noconvert());
+  m.def(("relu_cpu_" + sfx).c_str(), &relu<T>, py::arg("x").noconvert(), py::arg("out").noconvert(),
+        py::arg("threads") = 0);
   m.def(("psi_cpu_" + sfx).c_str(), &psi_fwd<T>, py::arg("x").noconvert(), py::arg("block"),
-        py::arg("out").noconvert());
+        py::arg("out").noconvert(), py::arg("threads") = 0);
   m.def(("psi_inverse_cpu_" + sfx).c_str(), &psi_inv<T>, py::arg("y").noconvert(), py::arg("block"),
-        py::arg("out").noconvert());
+        py::arg("out").noconvert(), py::arg("threads") = 0);
 }
 
 }  // namespace

@@ -20,7 +20,8 @@
 // at run time) computes blocks of output channels x pixels. OpenMP over images, or over pixel tiles
 // when there are fewer images than threads.
 // Throws std::invalid_argument (ARCFLOW_CHECK) on inconsistent sizes; std::bad_alloc on memory.
-// Thread-safe: no global state (the OpenMP thread count is the caller's).
+// threads: OpenMP threads to use (<= 0: omp_get_max_threads()); small problems run on one thread.
+// Thread-safe: no global state.
 #include "arcflow/common.hpp"
 
 namespace arcflow {
@@ -35,7 +36,7 @@ struct Conv2dShape {
 
 template <typename T>
 void conv2d_cpu(const Conv2dShape& s, const T* x, const T* weight, const T* bias, const T* in_scale,
-                const T* in_shift, bool in_relu, T alpha, const T* addend, T* out);
+                const T* in_shift, bool in_relu, T alpha, const T* addend, T* out, int threads = 0);
 
 // The name of the micro-kernel the CPU dispatch picked ("avx2" or "generic"), for benchmarks.
 const char* conv2d_cpu_isa();

@@ -1,12 +1,27 @@
 // channel_affine_cpu (inference batch-norm, optional ReLU) and relu_cpu.
 #include "arcflow/batchnorm.hpp"
 
+#ifdef ARCFLOW_HAVE_OPENMP
+#include <omp.h>
+#endif
+
 namespace arcflow {
+
+namespace {
+[[maybe_unused]] int omp_threads(int threads) {
+#ifdef ARCFLOW_HAVE_OPENMP
+  return threads > 0 ? threads : omp_get_max_threads();
+#else
+  (void)threads;
+  return 1;
+#endif
+}
+}  // namespace
 
 template <typename T>
 void channel_affine_cpu(const T* x, index_t n, index_t c, index_t hw, const T* scale, const T* shift,
-                        bool relu, T* y) {
-#pragma omp parallel for collapse(2) schedule(static) if (n * c * hw > (1 << 17))
+                        bool relu, T* y, int threads) {
+#pragma omp parallel for collapse(2) schedule(static) num_threads(omp_threads(threads)) if (n * c * hw > (1 << 17))
   for (index_t in = 0; in < n; ++in)
     for (index_t ci = 0; ci < c; ++ci) {
       const T sc = scale[ci], sf = shift[ci];
@@ -23,8 +38,8 @@ void channel_affine_cpu(const T* x, index_t n, index_t c, index_t hw, const T* s
 }
 
 template <typename T>
-void relu_cpu(const T* x, index_t size, T* y) {
-#pragma omp parallel for schedule(static) if (size > (1 << 17))
+void relu_cpu(const T* x, index_t size, T* y, int threads) {
+#pragma omp parallel for schedule(static) num_threads(omp_threads(threads)) if (size > (1 << 17))
   for (index_t i = 0; i < size; ++i) {
     const T v = x[i];
     y[i] = v > T(0) ? v : (v != v ? v : T(0));
@@ -32,10 +47,10 @@ void relu_cpu(const T* x, index_t size, T* y) {
 }
 
 template void channel_affine_cpu<float>(const float*, index_t, index_t, index_t, const float*, const float*,
-                                        bool, float*);
+                                        bool, float*, int);
 template void channel_affine_cpu<double>(const double*, index_t, index_t, index_t, const double*,
-                                         const double*, bool, double*);
-template void relu_cpu<float>(const float*, index_t, float*);
-template void relu_cpu<double>(const double*, index_t, double*);
+                                         const double*, bool, double*, int);
+template void relu_cpu<float>(const float*, index_t, float*, int);
+template void relu_cpu<double>(const double*, index_t, double*, int);
 
 }  // namespace arcflow

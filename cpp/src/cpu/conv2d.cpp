@@ -195,7 +195,7 @@ const char* conv2d_cpu_isa() { return cpu_has_avx2() ? "avx2" : "generic"; }
 
 template <typename T>
 void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bias, const T* in_scale,
-                const T* in_shift, bool in_relu, T alpha, const T* addend, T* out) {
+                const T* in_shift, bool in_relu, T alpha, const T* addend, T* out, int threads) {
   ARCFLOW_CHECK(sh.n >= 0 && sh.c > 0 && sh.h > 0 && sh.w > 0, "conv2d: bad input shape");
   ARCFLOW_CHECK(sh.m > 0 && sh.kh > 0 && sh.kw > 0, "conv2d: bad weight shape");
   ARCFLOW_CHECK(sh.stride >= 1 && sh.pad >= 0, "conv2d: stride must be >= 1 and padding >= 0");
@@ -226,11 +226,11 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
   // Below a few million multiply-adds a parallel region costs more than it saves (and much more
   // on an oversubscribed machine, where the team's threads wait for a core).
   const bool par = static_cast<double>(sh.n) * sh.m * g.K * g.ho * g.wo > 4e6;
-  const int nthreads = par ? max_threads() : 1;
+  const int nthreads = par ? (threads > 0 ? threads : max_threads()) : 1;
 
   if (nthreads == 1 || sh.n % nthreads == 0 || sh.n >= 4 * nthreads) {
     // Enough images: one image per task, each thread with its own phase buffer (stays in L2).
-#pragma omp parallel if (nthreads > 1)
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
       AlignedBuf<T> buf(g.buf_size);
 #pragma omp for schedule(dynamic, 1)
@@ -245,7 +245,7 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
     // Few images: share one phase buffer, split channels and then pixel tiles over the threads.
     AlignedBuf<T> buf(g.buf_size);
     for (index_t img = 0; img < sh.n; ++img) {
-#pragma omp parallel
+#pragma omp parallel num_threads(nthreads)
       {
 #pragma omp for schedule(static)
         for (index_t ci = 0; ci < sh.c; ++ci)
@@ -264,8 +264,8 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
 }
 
 template void conv2d_cpu<float>(const Conv2dShape&, const float*, const float*, const float*, const float*,
-                                const float*, bool, float, const float*, float*);
+                                const float*, bool, float, const float*, float*, int);
 template void conv2d_cpu<double>(const Conv2dShape&, const double*, const double*, const double*,
-                                 const double*, const double*, bool, double, const double*, double*);
+                                 const double*, const double*, bool, double, const double*, double*, int);
 
 }  // namespace arcflow

@@ -1,13 +1,28 @@
 // psi_forward_cpu / psi_inverse_cpu: the reference i-RevNet space-to-depth order (SPEC.md section 2).
 #include "arcflow/psi.hpp"
 
+#ifdef ARCFLOW_HAVE_OPENMP
+#include <omp.h>
+#endif
+
 namespace arcflow {
 
+namespace {
+[[maybe_unused]] int omp_threads(int threads) {
+#ifdef ARCFLOW_HAVE_OPENMP
+  return threads > 0 ? threads : omp_get_max_threads();
+#else
+  (void)threads;
+  return 1;
+#endif
+}
+}  // namespace
+
 template <typename T>
-void psi_forward_cpu(const T* x, index_t n, index_t c, index_t h, index_t w, index_t b, T* y) {
+void psi_forward_cpu(const T* x, index_t n, index_t c, index_t h, index_t w, index_t b, T* y, int threads) {
   ARCFLOW_CHECK(b >= 1 && h % b == 0 && w % b == 0, "psi: h and w must be divisible by the block size");
   const index_t ho = h / b, wo = w / b;
-#pragma omp parallel for collapse(2) schedule(static) if (n * c * h * w > (1 << 17))
+#pragma omp parallel for collapse(2) schedule(static) num_threads(omp_threads(threads)) if (n * c * h * w > (1 << 17))
   for (index_t in = 0; in < n; ++in)
     for (index_t ci = 0; ci < c; ++ci) {
       const T* xc = x + (in * c + ci) * h * w;
@@ -24,10 +39,10 @@ void psi_forward_cpu(const T* x, index_t n, index_t c, index_t h, index_t w, ind
 }
 
 template <typename T>
-void psi_inverse_cpu(const T* y, index_t n, index_t c, index_t h, index_t w, index_t b, T* x) {
+void psi_inverse_cpu(const T* y, index_t n, index_t c, index_t h, index_t w, index_t b, T* x, int threads) {
   ARCFLOW_CHECK(b >= 1 && h % b == 0 && w % b == 0, "psi_inverse: h and w must be divisible by the block size");
   const index_t ho = h / b, wo = w / b;
-#pragma omp parallel for collapse(2) schedule(static) if (n * c * h * w > (1 << 17))
+#pragma omp parallel for collapse(2) schedule(static) num_threads(omp_threads(threads)) if (n * c * h * w > (1 << 17))
   for (index_t in = 0; in < n; ++in)
     for (index_t ci = 0; ci < c; ++ci) {
       T* xc = x + (in * c + ci) * h * w;
@@ -43,9 +58,9 @@ void psi_inverse_cpu(const T* y, index_t n, index_t c, index_t h, index_t w, ind
     }
 }
 
-template void psi_forward_cpu<float>(const float*, index_t, index_t, index_t, index_t, index_t, float*);
-template void psi_forward_cpu<double>(const double*, index_t, index_t, index_t, index_t, index_t, double*);
-template void psi_inverse_cpu<float>(const float*, index_t, index_t, index_t, index_t, index_t, float*);
-template void psi_inverse_cpu<double>(const double*, index_t, index_t, index_t, index_t, index_t, double*);
+template void psi_forward_cpu<float>(const float*, index_t, index_t, index_t, index_t, index_t, float*, int);
+template void psi_forward_cpu<double>(const double*, index_t, index_t, index_t, index_t, index_t, double*, int);
+template void psi_inverse_cpu<float>(const float*, index_t, index_t, index_t, index_t, index_t, float*, int);
+template void psi_inverse_cpu<double>(const double*, index_t, index_t, index_t, index_t, index_t, double*, int);
 
 }  // namespace arcflow

@@ -3,7 +3,7 @@
 Each function checks its input, picks the compute dtype from the data input ``x`` (float32 stays
 float32; float64 and every other numeric type go to float64; ``dtype=`` overrides), casts the other
 arrays (weights, scale, ...) to it, makes everything C-contiguous and calls the C++ op, which runs
-without the GIL.
+without the GIL. ``threads=None`` uses arcflow's default (``arcflow.set_num_threads`` / OMP_NUM_THREADS).
 
     conv2d(x, w, b=None, stride=1, padding=0)      -> (N, O, Ho, Wo)
     batchnorm_inference(x, scale, shift, relu=False)
@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .. import _core
+from .._dispatch import check_threads
 
 __all__ = ["conv2d", "batchnorm_inference", "batchnorm_scale_shift", "relu", "psi", "psi_inverse",
            "result_dtype"]
@@ -68,7 +69,8 @@ def _as(a, dt, name: str, where: str, ndim: Optional[int] = None, check_finite: 
 
 def conv2d(x, w, b=None, stride: int = 1, padding: int = 0, *, dtype=None, out: Optional[np.ndarray] = None,
            accumulate: bool = False, addend: Optional[np.ndarray] = None, alpha: float = 1.0, in_scale=None,
-           in_shift=None, in_relu: bool = False, check_finite: bool = True) -> np.ndarray:
+           in_shift=None, in_relu: bool = False, check_finite: bool = True, threads: Optional[int] = None
+           ) -> np.ndarray:
     """2-D cross-correlation, as ``torch.nn.functional.conv2d``: NCHW input, OIHW weight, symmetric zero padding.
 
     ``y[n, o, i, j] = b[o] + sum_{c, u, v} w[o, c, u, v] * xp[n, c, i*stride + u, j*stride + v]``
@@ -132,7 +134,8 @@ def conv2d(x, w, b=None, stride: int = 1, padding: int = 0, *, dtype=None, out: 
         if np.may_share_memory(addend, x):
             raise ValueError(f"{where}: addend must not overlap x")
     getattr(_core, "conv2d_cpu_" + _suffix(dt))(x, w, b, stride, padding, in_scale, in_shift, bool(in_relu),
-                                                 float(alpha), bool(accumulate), addend, out)
+                                                 float(alpha), bool(accumulate), addend, out,
+                                                 check_threads(threads, where))
     return out
 
 
@@ -149,8 +152,8 @@ def batchnorm_scale_shift(weight, bias, running_mean, running_var, eps: float = 
     return scale.astype(dtype), shift.astype(dtype)
 
 
-def batchnorm_inference(x, scale, shift, relu: bool = False, *, dtype=None, out: Optional[np.ndarray] = None
-                        ) -> np.ndarray:
+def batchnorm_inference(x, scale, shift, relu: bool = False, *, dtype=None, out: Optional[np.ndarray] = None,
+                        threads: Optional[int] = None) -> np.ndarray:
     """``y[n, c, ...] = x[n, c, ...] * scale[c] + shift[c]`` (then ``max(0, .)`` if ``relu``): an inference
     batch-norm with (scale, shift) from :func:`batchnorm_scale_shift`. ``out`` may be ``x`` (in place)."""
     where = "batchnorm_inference"
@@ -167,21 +170,21 @@ def batchnorm_inference(x, scale, shift, relu: bool = False, *, dtype=None, out:
         out = np.empty_like(x)
     elif out.dtype != dt or out.shape != x.shape or not out.flags.c_contiguous:
         raise ValueError(f"{where}: out must be a C-contiguous {dt} array of shape {x.shape}")
-    getattr(_core, "channel_affine_cpu_" + _suffix(dt))(x, scale, shift, bool(relu), out)
+    getattr(_core, "channel_affine_cpu_" + _suffix(dt))(x, scale, shift, bool(relu), out, check_threads(threads, where))
     return out
 
 
-def relu(x, *, dtype=None) -> np.ndarray:
+def relu(x, *, dtype=None, threads: Optional[int] = None) -> np.ndarray:
     """``max(0, x)`` elementwise (NaN stays NaN); float32 stays float32."""
     xa = np.asarray(x)
     dt = result_dtype(xa, dtype=dtype)
     xa = _as(xa, dt, "x", "relu", None, False)
     out = np.empty_like(xa)
-    getattr(_core, "relu_cpu_" + _suffix(dt))(xa.reshape(-1), out.reshape(-1))
+    getattr(_core, "relu_cpu_" + _suffix(dt))(xa.reshape(-1), out.reshape(-1), check_threads(threads, "relu"))
     return out
 
 
-def psi(x, block: int = 2, *, dtype=None) -> np.ndarray:
+def psi(x, block: int = 2, *, dtype=None, threads: Optional[int] = None) -> np.ndarray:
     """Space-to-depth in the reference i-RevNet channel order (SPEC.md section 2):
     ``psi(x)[n, (dy*b + dx)*C + c, i, j] = x[n, c, i*b + dy, j*b + dx]``, shape (N, b*b*C, H/b, W/b)."""
     where = f"psi(block={block})"
@@ -197,11 +200,11 @@ def psi(x, block: int = 2, *, dtype=None) -> np.ndarray:
     if h % block or w % block:
         raise ValueError(f"{where}: expected x of shape (N, C, H, W) with H, W divisible by {block}, got {xa.shape}")
     out = np.empty((n, c * block * block, h // block, w // block), dtype=dt)
-    getattr(_core, "psi_cpu_" + _suffix(dt))(xa, block, out)
+    getattr(_core, "psi_cpu_" + _suffix(dt))(xa, block, out, check_threads(threads, where))
     return out
 
 
-def psi_inverse(y, block: int = 2, *, dtype=None) -> np.ndarray:
+def psi_inverse(y, block: int = 2, *, dtype=None, threads: Optional[int] = None) -> np.ndarray:
     """The inverse of :func:`psi`: (N, b*b*C, H, W) -> (N, C, H*b, W*b); ``psi_inverse(psi(x)) == x`` exactly."""
     where = f"psi_inverse(block={block})"
     block = int(block)
@@ -214,5 +217,5 @@ def psi_inverse(y, block: int = 2, *, dtype=None) -> np.ndarray:
         raise ValueError(f"{where}: expected y of shape (N, C*{block * block}, H, W), got {ya.shape}")
     n, cb, h, w = ya.shape
     out = np.empty((n, cb // (block * block), h * block, w * block), dtype=dt)
-    getattr(_core, "psi_inverse_cpu_" + _suffix(dt))(ya, block, out)
+    getattr(_core, "psi_inverse_cpu_" + _suffix(dt))(ya, block, out, check_threads(threads, where))
     return out
