@@ -52,22 +52,13 @@ def _inputs(kind):
 
 KINDS = ["duplicates", "pow2_multiples", "rounded_multiples", "d1", "symmetric"]
 
-# Known engine bug (reported to the lead; strict, so a fix turns these into failures to remove):
-# Step and Sign do not keep the exact angle of collinear pairs (1e-9 at depth 2, O(1) by depth 8),
-# and Step pins c = 1 on the diagonal of a zero row while pairs of zero rows use c = 0.
-_STEP_SIGN_BUG = pytest.mark.xfail(strict=True, reason="engine: Step/Sign lose the exact angle of "
-                                   "collinear pairs; Step zero-row diagonal convention")
-
-
 def _cases():
     for act in ACTIVATIONS:
         for b_std in (0.0, 0.4):
             for kind in KINDS:
                 if kind == "rounded_multiples" and act in ILL_CONDITIONED:
                     continue   # ill-conditioned at c = 1: only exactly collinear inputs are meaningful
-                bug = act in ILL_CONDITIONED and not (kind == "d1" and b_std > 0)
-                yield pytest.param(act, b_std, kind, marks=[_STEP_SIGN_BUG] if bug else [],
-                                   id=f"{act!r}-b{b_std:g}-{kind}")
+                yield pytest.param(act, b_std, kind, id=f"{act!r}-b{b_std:g}-{kind}")
 
 
 @pytest.mark.parametrize("act, b_std, kind", list(_cases()))

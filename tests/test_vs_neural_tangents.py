@@ -105,12 +105,8 @@ def test_reference_matches_neural_tangents(case, mp_oracle):
 
 
 def _engine_cases():
-    # Known engine bug (reported; strict, so a fix shows up): Sign loses the exact angle of the
-    # diagonal of the symmetric case from depth 2 on. Cross-checked at 50 digits (conftest.mp_kernels).
-    bug = pytest.mark.xfail(strict=True, reason="engine: Sign symmetric diagonal off (collinear pair)")
     for c in CASES:
-        known = c["activation"][0] == "Sign" and c["kind"] == "symmetric" and c["depth"] >= 2
-        yield pytest.param(c, marks=[bug] if known else [], id=_case_id(c))
+        yield pytest.param(c, id=_case_id(c))
 
 
 @pytest.mark.parametrize("case", list(_engine_cases()))

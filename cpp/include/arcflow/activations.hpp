@@ -37,8 +37,9 @@ struct pair_out {
 // then the angle is pi/2 by convention (c = 0), as in the NumPy code of Arora et al.
 template <class T>
 struct angle {
-  T sig2, kap2, sig, kap, theta, x, sin_t, cos_t;
-  bool big;  // theta > pi/2; x = min(theta, pi - theta)
+  T sig2, kap2, sig, kap, theta, x, sin_t, cos_t;  // x = min(theta, pi - theta)
+  // No bool member: a bool inside the struct stops gcc from vectorising the callers' loops.
+  ARCFLOW_HD bool big() const { return sig > kap; }  // theta > pi/2
 };
 
 template <class T>
@@ -49,10 +50,10 @@ ARCFLOW_HD angle<T> make_angle(T gm, T gp, T h) {
   a.kap2 = zero ? T(0.5) : fm::clamp01(gp * h);
   a.sig = std::sqrt(a.sig2);
   a.kap = std::sqrt(a.kap2);
-  a.big = a.sig > a.kap;
-  const T m = a.big ? a.kap : a.sig;  // m <= 1/sqrt(2)
+  const bool big = a.sig > a.kap;
+  const T m = big ? a.kap : a.sig;  // m <= 1/sqrt(2)
   a.x = T(2) * fm::asin_pos(m, T(1) - m);
-  a.theta = a.big ? fm::consts<T>::pi - a.x : a.x;
+  a.theta = big ? fm::consts<T>::pi - a.x : a.x;
   a.sin_t = T(2) * a.sig * a.kap;
   a.cos_t = a.kap2 - a.sig2;
   return a;
@@ -76,9 +77,9 @@ struct abrelu_act {
     (void)s12; (void)pa1; (void)pb1; (void)t1; (void)pa2; (void)pb2; (void)t2;
     const angle<T> g = make_angle(gm, gp, h);
     const T s_theta = g.sin_t - g.theta * g.cos_t;
-    const T abs_cos = g.cos_t < T(0) ? -g.cos_t : g.cos_t;
+    const T abs_cos = std::fabs(g.cos_t);
     const T s_x = g.sin_t - g.x * abs_cos;
-    const T gm_r = g.big ? kd - T(2) * ab * g.kap2 - k1 * s_x : T(2) * k2 * g.sig2 - k1 * s_x;
+    const T gm_r = g.big() ? kd - T(2) * ab * g.kap2 - k1 * s_x : T(2) * k2 * g.sig2 - k1 * s_x;
     const T gp_r = T(2) * k2 * g.kap2 + k1 * s_theta;
     pair_out<T> o;
     o.t = P * (k1 * s_theta + k2 * g.cos_t);
@@ -94,17 +95,21 @@ struct abrelu_act {
 // J_k = (2k-1) cos J_(k-1) + (k-1)^2 sin^2 J_(k-2). The gap uses D_k = J_k(0) - J_k(theta), which obeys
 // D_k = (2k-1) [J_(k-1)(0) (1 - cos) + cos D_(k-1)] - (k-1)^2 sin^2 J_(k-2), D_0 = theta,
 // D_1 = pi (1 - cos) - S(theta): no cancellation at small theta. J_k(0) = pi (2k-1)!!.
-// Row factors: pa = r^n, pb = r^(n-1).
-template <class T>
+// Row factors: pa = r^n, pb = r^(n-1). N >= 0 fixes the order at compile time (the loop over k unrolls and
+// the callers' loops vectorise); N = -1 takes it at run time.
+template <class T, int N = -1>
 struct monomial_act {
-  int n;
-  explicit monomial_act(const act_params& p) : n(p.n) {}
+  int n_rt;
+  explicit monomial_act(const act_params& p) : n_rt(p.n) {}
+  ARCFLOW_HD int order() const { return N >= 0 ? N : n_rt; }
   static double j0_at_zero(int n) {
     double j = 3.14159265358979323846;
     for (int k = 1; k <= n; ++k) j *= (2 * k - 1);
     return j;
   }
   static double diag_t(const act_params& p, double s) {
+    // A zero-variance row takes the pi/2 convention of make_angle, as neural-tangents does: Step gives 1/4.
+    if (p.n == 0) return s > 0 ? 0.5 : 0.25;
     return std::pow(s, p.n) * j0_at_zero(p.n) / (2.0 * 3.14159265358979323846);
   }
   static void row(const act_params& p, double, double r, double& pa, double& pb) {
@@ -112,7 +117,8 @@ struct monomial_act {
     pb = p.n >= 1 ? std::pow(r, p.n - 1) : 0.0;
   }
   ARCFLOW_HD pair_out<T> pair(T s12, T gm, T gp, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
-    (void)s12; (void)P; (void)t1; (void)t2;
+    (void)s12; (void)P;
+    const int n = order();
     const angle<T> g = make_angle(gm, gp, h);
     const T pi = fm::consts<T>::pi;
     const T one_m_cos = T(2) * g.sig2;
@@ -146,6 +152,15 @@ struct monomial_act {
     const T dm = d_cur > T(0) ? d_cur : T(0);
     o.gm = pn * dm * c;
     o.gp = pn * (T(2) * j0_cur - dm) * c;
+    if (n == 0) {
+      // Step next to a zero-variance row: theta = pi/2 so T = 1/4 exactly, and T11 is 1/4 there, so the
+      // gaps come from sqrt(T11 T22) directly.
+      const bool zero = !(h > T(0));
+      o.t = zero ? T(0.25) : o.t;
+      const T tt = t1 * t2, m = tt - o.t;
+      o.gm = zero ? (m > T(0) ? m : T(0)) : o.gm;
+      o.gp = zero ? tt + o.t : o.gp;
+    }
     return o;
   }
 };
@@ -154,17 +169,19 @@ struct monomial_act {
 template <class T>
 struct sign_act {
   explicit sign_act(const act_params&) {}
-  static double diag_t(const act_params&, double) { return 1.0; }
+  static double diag_t(const act_params&, double s) { return s > 0 ? 1.0 : 0.0; }  // pi/2 convention at s = 0
   static void row(const act_params&, double, double, double& pa, double& pb) { pa = 1.0; pb = 0.0; }
   ARCFLOW_HD pair_out<T> pair(T s12, T gm, T gp, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
-    (void)s12; (void)P; (void)pa1; (void)pb1; (void)t1; (void)pa2; (void)pb2; (void)t2;
+    (void)s12; (void)P; (void)pa1; (void)pb1; (void)pa2; (void)pb2;
     const angle<T> g = make_angle(gm, gp, h);
     const T u = T(2) * g.theta * fm::consts<T>::inv_pi;
+    const bool zero = !(h > T(0));  // next to a zero-variance row T11 = 0: gaps from sqrt(T11 T22) directly
+    const T tt = t1 * t2;
     pair_out<T> o;
-    o.t = T(1) - u;
+    o.t = zero ? T(0) : T(1) - u;
     o.tdot = T(0);
-    o.gm = u;
-    o.gp = T(2) - u;
+    o.gm = zero ? (tt - o.t > T(0) ? tt - o.t : T(0)) : u;
+    o.gp = zero ? tt + o.t : T(2) - u;
     return o;
   }
 };

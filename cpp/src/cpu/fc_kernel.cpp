@@ -148,8 +148,24 @@ inline void store_tile(T* out, index_t n2, index_t i0, index_t ti, index_t j0, i
   }
 }
 
+// |u + sgn v|^2 for the unit vectors u = x a_inv, v = y b_inv, in double. |x||y| -/+ <x,y> equals
+// |x||y| |u -/+ v|^2 / 2 without the cancellation of the Gram route. Kept out of line and out of the
+// target_clones kernels on purpose: no FMA contraction, so a duplicate row gives exactly 0.
+template <class T>
+__attribute__((noinline)) double unit_dist2(const T* x, const T* y, index_t d, T a_inv, T b_inv, double sgn) {
+  const double ia = double(a_inv), ib = double(b_inv);
+  double acc = 0.0;
+  for (index_t k = 0; k < d; ++k) {
+    volatile double pa = double(x[k]) * ia;  // volatile: the two products are rounded alike
+    volatile double pb = double(y[k]) * ib;
+    const double u = pa + sgn * pb;
+    acc += u * u;
+  }
+  return acc;
+}
+
 template <class T, class Act, bool Bias>
-ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act& act, index_t i0, index_t ti, index_t j0, index_t tj,
+ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, index_t ti, index_t j0, index_t tj,
                              workspace<T>& ws) {
   const fc_params& p = *c.p;
   const index_t d = c.d;
@@ -178,16 +194,19 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act& act, index_t i0, i
   const T* nrm1 = c.tab1->norm.data() + i0;
   const T* nrm2 = c.tab2->norm.data() + j0;
   const T tau = sizeof(T) == 4 ? T(1e-2) : T(1e-3);
+  int near = 0;
   for (index_t i = 0; i < ti; ++i) {
     const T n1 = nrm1[i];
-#pragma omp simd
+#pragma omp simd reduction(| : near)
     for (index_t j = 0; j < TILE; ++j) {
       const T nn = n1 * nrm2[j];
-      gm[i * TILE + j] = nn - g[i * TILE + j];
-      gp[i * TILE + j] = nn + g[i * TILE + j];
+      const T m = nn - g[i * TILE + j], pl = nn + g[i * TILE + j];
+      gm[i * TILE + j] = m;
+      gp[i * TILE + j] = pl;
+      near |= int(m < tau * nn) | int(pl < tau * nn);
     }
   }
-  {
+  if (near) {
     const T* inv1 = c.tab1->inv_norm.data() + i0;
     const T* inv2 = c.tab2->inv_norm.data() + j0;
     for (index_t i = 0; i < ti; ++i) {
@@ -196,17 +215,8 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act& act, index_t i0, i
         const T nn = nrm1[i] * nrm2[j];
         const bool near_m = gm[e] < tau * nn, near_p = gp[e] < tau * nn;
         if (!(nn > T(0)) || !(near_m || near_p)) continue;
-        // |x||y| -/+ <x,y> = |x||y| |u -/+ v|^2 / 2 for the unit vectors u, v: no cancellation.
-        const T* xa = c.x1 + (i0 + i) * d;
-        const T* xb = c.x2 + (j0 + j) * d;
-        const double ia = double(inv1[i]), ib = double(inv2[j]);
-        const double sgn = near_m ? -1.0 : 1.0;
-        double acc = 0.0;
-        for (index_t k = 0; k < d; ++k) {
-          const double u = double(xa[k]) * ia + sgn * double(xb[k]) * ib;
-          acc += u * u;
-        }
-        const T v = T(double(nn) * acc * 0.5);
+        const T v = T(double(nn) * 0.5 *
+                      unit_dist2(c.x1 + (i0 + i) * d, c.x2 + (j0 + j) * d, d, inv1[i], inv2[j], near_m ? -1.0 : 1.0));
         if (near_m)
           gm[e] = v;
         else
@@ -287,7 +297,7 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act& act, index_t i0, i
         gm[e] = bterm + wv * o.gm;
         gp[e] = bterm + T(2) * bv + wv * o.gp;
         const T tdot = wv * o.tdot;
-        td[e] = tdot;
+        if (n_all) td[e] = tdot;
         ntk[e] = mask * s + tdot * ntk[e];
       }
     }
@@ -334,8 +344,7 @@ void run_rows(const tile_ctx<T>& c, const Act& act, index_t r0, index_t r1, int 
 }
 
 template <class T, class Act>
-void run_rows_act(const tile_ctx<T>& c, index_t r0, index_t r1, int threads) {
-  const Act act(c.p->act);
+void run_rows_dispatch(const tile_ctx<T>& c, const Act& act, index_t r0, index_t r1, int threads) {
   if (c.p->b_var > 0)
     run_rows<T, Act, true>(c, act, r0, r1, threads);
   else
@@ -343,10 +352,8 @@ void run_rows_act(const tile_ctx<T>& c, index_t r0, index_t r1, int threads) {
 }
 
 template <class T, class Act>
-void diag_act(const T* x, index_t n, const fc_params& p, const typename fc_engine<T>::row_table& tab, T* nngp,
+void diag_act(const Act& act, index_t n, const fc_params& p, const typename fc_engine<T>::row_table& tab, T* nngp,
               T* ntk) {
-  (void)x;
-  const Act act(p.act);
   const T wv = T(p.w_var), bv = T(p.b_var);
   for (index_t i = 0; i < n; ++i) {
     T s = tab.field(0, 0)[i] * tab.field(0, 0)[i];
@@ -366,13 +373,24 @@ void diag_act(const T* x, index_t n, const fc_params& p, const typename fc_engin
   }
 }
 
+// Calls f with the activation object whose type specialises the kernels (monomials of order <= 4 get a
+// compile-time order so their loops vectorise).
 template <class T, class F>
-void by_activation(act_kind k, F&& f) {
-  switch (k) {
-    case act_kind::abrelu: f(abrelu_act<T>(act_params{})); break;
-    case act_kind::monomial: f(monomial_act<T>(act_params{})); break;
-    case act_kind::sign: f(sign_act<T>(act_params{})); break;
-    case act_kind::erf: f(erf_act<T>(act_params{})); break;
+void by_activation(const act_params& p, F&& f) {
+  switch (p.kind) {
+    case act_kind::abrelu: f(abrelu_act<T>(p)); break;
+    case act_kind::monomial:
+      switch (p.n) {
+        case 0: f(monomial_act<T, 0>(p)); break;
+        case 1: f(monomial_act<T, 1>(p)); break;
+        case 2: f(monomial_act<T, 2>(p)); break;
+        case 3: f(monomial_act<T, 3>(p)); break;
+        case 4: f(monomial_act<T, 4>(p)); break;
+        default: f(monomial_act<T>(p)); break;
+      }
+      break;
+    case act_kind::sign: f(sign_act<T>(p)); break;
+    case act_kind::erf: f(erf_act<T>(p)); break;
     default: throw std::invalid_argument("arcflow: unknown activation kind");
   }
 }
@@ -389,7 +407,7 @@ fc_engine<T>::fc_engine(const T* x1, index_t n1, const T* x2, index_t n2, index_
   ARCFLOW_CHECK(p.w_var >= 0 && p.b_var >= 0 && p.gram_scale >= 0, "variances must be >= 0");
   ARCFLOW_CHECK(!symmetric || (x1 == x2 && n1 == n2), "symmetric needs x2 == x1");
   ARCFLOW_CHECK(p.act.kind != act_kind::monomial || p.act.n >= 0, "monomial order must be >= 0");
-  by_activation<T>(p.act.kind, [&](auto a) {
+  by_activation<T>(p.act, [&](auto a) {
     using A = decltype(a);
     fill_table<T, A>(x1, n1, d, p, tab1_);
     if (!symmetric) fill_table<T, A>(x2, n2, d, p, tab2_);
@@ -403,13 +421,13 @@ void fc_engine<T>::rows(index_t r0, index_t r1, T* nngp, T* ntk, T* ntk_all, int
   if (r0 == r1 || n2_ == 0) return;
   tile_ctx<T> c{x1_, x2_, n1_, n2_, d_, symmetric_, &p_, &tab1_, symmetric_ ? &tab1_ : &tab2_, nngp, ntk, ntk_all};
   threads = std::max(1, threads);
-  by_activation<T>(p_.act.kind, [&](auto a) { run_rows_act<T, decltype(a)>(c, r0, r1, threads); });
+  by_activation<T>(p_.act, [&](const auto& a) { run_rows_dispatch<T>(c, a, r0, r1, threads); });
 }
 
 template <class T>
 void fc_engine<T>::diag(T* nngp, T* ntk, int threads) const {
   (void)threads;
-  by_activation<T>(p_.act.kind, [&](auto a) { diag_act<T, decltype(a)>(x1_, n1_, p_, tab1_, nngp, ntk); });
+  by_activation<T>(p_.act, [&](const auto& a) { diag_act<T>(a, n1_, p_, tab1_, nngp, ntk); });
 }
 
 template class fc_engine<float>;
@@ -417,13 +435,12 @@ template class fc_engine<double>;
 
 namespace {
 template <class T>
-ARCFLOW_CLONES index_t asin_loop(T* v, index_t reps) {
-  for (index_t r = 0; r < reps; ++r) {
+ARCFLOW_CLONES index_t asin_loop(T* __restrict a, T* __restrict b, index_t reps) {
+  for (index_t r = 0; r < reps; r += 2) {
 #pragma omp simd
-    for (int j = 0; j < 1024; ++j) {
-      const T m = v[j];
-      v[j] = T(0.70710678) * fm::clamp01(fm::asin_pos(m, T(1) - m));
-    }
+    for (int j = 0; j < 1024; ++j) b[j] = T(0.5) * fm::asin_pos(a[j], T(1) - a[j]);
+#pragma omp simd
+    for (int j = 0; j < 1024; ++j) a[j] = T(0.6) * fm::asin_pos(b[j], T(1) - b[j]) + T(0.1);
   }
   return reps * 1024;
 }
@@ -432,13 +449,13 @@ ARCFLOW_CLONES index_t asin_loop(T* v, index_t reps) {
 double asin_throughput(bool single_precision, double seconds) {
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    std::vector<T> v(1024);
+    std::vector<T> v(1024), w(1024);
     for (int j = 0; j < 1024; ++j) v[j] = T(0.7 * j / 1024.0);
     index_t total = 0;
     const auto t0 = std::chrono::steady_clock::now();
     double el = 0;
     while (el < seconds) {
-      total += asin_loop<T>(v.data(), 2000);
+      total += asin_loop<T>(v.data(), w.data(), 2000);
       el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     }
     return double(total) / el;
