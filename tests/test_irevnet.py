@@ -185,6 +185,16 @@ def test_full_cifar10_irevnet_inverts_random_and_real_images(dtype):
     assert rel_err(net.inverse(net.forward(real)), real) <= REL[dtype]
 
 
+def test_irevnet_thread_split_does_not_change_numbers():
+    net = small_net(np.float32)
+    x = np.random.default_rng(9).standard_normal((5, 3, 16, 16)).astype(np.float32)
+    z1 = net.forward(x, threads=1)
+    for t in (2, 3, 8):
+        np.testing.assert_array_equal(net.forward(x, threads=t), z1)
+        np.testing.assert_array_equal(net.inverse(z1, threads=t), net.inverse(z1, threads=1))
+    np.testing.assert_array_equal(net.forward(x[:1], threads=4), z1[:1])
+
+
 def test_irevnet_with_initial_psi_inverts():
     net = IRevNet([1, 2], [2, 2], [24, 96], init_ds=2, in_shape=(3, 16, 16), n_classes=5, rng=0,
                   dtype=np.float64)

@@ -16,11 +16,13 @@ wrong there (its forward is unchanged):
 from __future__ import annotations
 
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _ops
+from .._dispatch import check_threads
 
 __all__ = ["SpaceToDepth", "InjectivePad", "IRevNetBlock", "IRevNet", "from_torch"]
 
@@ -327,8 +329,8 @@ class IRevNetBlock:
         return c
 
     # ---- the bottleneck and the coupling --------------------------------------------------------
-    def _residual(self, x2: np.ndarray, out: np.ndarray, alpha: float, addend: Optional[np.ndarray] = None
-                  ) -> None:
+    def _residual(self, x2: np.ndarray, out: np.ndarray, alpha: float, addend: Optional[np.ndarray] = None,
+                  threads: Optional[int] = None) -> None:
         """out = addend + alpha * F(x2) (addend None: out += alpha * F(x2)), F run with fused (BN, ReLU) -> conv."""
         layers = self._compute(x2.dtype)
         h = x2
@@ -337,10 +339,10 @@ class IRevNetBlock:
             stride = self.stride if i == 0 else 1
             kw = dict(in_scale=bn[0], in_shift=bn[1], in_relu=True) if bn is not None else {}
             if i < last:
-                h = _ops.conv2d(h, w, None, stride, 1, check_finite=False, **kw)
+                h = _ops.conv2d(h, w, None, stride, 1, check_finite=False, threads=threads, **kw)
             else:
                 _ops.conv2d(h, w, None, stride, 1, out=out, accumulate=addend is None, addend=addend, alpha=alpha,
-                            check_finite=False, **kw)
+                            check_finite=False, threads=threads, **kw)
 
     def bottleneck(self, x2) -> np.ndarray:
         """F(x2) alone (the non-invertible residual branch)."""
@@ -350,7 +352,7 @@ class IRevNetBlock:
         self._residual(x2, out, 1.0)
         return out
 
-    def _forward_pair(self, x1: np.ndarray, x2: np.ndarray) -> Pair:
+    def _forward_pair(self, x1: np.ndarray, x2: np.ndarray, threads: Optional[int] = None) -> Pair:
         if self.injective:
             n, _, h, w = x1.shape
             x = np.zeros((n, 2 * self.out_ch, h, w), dtype=x1.dtype)
@@ -360,20 +362,20 @@ class IRevNetBlock:
             x1 = x[:, : self.out_ch]
             x2 = np.ascontiguousarray(x[:, self.out_ch:])
         if self.stride == 2:
-            y1 = _ops.psi(x1, 2)
-            a = _ops.psi(x2, 2)
-            self._residual(x2, y1, 1.0)
+            y1 = _ops.psi(x1, 2, threads=threads)
+            a = _ops.psi(x2, 2, threads=threads)
+            self._residual(x2, y1, 1.0, threads=threads)
         else:
             y1 = np.empty(x1.shape, x1.dtype)
             a = x2
-            self._residual(x2, y1, 1.0, addend=np.ascontiguousarray(x1))
+            self._residual(x2, y1, 1.0, addend=np.ascontiguousarray(x1), threads=threads)
         return a, y1
 
-    def _inverse_pair(self, a: np.ndarray, b: np.ndarray) -> Pair:
-        x2 = _ops.psi_inverse(a, 2) if self.stride == 2 else a
+    def _inverse_pair(self, a: np.ndarray, b: np.ndarray, threads: Optional[int] = None) -> Pair:
+        x2 = _ops.psi_inverse(a, 2, threads=threads) if self.stride == 2 else a
         t = np.empty(b.shape, b.dtype)
-        self._residual(x2, t, -1.0, addend=np.ascontiguousarray(b))
-        x1 = _ops.psi_inverse(t, 2) if self.stride == 2 else t
+        self._residual(x2, t, -1.0, addend=np.ascontiguousarray(b), threads=threads)
+        x1 = _ops.psi_inverse(t, 2, threads=threads) if self.stride == 2 else t
         if self.injective:
             x = np.concatenate([x1, x2], axis=1)[:, : self.in_ch]
             n1 = self.in_ch // 2
@@ -518,36 +520,58 @@ class IRevNet:
                 f"affine_bn={self.affine_bn}, n_classes={self.n_classes})")
 
     # ---- the invertible part --------------------------------------------------------------------
-    def forward(self, x) -> np.ndarray:
-        """x (N, C, H, W) = (N, *in_shape) -> z (N, *out_shape)."""
+    def _run(self, fn, x: np.ndarray, threads: Optional[int]) -> np.ndarray:
+        """fn(chunk, threads) over the batch. With several threads and images, the batch is split into one
+        chunk per thread, each run through the whole network on one thread (the C++ ops release the GIL):
+        no barrier per op, so a thread that the OS parks does not stall the others. Per-image results do not
+        depend on the split (every op computes an image the same way whatever the thread count)."""
+        nt = check_threads(threads, "IRevNet")
+        n = x.shape[0]
+        if nt == 1 or n < 2:
+            return fn(x, nt)
+        for blk in self.stack:
+            blk._compute(x.dtype)  # fill the weight caches before the threads share them
+        parts = np.array_split(np.arange(n), min(nt, n))
+        with ThreadPoolExecutor(max_workers=len(parts)) as ex:
+            outs = list(ex.map(lambda idx: fn(np.ascontiguousarray(x[idx[0]:idx[-1] + 1]), 1), parts))
+        return np.concatenate(outs, axis=0)
+
+    def _forward_chunk(self, x: np.ndarray, threads: int) -> np.ndarray:
+        if self.init_ds:
+            x = _ops.psi(x, self.init_ds, threads=threads)
+        n = self.in_ch // 2
+        pair = (np.ascontiguousarray(x[:, :n]), np.ascontiguousarray(x[:, n:]))
+        for blk in self.stack:
+            pair = blk._forward_pair(*pair, threads=threads)
+        return np.concatenate(pair, axis=1)
+
+    def _inverse_chunk(self, z: np.ndarray, threads: int) -> np.ndarray:
+        half = z.shape[1] // 2
+        pair = (np.ascontiguousarray(z[:, :half]), np.ascontiguousarray(z[:, half:]))
+        for blk in reversed(self.stack):
+            pair = blk._inverse_pair(*pair, threads=threads)
+        x = np.concatenate(pair, axis=1)
+        if self.init_ds:
+            x = _ops.psi_inverse(x, self.init_ds, threads=threads)
+        return x
+
+    def forward(self, x, threads: Optional[int] = None) -> np.ndarray:
+        """x (N, C, H, W) = (N, *in_shape) -> z (N, *out_shape). ``threads``: default arcflow.get_num_threads()."""
         c, h, w = self.in_shape
         x = _check_array(x, "IRevNet.forward", f"(N, {c}, {h}, {w})", c)
         if x.shape[2:] != (h, w):
             raise ValueError(f"IRevNet.forward: expected input of shape (N, {c}, {h}, {w}), got shape {x.shape}")
-        if self.init_ds:
-            x = _ops.psi(x, self.init_ds)
-        n = self.in_ch // 2
-        pair = (np.ascontiguousarray(x[:, :n]), np.ascontiguousarray(x[:, n:]))
-        for blk in self.stack:
-            pair = blk._forward_pair(*pair)
-        return np.concatenate(pair, axis=1)
+        return self._run(self._forward_chunk, x, threads)
 
     __call__ = forward
 
-    def inverse(self, z) -> np.ndarray:
+    def inverse(self, z, threads: Optional[int] = None) -> np.ndarray:
         """z (N, *out_shape) -> x (N, *in_shape), exact up to rounding."""
         c, h, w = self.out_shape
         z = _check_array(z, "IRevNet.inverse", f"(N, {c}, {h}, {w})", c)
         if z.shape[2:] != (h, w):
             raise ValueError(f"IRevNet.inverse: expected input of shape (N, {c}, {h}, {w}), got shape {z.shape}")
-        half = c // 2
-        pair = (np.ascontiguousarray(z[:, :half]), np.ascontiguousarray(z[:, half:]))
-        for blk in reversed(self.stack):
-            pair = blk._inverse_pair(*pair)
-        x = np.concatenate(pair, axis=1)
-        if self.init_ds:
-            x = _ops.psi_inverse(x, self.init_ds)
-        return x
+        return self._run(self._inverse_chunk, z, threads)
 
     def logdet(self, x) -> np.ndarray:
         """0 for every sample when every block is bijective (no injective padding)."""
