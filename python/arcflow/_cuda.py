@@ -1,0 +1,132 @@
+"""The CUDA backend of the kernel recursions: availability and the entry point the dispatcher calls.
+
+Two-level check (as faiss does): the extension was built with CUDA (``_core.built_with_cuda``) and a
+device is present (``_core.cuda_device_count() > 0``). NumPy input is copied to the device and the result
+comes back as NumPy; arrays exposing ``__cuda_array_interface__`` (CuPy, PyTorch, Numba) stay on the device
+and the result is a pair of CuPy arrays, computed on CuPy's current stream without host copies.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from . import _core
+
+
+def built() -> bool:
+    """True when this copy of arcflow was compiled with the CUDA backend."""
+    return bool(getattr(_core, "built_with_cuda", False))
+
+
+def device_count() -> int:
+    """Number of visible CUDA devices (0 without a driver, a device, or the CUDA backend)."""
+    return int(_core.cuda_device_count()) if built() else 0
+
+
+def available() -> bool:
+    """True when the CUDA backend can run: built with CUDA and at least one device present."""
+    return built() and device_count() > 0
+
+
+def _require() -> None:
+    if not built():
+        raise RuntimeError("arcflow was built without CUDA (rebuild with nvcc on the PATH and ARCFLOW_CUDA=ON)")
+    if device_count() == 0:
+        raise RuntimeError("arcflow: no CUDA device (the CUDA backend is built, but no GPU or driver is visible)")
+
+
+def is_device_array(x) -> bool:
+    """True for arrays in GPU memory (anything with ``__cuda_array_interface__``)."""
+    return x is not None and hasattr(x, "__cuda_array_interface__")
+
+
+def _result_dtype(a1, a2) -> np.dtype:
+    dts = [np.dtype(a.dtype) for a in (a1, a2) if a is not None]
+    if all(dt == np.float32 or dt == np.float16 for dt in dts):
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def _device_matrix(cp, x, name: str, dtype):
+    x = cp.asarray(x)  # wraps __cuda_array_interface__ without a copy
+    if x.ndim != 2:
+        raise ValueError(f"arcflow (CUDA): {name} must be a 2-D array of shape (n, d), got shape {x.shape}")
+    if x.dtype.kind not in "biuf":
+        raise TypeError(f"arcflow (CUDA): {name} must be a real numeric array, got dtype {x.dtype}")
+    return cp.ascontiguousarray(x, dtype=dtype)
+
+
+def kernels_cuda(a1, a2, kind: int, a: float, b: float, n: int, depth: int, w_var: float, b_var: float,
+                 gram_scale: float, fix_dep: int, want_nngp: bool = True, want_ntk: bool = True, *,
+                 device: Optional[int] = None) -> Tuple[Optional[object], Optional[object]]:
+    """NNGP and NTK on the GPU with the CPU engine's arguments; returns ``(nngp or None, ntk or None)``.
+
+    ``a1`` is (n1, d), ``a2`` is None (the symmetric kernel of a1: one triangle computed, mirrored) or
+    (n2, d). NumPy input must already be C-contiguous float32/float64 of one dtype (the dispatcher's
+    ``_prepare`` does that); the result is NumPy of that dtype. Device arrays (``__cuda_array_interface__``)
+    are taken as they are (cast to the common dtype, float32 if both are float32, else float64, and made
+    contiguous by CuPy) and the result is CuPy arrays allocated on the input's device, written
+    asynchronously on CuPy's current stream. ``kind``, ``a``, ``b``, ``n``, ``depth``, ``w_var``,
+    ``b_var``, ``gram_scale``, ``fix_dep`` are the numbers of ``_core.FcEngineF32/F64``.
+
+    Raises RuntimeError without CUDA or without a device, and for failed CUDA calls (the message names the
+    call and CUDA's error string); ValueError / TypeError for bad shapes or dtypes.
+    """
+    _require()
+    args = (int(kind), float(a), float(b), int(n), int(depth), float(w_var), float(b_var), float(gram_scale),
+            int(fix_dep))
+    if is_device_array(a1) or is_device_array(a2):
+        try:
+            import cupy as cp
+        except ImportError:
+            raise TypeError("arcflow (CUDA): GPU arrays as input need CuPy installed for the GPU result; "
+                            "pass NumPy arrays to get NumPy back") from None
+        if not is_device_array(a1) or (a2 is not None and not is_device_array(a2)):
+            raise TypeError("arcflow (CUDA): x1 and x2 must both be GPU arrays or both host arrays")
+        dtype = _result_dtype(a1, a2)
+        with cp.cuda.Device(cp.asarray(a1).device.id) as dev:
+            x1 = _device_matrix(cp, a1, "x1", dtype)
+            x2 = None if a2 is None else _device_matrix(cp, a2, "x2", dtype)
+            if x2 is not None and x2.shape[1] != x1.shape[1]:
+                raise ValueError(f"arcflow (CUDA): x1 and x2 must have the same number of columns, "
+                                 f"got {x1.shape} and {x2.shape}")
+            n1, d = x1.shape
+            n2 = n1 if x2 is None else x2.shape[0]
+            out_n = cp.empty((n1, n2), dtype=dtype) if want_nngp else None
+            out_t = cp.empty((n1, n2), dtype=dtype) if want_ntk else None
+            fn = _core.fc_kernels_cuda_f32 if dtype == np.float32 else _core.fc_kernels_cuda_f64
+            ptr = (lambda x: 0 if x is None else int(x.data.ptr))
+            if n1 > 0 and n2 > 0 and (want_nngp or want_ntk):
+                fn(ptr(x1), ptr(x2), n1, n2, d, *args, ptr(out_n), ptr(out_t), int(dev.id),
+                   int(cp.cuda.get_current_stream().ptr))
+        return out_n, out_t
+
+    a1 = np.asarray(a1)
+    dtype = _result_dtype(a1, a2)
+    if a1.dtype != dtype or not a1.flags.c_contiguous:
+        a1 = np.ascontiguousarray(a1, dtype=dtype)
+    if a2 is not None:
+        a2 = np.asarray(a2)
+        if a2.dtype != dtype or not a2.flags.c_contiguous:
+            a2 = np.ascontiguousarray(a2, dtype=dtype)
+    if a1.ndim != 2 or (a2 is not None and (a2.ndim != 2 or a2.shape[1] != a1.shape[1])):
+        raise ValueError("arcflow (CUDA): x1 and x2 must be 2-D with the same number of columns")
+    fn = _core.fc_kernels_cuda_host_f32 if dtype == np.float32 else _core.fc_kernels_cuda_host_f64
+    n1 = a1.shape[0]
+    n2 = n1 if a2 is None else a2.shape[0]
+    if n1 == 0 or n2 == 0:
+        return (np.empty((n1, n2), dtype) if want_nngp else None, np.empty((n1, n2), dtype) if want_ntk else None)
+    return tuple(fn(a1, a2, *args, bool(want_nngp), bool(want_ntk), -1 if device is None else int(device)))
+
+
+def device_info(device: int = 0) -> dict:
+    """Name, memory, compute capability and multiprocessors of a CUDA device."""
+    _require()
+    return dict(_core.cuda_device_info(int(device)))
+
+
+def asin_throughput(single_precision: bool = True, device: int = 0) -> float:
+    """Arcsine throughput of the whole device (elements per second), for the roofline of bench/gpu_compare.py."""
+    _require()
+    return float(_core.cuda_asin_throughput(bool(single_precision), int(device)))

@@ -1,0 +1,235 @@
+"""The CUDA backend against the CPU backend (the same recursion, so the same numbers up to rounding).
+
+Accuracy is relative to the largest |entry| of the CPU result: at most 1e-12 in float64 and 1e-5 in
+float32. Every activation, symmetric and not, depth 0..8, shapes that cross tile borders (128 x 128 pairs
+per block in float32, 64 x 64 in float64) and collinear rows (duplicates, multiples, a zero row: the
+first-layer refinement). Without a GPU (or without the CUDA build) the GPU tests skip with the reason, and
+the error paths are checked instead.
+"""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+import arcflow
+from arcflow import _core, _cuda
+from arcflow.activations import ABReLU, Abs, Erf, Identity, LeakyReLU, RectifiedMonomial, ReLU, Sign, Step
+
+HAVE_GPU = _cuda.available()
+if not _cuda.built():
+    _WHY = "arcflow was built without CUDA"
+elif not HAVE_GPU:
+    _WHY = "no CUDA device visible"
+else:
+    _WHY = ""
+
+RTOL = {np.float32: 1e-5, np.float64: 1e-12}
+DTYPES = (np.float32, np.float64)
+ACTIVATIONS = {
+    "relu": (ReLU(), 1.3, 0.4),
+    "relu_nobias": (ReLU(), 1.4, 0.0),
+    "leaky_relu_0.2": (LeakyReLU(0.2), 1.3, 0.4),
+    "abrelu_-0.3_1.7": (ABReLU(-0.3, 1.7), 0.9, 0.2),
+    "abs": (Abs(), 1.1, 0.3),
+    "monomial_0": (RectifiedMonomial(0), 1.3, 0.4),
+    "monomial_1": (RectifiedMonomial(1), 1.3, 0.4),
+    "monomial_2": (RectifiedMonomial(2), 0.5, 0.4),
+    "monomial_3": (RectifiedMonomial(3), 0.3, 0.4),
+    "step": (Step(), 1.3, 0.4),
+    "sign": (Sign(), 1.3, 0.4),
+    "erf": (Erf(), 1.5, 0.2),
+    "identity": (Identity(), 1.1, 0.3),
+}
+# (n1, n2 or None for the symmetric case, d): several tiles, ragged edges, d not a multiple of 8.
+SHAPES = {"1x1_d1": (1, 1, 1), "130x70_d21": (130, 70, 21), "sym_150_d13": (150, None, 13),
+          "sym_5_d3": (5, None, 3)}
+_KIND = {"abrelu": 0, "monomial": 1, "sign": 2, "erf": 3}
+
+
+def _act_numbers(act):
+    if act.kind == "abrelu":
+        a, b = act.params()
+        return float(a), float(b), 1
+    if act.kind == "monomial":
+        return 0.0, 1.0, int(act.params()[0])
+    return 0.0, 1.0, 1
+
+
+def _data(n1, n2, d, seed=0):
+    """Rows of mixed norm with collinear pairs: a duplicate, a multiple, a zero row, shared rows of x1, x2."""
+    rng = np.random.default_rng(seed)
+    x1 = rng.standard_normal((n1, d)) * rng.uniform(0.5, 1.5, (n1, 1))
+    if n1 >= 4:
+        x1[1] = x1[0]
+        x1[2] = -0.6 * x1[0]
+        x1[3] = 0.0
+    if n2 is None:
+        return x1, None
+    x2 = rng.standard_normal((n2, d)) * rng.uniform(0.5, 1.5, (n2, 1))
+    if n2 >= 2 and n1 >= 2:
+        x2[0] = x1[0]
+        x2[1] = 0.7 * x1[1]
+    return x1, x2
+
+
+def _cpu(x1, x2, act, depth, w, b, fix_dep, get):
+    kw = {}
+    if "device" in inspect.signature(arcflow.kernels).parameters:
+        kw["device"] = "cpu"
+    return arcflow.kernels(x1, x2, depth=depth, activation=act, w_std=w, b_std=b, fix_dep=fix_dep, get=get, **kw)
+
+
+def _gpu(x1, x2, act, depth, w, b, fix_dep, want_nngp=True, want_ntk=True):
+    d = x1.shape[1]
+    a, bb, n = _act_numbers(act)
+    return _cuda.kernels_cuda(x1, x2, _KIND[act.kind], a, bb, n, depth, w * w, b * b, (w * w) / max(d, 1), fix_dep,
+                              want_nngp, want_ntk)
+
+
+def assert_close(actual, expected, dtype, what=""):
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, what
+    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {np.dtype(dtype)}"
+    assert np.all(np.isfinite(actual)), f"{what}: non-finite entries"
+    scale = float(np.max(np.abs(expected))) if expected.size else 1.0
+    err = float(np.max(np.abs(actual.astype(np.float64) - expected))) if expected.size else 0.0
+    assert err <= RTOL[dtype] * max(scale, np.finfo(np.float64).tiny), (
+        f"{what}: max abs error {err:.3e} = {err / scale if scale else err:.3e} of the largest entry "
+        f"{scale:.3e} (tolerance {RTOL[dtype]:.0e})")
+
+
+# ---- without a GPU: availability and clear errors ---------------------------------------------------------
+
+def test_available_is_built_and_device():
+    assert isinstance(_cuda.available(), bool)
+    assert _cuda.available() == (bool(_core.built_with_cuda) and int(_core.cuda_device_count()) > 0)
+    assert _cuda.device_count() >= 0
+
+
+@pytest.mark.skipif(HAVE_GPU, reason="a CUDA device is present: the error path is not reachable")
+def test_unavailable_raises_runtime_error():
+    x = np.ones((3, 2))
+    with pytest.raises(RuntimeError, match="built without CUDA|no CUDA device"):
+        _cuda.kernels_cuda(x, None, 0, 0.0, 1.0, 1, 2, 1.0, 0.0, 0.5, 0)
+
+
+@pytest.mark.skipif(not _cuda.built() or HAVE_GPU, reason="needs a CUDA build on a machine without a device")
+def test_binding_without_device_raises_runtime_error():
+    x = np.ones((3, 2))
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        _core.fc_kernels_cuda_host_f64(x, None, 0, 0.0, 1.0, 1, 2, 1.0, 0.0, 0.5, 0, True, True)
+
+
+# ---- on a GPU: the same numbers as the CPU backend --------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("depth", range(9))
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("name", ACTIVATIONS)
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_GPU, reason=_WHY or "CUDA available")
+def test_matches_cpu(name, shape, depth, dtype):
+    act, w, b = ACTIVATIONS[name]
+    n1, n2, d = shape
+    x1, x2 = _data(n1, n2, d, seed=depth)
+    x1 = x1.astype(dtype)
+    x2 = None if x2 is None else x2.astype(dtype)
+    fix_dep = min(depth, 1 + depth // 3)
+    get = ("nngp", "ntk") if act.has_ntk else ("nngp",)
+    ref = _cpu(x1, x2, act, depth, w, b, fix_dep, get)
+    gn, gt = _gpu(x1, x2, act, depth, w, b, fix_dep, True, act.has_ntk)
+    assert_close(gn, ref.nngp, dtype, f"nngp {name} depth {depth}")
+    if act.has_ntk:
+        assert_close(gt, ref.ntk, dtype, f"ntk {name} depth {depth}")
+    else:
+        assert gt is None
+    if x2 is None:  # one triangle computed and mirrored: exactly symmetric
+        assert np.array_equal(gn, gn.T)
+        if gt is not None:
+            assert np.array_equal(gt, gt.T)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_GPU, reason=_WHY or "CUDA available")
+def test_one_output_and_big_tiles(dtype):
+    x1, x2 = _data(300, 260, 300, seed=3)  # d > the shared-memory slice, several tiles each way
+    x1, x2 = x1.astype(dtype), x2.astype(dtype)
+    act, w, b = ACTIVATIONS["relu"]
+    ref = _cpu(x1, x2, act, 5, w, b, 0, ("nngp", "ntk"))
+    gn, gt = _gpu(x1, x2, act, 5, w, b, 0, True, False)
+    assert gt is None
+    assert_close(gn, ref.nngp, dtype, "nngp only")
+    gn, gt = _gpu(x1, x2, act, 5, w, b, 0, False, True)
+    assert gn is None
+    assert_close(gt, ref.ntk, dtype, "ntk only")
+    gn, gt = _gpu(x1, None, act, 5, w, b, 0)
+    ref = _cpu(x1, None, act, 5, w, b, 0, ("nngp", "ntk"))
+    assert_close(gn, ref.nngp, dtype, "symmetric nngp")
+    assert_close(gt, ref.ntk, dtype, "symmetric ntk")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_GPU, reason=_WHY or "CUDA available")
+def test_empty_and_dtype_promotion():
+    act, w, b = ACTIVATIONS["erf"]
+    gn, gt = _gpu(np.zeros((0, 3)), None, act, 2, w, b, 0)
+    assert gn.shape == (0, 0) and gt.shape == (0, 0)
+    x1, x2 = _data(9, 7, 4)
+    gn, gt = _gpu(x1.astype(np.float32), x2, act, 2, w, b, 0)  # float32 with float64 -> float64
+    assert gn.dtype == np.float64
+    ref = _cpu(x1.astype(np.float32).astype(np.float64), x2, act, 2, w, b, 0, ("nngp", "ntk"))
+    assert_close(gn, ref.nngp, np.float64, "promoted nngp")
+
+
+# ---- CuPy arrays in and out --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["general", "symmetric"])
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_GPU, reason=_WHY or "CUDA available")
+def test_cupy_in_cupy_out(dtype, symmetric):
+    cp = pytest.importorskip("cupy")
+    x1, x2 = _data(140, None if symmetric else 90, 17, seed=5)
+    x1 = x1.astype(dtype)
+    x2 = None if x2 is None else x2.astype(dtype)
+    act, w, b = ACTIVATIONS["relu"]
+    ref = _cpu(x1, x2, act, 4, w, b, 1, ("nngp", "ntk"))
+    # A non-contiguous device view: the backend makes it contiguous on the device.
+    d1 = cp.asfortranarray(cp.asarray(x1))
+    d2 = None if x2 is None else cp.asarray(x2)[:, :]
+    gn, gt = _gpu(d1, d2, act, 4, w, b, 1)
+    assert isinstance(gn, cp.ndarray) and isinstance(gt, cp.ndarray)
+    assert gn.dtype == dtype and gt.dtype == dtype
+    cp.cuda.get_current_stream().synchronize()
+    assert_close(cp.asnumpy(gn), ref.nngp, dtype, "cupy nngp")
+    assert_close(cp.asnumpy(gt), ref.ntk, dtype, "cupy ntk")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_GPU, reason=_WHY or "CUDA available")
+def test_cupy_mixed_host_device_is_type_error():
+    cp = pytest.importorskip("cupy")
+    act, w, b = ACTIVATIONS["relu"]
+    x1, x2 = _data(5, 4, 3)
+    with pytest.raises(TypeError, match="both"):
+        _gpu(cp.asarray(x1), x2, act, 1, w, b, 0)
+    with pytest.raises(ValueError, match="2-D"):
+        _gpu(cp.ones(5), None, act, 1, w, b, 0)
+
+
+# ---- the public API, once it takes device= -----------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_GPU, reason=_WHY or "CUDA available")
+@pytest.mark.skipif("device" not in inspect.signature(arcflow.kernels).parameters,
+                    reason="arcflow.kernels has no device= argument yet")
+def test_public_api_device_cuda():
+    x1, x2 = _data(70, 50, 6)
+    for x2_ in (None, x2):
+        cpu = arcflow.kernels(x1, x2_, depth=3, activation="relu", w_std=1.3, b_std=0.2, device="cpu")
+        gpu = arcflow.kernels(x1, x2_, depth=3, activation="relu", w_std=1.3, b_std=0.2, device="cuda")
+        assert_close(np.asarray(gpu.nngp), cpu.nngp, np.float64, "public nngp")
+        assert_close(np.asarray(gpu.ntk), cpu.ntk, np.float64, "public ntk")
