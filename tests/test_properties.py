@@ -86,22 +86,6 @@ def assert_close(actual, expected, dtype, what=""):
         f"{scale:.3e} (tolerance {RTOL[dtype]:.0e})")
 
 
-# Known engine bugs, reported to the lead (issue 2). Marked strict xfail so that CI stays green while
-# they are open and a fix turns them into XPASS failures, which forces the marker's removal.
-STEP_SIGN_SYMMETRIC_DIAGONAL = (
-    "engine bug: Step/Sign NNGP in float64 drifts on collinear pairs (the diagonal with x2=None, and "
-    "kernels(x, x)) from depth 2 (0.5 -> 0.49 at depth 5 for Step), so np.diag(full) != diag=True "
-    "and != the oracle; float32 is right")
-STEP_ZERO_ROW = (
-    "engine bug: Step with a zero row and b_std=0 uses c=0 for the entry but c=1 for the row's own "
-    "variance (depth 2 gives 1/3 where the oracle and neural-tangents' convention give 0.375 / 0.5)")
-
-
-def known_engine_bug(request, condition: bool, reason: str) -> None:
-    if condition:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 def _get(act):
     return ("nngp", "ntk") if act.has_ntk else ("nngp",)
 
@@ -114,9 +98,7 @@ def _get(act):
 @pytest.mark.parametrize("depth", DEPTHS)
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
-def test_matches_reference(request, name, shape, depth, dtype):
-    known_engine_bug(request, name in ("step", "sign", "monomial_0") and shape.startswith("symmetric")
-                     and depth >= 2 and dtype == np.float64, STEP_SIGN_SYMMETRIC_DIAGONAL)
+def test_matches_reference(name, shape, depth, dtype):
     act, w_std, b_std = ACTIVATIONS[name]
     x1, x2 = _data(*SHAPES[shape])
     x1, x2 = _cast(x1, dtype), _cast(x2, dtype)
@@ -223,9 +205,7 @@ def test_positive_semidefinite(name):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
-def test_diag_equals_diagonal_of_full_matrix(request, name, dtype):
-    known_engine_bug(request, name in ("step", "sign", "monomial_0") and dtype == np.float64,
-                     STEP_SIGN_SYMMETRIC_DIAGONAL)
+def test_diag_equals_diagonal_of_full_matrix(name, dtype):
     act, w_std, b_std = ACTIVATIONS[name]
     x, _ = _data(7, None, 3, seed=7)
     x[4] = 0.0
@@ -362,9 +342,7 @@ def test_empty_inputs(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
-def test_zero_rows_are_finite_and_match_reference(request, name, dtype):
-    known_engine_bug(request, name in ("step", "monomial_0"), STEP_ZERO_ROW)
-    known_engine_bug(request, name == "sign" and dtype == np.float64, STEP_SIGN_SYMMETRIC_DIAGONAL)
+def test_zero_rows_are_finite_and_match_reference(name, dtype):
     act, w_std, b_std = ACTIVATIONS[name]
     x1, x2 = _data(5, 4, 3, seed=14)
     x1[1] = 0.0
@@ -455,11 +433,9 @@ def test_out_memmap(tmp_path):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
-def test_x2_equal_to_x1_matches_the_symmetric_oracle(request, name, dtype):
+def test_x2_equal_to_x1_matches_the_symmetric_oracle(name, dtype):
     """kernels(x, x): every diagonal pair is collinear but goes through the general (n1 x n2) path; the
     float32 diagonal, too, must be within 1e-5 (the cosine of x with itself is 1)."""
-    known_engine_bug(request, name in ("step", "sign", "monomial_0") and dtype == np.float64,
-                     STEP_SIGN_SYMMETRIC_DIAGONAL)
     act, w_std, b_std = ACTIVATIONS[name]
     x, _ = _data(8, None, 5, seed=20)
     x = x.astype(dtype)
