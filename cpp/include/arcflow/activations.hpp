@@ -39,7 +39,7 @@ template <class T>
 struct angle {
   T sig2, kap2, sig, kap, theta, x, sin_t, cos_t;  // x = min(theta, pi - theta)
   // No bool member: a bool inside the struct stops gcc from vectorising the callers' loops.
-  ARCFLOW_HD bool big() const { return sig > kap; }  // theta > pi/2
+  ARCFLOW_HD bool big() const { return sig2 > kap2; }  // theta > pi/2
 };
 
 template <class T>
@@ -48,11 +48,13 @@ ARCFLOW_HD angle<T> make_angle(T gm, T gp, T h) {
   const bool zero = !(h > T(0));
   a.sig2 = zero ? T(0.5) : fm::clamp01(gm * h);
   a.kap2 = zero ? T(0.5) : fm::clamp01(gp * h);
-  a.sig = std::sqrt(a.sig2);
-  a.kap = std::sqrt(a.kap2);
-  const bool big = a.sig > a.kap;
-  const T m = big ? a.kap : a.sig;  // m <= 1/sqrt(2)
-  a.x = T(2) * fm::asin_pos(m, T(1) - m);
+  // theta / 2 = atan2(sig, kap); x / 2 = atan2(min, max): two square roots and one division.
+  const bool big = a.sig2 > a.kap2;
+  const T m = std::sqrt(big ? a.kap2 : a.sig2);
+  const T M = std::sqrt(big ? a.sig2 : a.kap2);  // >= 1/sqrt(2) up to rounding
+  a.sig = big ? M : m;
+  a.kap = big ? m : M;
+  a.x = T(2) * fm::atan_ratio(m, M);
   a.theta = big ? fm::consts<T>::pi - a.x : a.x;
   a.sin_t = T(2) * a.sig * a.kap;
   a.cos_t = a.kap2 - a.sig2;

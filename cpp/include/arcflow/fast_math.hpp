@@ -44,6 +44,30 @@ ARCFLOW_HD T asin_pos(T m, T om) {
   return hi ? consts<T>::half_pi - T(2) * a : a;
 }
 
+// atan(z) for |z| <= tan(pi/8) (valid to 7/16): the odd polynomial of fdlibm's s_atan.c.
+template <class T>
+ARCFLOW_HD T atan_small(T x) {
+  const T z = x * x, w = z * z;
+  const T s1 = z * (T(3.33333333333329318027e-01) +
+                    w * (T(1.42857142725034663711e-01) +
+                         w * (T(9.09088713343650656196e-02) +
+                              w * (T(6.66107313738753120669e-02) +
+                                   w * (T(4.97687799461593236017e-02) + w * T(1.62858201153657823623e-02))))));
+  const T s2 = w * (T(-1.99999999998764832476e-01) +
+                    w * (T(-1.11111104054623557880e-01) +
+                         w * (T(-7.69187620504482999495e-02) +
+                              w * (T(-5.83357013379057348645e-02) + w * T(-3.65315727442169155270e-02)))));
+  return x - x * (s1 + s2);
+}
+
+// atan2(m, M) for 0 <= m <= M, M > 0, with one division: above tan(pi/8) reduce by pi/4.
+template <class T>
+ARCFLOW_HD T atan_ratio(T m, T M) {
+  const bool hi = m > T(0.41421356237309504880) * M;
+  const T z = (hi ? m - M : m) / (hi ? m + M : M);
+  return (hi ? T(0.78539816339744830962) : T(0)) + atan_small(z);
+}
+
 template <class T>
 ARCFLOW_HD T clamp01(T v) {
   return v < T(0) ? T(0) : (v > T(1) ? T(1) : v);
