@@ -336,6 +336,15 @@ def _machine():
     except OSError:
         pass
     try:
+        repo = os.path.dirname(os.path.dirname(HERE))
+        info["git_head"] = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"],
+                                          capture_output=True, text=True).stdout.strip()
+        probe = subprocess.run([sys.executable, "-c", "import arcflow; print(arcflow.__file__)"],
+                               capture_output=True, text=True)
+        info["arcflow_imported_from"] = probe.stdout.strip()
+    except OSError:
+        pass
+    try:
         with open("/proc/meminfo") as f:
             info["mem_total_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
         with open("/proc/loadavg") as f:
