@@ -404,18 +404,19 @@ class IRevNetBlock:
         xa = _check_array(x, where, f"(N, {c1 + c2}, {hw})", c1 + c2, even)
         return np.ascontiguousarray(xa[:, :c1]), np.ascontiguousarray(xa[:, c1:]), True
 
-    def forward(self, x: Union[np.ndarray, Pair]):
-        """(x1, x2) -> (psi_s(x2), psi_s(x1) + F(x2)); a merged array gives a merged array."""
+    def forward(self, x: Union[np.ndarray, Pair], threads: Optional[int] = None):
+        """(x1, x2) -> (psi_s(x2), psi_s(x1) + F(x2)); a merged array gives a merged array.
+        ``threads``: OpenMP threads of the ops (default arcflow.get_num_threads())."""
         x1, x2, merged = self._input_pair(x, repr(self), inverse=False)
-        a, b = self._forward_pair(x1, x2)
+        a, b = self._forward_pair(x1, x2, threads=check_threads(threads, repr(self)))
         return np.concatenate([a, b], axis=1) if merged else (a, b)
 
     __call__ = forward
 
-    def inverse(self, y: Union[np.ndarray, Pair]):
+    def inverse(self, y: Union[np.ndarray, Pair], threads: Optional[int] = None):
         """(a, b) -> (psi_s^-1(b - F(x2)), x2) with x2 = psi_s^-1(a) (undoing the injective padding)."""
         a, b, merged = self._input_pair(y, f"{self!r}.inverse", inverse=True)
-        x1, x2 = self._inverse_pair(a, b)
+        x1, x2 = self._inverse_pair(a, b, threads=check_threads(threads, repr(self)))
         return np.concatenate([x1, x2], axis=1) if merged else (x1, x2)
 
     def logdet(self, x) -> np.ndarray:
