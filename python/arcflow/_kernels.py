@@ -8,11 +8,15 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _core
+from . import _cuda
 from . import _dispatch as dp
 from .activations import Activation, ActivationLike, resolve
 
 _KIND = {"abrelu": 0, "monomial": 1, "sign": 2, "erf": 3}
 _VALID_GET = ("nngp", "ntk")
+_VALID_DEVICES = ("auto", "cpu", "cuda")
+# device="auto" moves a problem to the GPU from this many pair-layers on (below, transfers dominate).
+_AUTO_CUDA_WORK = 50_000_000
 # Work (pair-layers) per C++ call: small enough that Ctrl-C and the progress bar react within a second.
 _WORK_PER_CALL = 4_000_000 * 8
 
@@ -92,7 +96,7 @@ def _prepare(x1, x2, where):
 
 def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu", w_std: float = 1.0,
             b_std: float = 0.0, fix_dep: int = 0, diag: bool = False, get: Union[str, Sequence[str]] = ("nngp", "ntk"),
-            threads: Optional[int] = None, out=None, progress: bool = False) -> Kernels:
+            threads: Optional[int] = None, out=None, progress: bool = False, device: str = "auto") -> Kernels:
     """NNGP and NTK of ``Dense(w_std, b_std) -> [activation -> Dense(w_std, b_std)] * depth`` in one pass.
 
     The recursion (ntk parameterization, as neural-tangents' ``stax.serial``; SPEC.md section 1)::
@@ -113,6 +117,10 @@ def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu",
     out : preallocated outputs (for example ``np.memmap``), written tile by tile: a dict
         {"nngp": array, "ntk": array}, or a sequence in the order of ``get``.
     progress : show a progress bar (tqdm when installed) on stderr.
+    device : "cpu", "cuda" or "auto" (the GPU for large problems and for GPU arrays, when arcflow was built
+        with CUDA and a device is present). GPU arrays (CuPy, anything with ``__cuda_array_interface__``)
+        go in and come out without host copies; NumPy arrays with device="cuda" are copied in and the result
+        comes back as NumPy. "cuda" without a usable GPU is a RuntimeError.
 
     Example
     -------
@@ -142,6 +150,9 @@ def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu",
         raise ValueError(f"{where}: {act!r} has no NTK: its derivative is a Dirac delta, so E[phi'(u) phi'(v)] "
                          f"is infinite; ask for get=('nngp',) only")
     threads = dp.check_threads(threads, where)
+    use_cuda = _choose_device(device, x1, x2, where)
+    if use_cuda is None:  # GPU arrays in: the CUDA path, no host copy
+        return _kernels_on_gpu_arrays(x1, x2, act, depth, w, b, fix_dep, diag, want_ntk, "nngp" in get, out, where)
     a1, a2, dtype = _prepare(x1, x2, where)
     n1, d = a1.shape
     n2 = n1 if a2 is None else a2.shape[0]
@@ -154,6 +165,17 @@ def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu",
     missing = [g for g in wanted if outs.get(g) is None]
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize * len(missing)
     dp.check_allocation(nbytes, where, f"the output ({' and '.join(missing)}, shape {shape}, {dtype})")
+    if use_cuda == "auto":
+        use_cuda = not diag and n1 * n2 * (depth + 1) >= _AUTO_CUDA_WORK
+    if use_cuda and not diag and n1 > 0 and n2 > 0:
+        res = _cuda.kernels_cuda(a1, a2, _KIND[act.kind], *_act_numbers(act), depth, w * w, b * b,
+                                 (w * w) / max(d, 1), fix_dep, "nngp" in get, want_ntk)
+        for g, r in zip(("nngp", "ntk"), res):
+            if g in outs:
+                outs[g][...] = r
+            elif g in wanted:
+                outs[g] = r
+        return Kernels(outs.get("nngp"), outs.get("ntk"))
     for g in missing:
         outs[g] = dp.allocate(shape, dtype, where)
 
@@ -204,23 +226,66 @@ def _collect_out(out, get, wanted, shape, dtype, where):
 
 def nngp(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu", w_std: float = 1.0,
          b_std: float = 0.0, diag: bool = False, threads: Optional[int] = None, out=None,
-         progress: bool = False) -> np.ndarray:
+         progress: bool = False, device: str = "auto") -> np.ndarray:
     """The NNGP kernel Sigma^(depth+1) (see :func:`kernels` for the recursion and the arguments).
 
     >>> import numpy as np, arcflow
     >>> k = arcflow.nngp(np.eye(3), depth=2, activation="erf")
     """
     return kernels(x1, x2, depth=depth, activation=activation, w_std=w_std, b_std=b_std, diag=diag,
-                   get=("nngp",), threads=threads, out=out, progress=progress).nngp
+                   get=("nngp",), threads=threads, out=out, progress=progress, device=device).nngp
 
 
 def ntk(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu", w_std: float = 1.0,
         b_std: float = 0.0, fix_dep: int = 0, diag: bool = False, threads: Optional[int] = None, out=None,
-        progress: bool = False) -> np.ndarray:
+        progress: bool = False, device: str = "auto") -> np.ndarray:
     """The Neural Tangent Kernel Theta^(depth+1) (see :func:`kernels` for the recursion and the arguments).
 
     >>> import numpy as np, arcflow
     >>> k = arcflow.ntk(np.eye(3), depth=2, activation="relu", fix_dep=1)
     """
     return kernels(x1, x2, depth=depth, activation=activation, w_std=w_std, b_std=b_std, fix_dep=fix_dep,
-                   diag=diag, get=("ntk",), threads=threads, out=out, progress=progress).ntk
+                   diag=diag, get=("ntk",), threads=threads, out=out, progress=progress, device=device).ntk
+
+
+def _choose_device(device, x1, x2, where):
+    """True / False / "auto" (decide on size), or None for GPU arrays (which take the CUDA path whole)."""
+    if device not in _VALID_DEVICES:
+        raise ValueError(f"{where}: device must be one of {_VALID_DEVICES}, got {device!r}")
+    on_gpu = _cuda.is_device_array(x1) or (x2 is not None and _cuda.is_device_array(x2))
+    if on_gpu:
+        if device == "cpu":
+            raise TypeError(f"{where}: x1/x2 are GPU arrays but device='cpu'; copy them to the host "
+                            f"(for CuPy: .get()) or use device='cuda'")
+        return None
+    if device == "cpu":
+        return False
+    if device == "cuda":
+        if not _cuda.built():
+            raise RuntimeError(f"{where}: device='cuda' but this arcflow was built without CUDA "
+                               f"(rebuild with nvcc present, or ARCFLOW_CUDA=ON)")
+        if not _cuda.available():
+            raise RuntimeError(f"{where}: device='cuda' but no CUDA device is visible")
+        return True
+    return "auto" if _cuda.available() else False
+
+
+def _kernels_on_gpu_arrays(x1, x2, act, depth, w, b, fix_dep, diag, want_ntk, want_nngp, out, where):
+    if diag or out is not None:
+        raise ValueError(f"{where}: diag= and out= are not supported for GPU arrays; pass NumPy arrays")
+    for name, x in (("x1", x1), ("x2", x2)):
+        if x is None:
+            continue
+        if len(x.shape) != 2:
+            raise ValueError(f"{where}: {name} must be a 2-D array of shape (n, d), got shape {tuple(x.shape)}")
+    d = x1.shape[1]
+    if x2 is not None and x2.shape[1] != d:
+        raise ValueError(f"{where}: x1 and x2 must have the same number of features (columns), "
+                         f"got x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)}")
+    import cupy as cp  # a GPU array implies CuPy (or a CUDA array library that CuPy can wrap)
+    for name, x in (("x1", x1), ("x2", x2)):
+        if x is not None and not bool(cp.isfinite(cp.asarray(x)).all()):
+            raise ValueError(f"{where}: {name} contains NaN or Inf")
+    res = _cuda.kernels_cuda(x1, x2, _KIND[act.kind], *_act_numbers(act), depth, w * w, b * b,
+                             (w * w) / max(d, 1), fix_dep, want_nngp, want_ntk)
+    return Kernels(*res)

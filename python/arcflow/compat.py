@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _core
 from . import _dispatch as dp
-from ._kernels import _run_rows
+from ._kernels import _choose_device, _run_rows, kernels
 
 __all__ = ["kernel_value_batch", "kernel_value"]
 
@@ -29,10 +29,28 @@ def _prepare(X, d_max, where):
     return np.ascontiguousarray(a, dtype=np.float64), d_max
 
 
-def kernel_value_batch(X, d_max: int, *, threads: Optional[int] = None, progress: bool = False) -> np.ndarray:
-    """All NTKs K[dep][fix] of depth 1..d_max with 0..d_max-1 frozen layers, shape (d_max, d_max, N, N)."""
+def _ntk_gpu(a, depth, fix_dep):
+    # Sigma^0 = X X^T: w_std = sqrt(d) undoes the 1/d of the ntk parameterization in the first layer, and
+    # the ReLU kernel is homogeneous, so the whole recursion with w_std = 1 is the same up to that factor d.
+    d = a.shape[1]
+    return d * kernels(a, None, depth=depth, activation="relu", w_std=1.0, b_std=0.0, fix_dep=fix_dep,
+                       get=("ntk",), device="cuda").ntk
+
+
+def kernel_value_batch(X, d_max: int, *, threads: Optional[int] = None, progress: bool = False,
+                       device: str = "cpu") -> np.ndarray:
+    """All NTKs K[dep][fix] of depth 1..d_max with 0..d_max-1 frozen layers, shape (d_max, d_max, N, N).
+
+    device="cuda" runs one GPU pass per (dep, fix) instead of the single fused CPU pass.
+    """
     where = "arcflow.compat.kernel_value_batch"
     a, d_max = _prepare(X, d_max, where)
+    if _choose_device(device, a, None, where) is True:
+        K = dp.allocate((d_max, d_max) + (a.shape[0],) * 2, np.float64, where, zero=True)
+        for dep in range(d_max):
+            for fix in range(dep + 1):
+                K[dep, fix] = _ntk_gpu(a, dep, fix)
+        return K
     threads = dp.check_threads(threads, where)
     n = a.shape[0]
     shape = (d_max, d_max, n, n)
@@ -44,11 +62,16 @@ def kernel_value_batch(X, d_max: int, *, threads: Optional[int] = None, progress
     return K
 
 
-def kernel_value(X, d_max: int, fix_dep: int, *, threads: Optional[int] = None) -> np.ndarray:
+def kernel_value(X, d_max: int, fix_dep: int, *, threads: Optional[int] = None,
+                 device: str = "cpu") -> np.ndarray:
     """The NTK of depth d_max with the first fix_dep layers frozen, shape (N, N) (= kernel_value_batch[d_max-1][fix_dep])."""
     where = "arcflow.compat.kernel_value"
     a, d_max = _prepare(X, d_max, where)
     fix_dep = dp.check_depth(fix_dep, where, "fix_dep")
+    if _choose_device(device, a, None, where) is True:
+        if fix_dep >= d_max:
+            return np.zeros((a.shape[0],) * 2)
+        return _ntk_gpu(a, d_max - 1, fix_dep)
     threads = dp.check_threads(threads, where)
     n = a.shape[0]
     dp.check_allocation(n * n * 8, where, f"the output (shape ({n}, {n}), float64)")
