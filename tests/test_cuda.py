@@ -74,18 +74,18 @@ def _data(n1, n2, d, seed=0):
     return x1, x2
 
 
-def _cpu(x1, x2, act, depth, w, b, fix_dep, get):
-    kw = {}
+def _cpu(x1, x2, act, depth, w, b, fix_dep, get, diag=False):
+    kw = {"diag": True} if diag else {}
     if "device" in inspect.signature(arcflow.kernels).parameters:
         kw["device"] = "cpu"
     return arcflow.kernels(x1, x2, depth=depth, activation=act, w_std=w, b_std=b, fix_dep=fix_dep, get=get, **kw)
 
 
-def _gpu(x1, x2, act, depth, w, b, fix_dep, want_nngp=True, want_ntk=True):
+def _gpu(x1, x2, act, depth, w, b, fix_dep, want_nngp=True, want_ntk=True, diag=False):
     d = x1.shape[1]
     a, bb, n = _act_numbers(act)
     return _cuda.kernels_cuda(x1, x2, _KIND[act.kind], a, bb, n, depth, w * w, b * b, (w * w) / max(d, 1), fix_dep,
-                              want_nngp, want_ntk)
+                              want_nngp, want_ntk, diag=diag)
 
 
 def assert_close(actual, expected, dtype, what=""):
@@ -152,6 +152,26 @@ def test_matches_cpu(name, shape, depth, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("depth", [0, 1, 4, 8])
+@pytest.mark.parametrize("name", ACTIVATIONS)
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_GPU, reason=_WHY or "CUDA available")
+def test_diag_matches_cpu(name, depth, dtype):
+    act, w, b = ACTIVATIONS[name]
+    x1, _ = _data(300, None, 9, seed=depth)  # zero row and collinear rows included
+    x1 = x1.astype(dtype)
+    fix_dep = min(depth, 1)
+    get = ("nngp", "ntk") if act.has_ntk else ("nngp",)
+    ref = _cpu(x1, None, act, depth, w, b, fix_dep, get, diag=True)
+    gn, gt = _gpu(x1, None, act, depth, w, b, fix_dep, True, act.has_ntk, diag=True)
+    assert_close(gn, ref.nngp, dtype, f"diag nngp {name}")
+    if act.has_ntk:
+        assert_close(gt, ref.ntk, dtype, f"diag ntk {name}")
+    with pytest.raises(ValueError, match="x2 must be None"):
+        _gpu(x1, x1, act, depth, w, b, fix_dep, diag=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAVE_GPU, reason=_WHY or "CUDA available")
 def test_one_output_and_big_tiles(dtype):
@@ -206,6 +226,12 @@ def test_cupy_in_cupy_out(dtype, symmetric):
     cp.cuda.get_current_stream().synchronize()
     assert_close(cp.asnumpy(gn), ref.nngp, dtype, "cupy nngp")
     assert_close(cp.asnumpy(gt), ref.ntk, dtype, "cupy ntk")
+    if symmetric:
+        dn, dt = _gpu(d1, None, act, 4, w, b, 1, diag=True)
+        assert isinstance(dn, cp.ndarray) and dn.shape == (x1.shape[0],)
+        rd = _cpu(x1, None, act, 4, w, b, 1, ("nngp", "ntk"), diag=True)
+        assert_close(cp.asnumpy(dn), rd.nngp, dtype, "cupy diag nngp")
+        assert_close(cp.asnumpy(dt), rd.ntk, dtype, "cupy diag ntk")
 
 
 @pytest.mark.cuda

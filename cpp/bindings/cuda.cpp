@@ -100,6 +100,52 @@ void bind_host(py::module_& m, const char* name) {
       "NNGP/NTK of host arrays on the GPU (x2 = None: symmetric); returns (nngp or None, ntk or None).");
 }
 
+template <class T>
+void bind_diag(py::module_& m, const char* dev_name, const char* host_name) {
+  m.def(
+      dev_name,
+      [](std::uintptr_t x1, std::int64_t n1, std::int64_t d, int kind, double a, double b, int n, int depth,
+         double w_var, double b_var, double gram_scale, int fix_dep, std::uintptr_t nngp, std::uintptr_t ntk,
+         int device, std::uintptr_t stream) {
+        const fc_params p = make_params(kind, a, b, n, depth, w_var, b_var, gram_scale, fix_dep);
+        py::gil_scoped_release nogil;
+        fc_kernels_cuda_diag<T>(dev_ptr<const T>(x1), n1, d, p, dev_ptr<T>(nngp), dev_ptr<T>(ntk), device, stream);
+      },
+      py::arg("x1"), py::arg("n1"), py::arg("d"), py::arg("kind"), py::arg("a"), py::arg("b"), py::arg("n"),
+      py::arg("depth"), py::arg("w_var"), py::arg("b_var"), py::arg("gram_scale"), py::arg("fix_dep"),
+      py::arg("nngp"), py::arg("ntk"), py::arg("device") = -1, py::arg("stream") = 0,
+      "k(x, x) for the rows of x1 on device pointers; asynchronous on `stream`.");
+  m.def(
+      host_name,
+      [](carray<T> x1, int kind, double a, double b, int n, int depth, double w_var, double b_var, double gram_scale,
+         int fix_dep, bool want_nngp, bool want_ntk, int device) {
+        if (x1.ndim() != 2) throw std::invalid_argument("arcflow: x1 must be 2-D");
+        const std::int64_t n1 = x1.shape(0), d = x1.shape(1);
+        const fc_params p = make_params(kind, a, b, n, depth, w_var, b_var, gram_scale, fix_dep);
+        py::object rn = py::none(), rt = py::none();
+        T *pn = nullptr, *pt = nullptr;
+        if (want_nngp) {
+          carray<T> o(n1);
+          pn = o.mutable_data();
+          rn = o;
+        }
+        if (want_ntk) {
+          carray<T> o(n1);
+          pt = o.mutable_data();
+          rt = o;
+        }
+        {
+          py::gil_scoped_release nogil;
+          fc_kernels_cuda_diag_host<T>(x1.data(), n1, d, p, pn, pt, device);
+        }
+        return py::make_tuple(rn, rt);
+      },
+      py::arg("x1").noconvert(), py::arg("kind"), py::arg("a"), py::arg("b"), py::arg("n"), py::arg("depth"),
+      py::arg("w_var"), py::arg("b_var"), py::arg("gram_scale"), py::arg("fix_dep"), py::arg("want_nngp"),
+      py::arg("want_ntk"), py::arg("device") = -1,
+      "k(x, x) for the rows of a host array on the GPU; returns (nngp or None, ntk or None).");
+}
+
 }  // namespace
 #endif
 
@@ -111,6 +157,8 @@ void register_cuda(pybind11::module_& m) {
   bind_device<double>(m, "fc_kernels_cuda_f64");
   bind_host<float>(m, "fc_kernels_cuda_host_f32");
   bind_host<double>(m, "fc_kernels_cuda_host_f64");
+  bind_diag<float>(m, "fc_diag_cuda_f32", "fc_diag_cuda_host_f32");
+  bind_diag<double>(m, "fc_diag_cuda_f64", "fc_diag_cuda_host_f64");
   m.def(
       "cuda_device_info",
       [](int device) {

@@ -59,7 +59,7 @@ def _device_matrix(cp, x, name: str, dtype):
 
 def kernels_cuda(a1, a2, kind: int, a: float, b: float, n: int, depth: int, w_var: float, b_var: float,
                  gram_scale: float, fix_dep: int, want_nngp: bool = True, want_ntk: bool = True, *,
-                 device: Optional[int] = None) -> Tuple[Optional[object], Optional[object]]:
+                 diag: bool = False, device: Optional[int] = None) -> Tuple[Optional[object], Optional[object]]:
     """NNGP and NTK on the GPU with the CPU engine's arguments; returns ``(nngp or None, ntk or None)``.
 
     ``a1`` is (n1, d), ``a2`` is None (the symmetric kernel of a1: one triangle computed, mirrored) or
@@ -68,12 +68,15 @@ def kernels_cuda(a1, a2, kind: int, a: float, b: float, n: int, depth: int, w_va
     are taken as they are (cast to the common dtype, float32 if both are float32, else float64, and made
     contiguous by CuPy) and the result is CuPy arrays allocated on the input's device, written
     asynchronously on CuPy's current stream. ``kind``, ``a``, ``b``, ``n``, ``depth``, ``w_var``,
-    ``b_var``, ``gram_scale``, ``fix_dep`` are the numbers of ``_core.FcEngineF32/F64``.
+    ``b_var``, ``gram_scale``, ``fix_dep`` are the numbers of ``_core.FcEngineF32/F64``. With ``diag=True``
+    (``a2`` must be None) the results are the n1-vectors k(x, x), as ``engine.diag``.
 
     Raises RuntimeError without CUDA or without a device, and for failed CUDA calls (the message names the
     call and CUDA's error string); ValueError / TypeError for bad shapes or dtypes.
     """
     _require()
+    if diag and a2 is not None:
+        raise ValueError("arcflow (CUDA): diag=True computes k(x, x) for the rows of x1; x2 must be None")
     args = (int(kind), float(a), float(b), int(n), int(depth), float(w_var), float(b_var), float(gram_scale),
             int(fix_dep))
     if is_device_array(a1) or is_device_array(a2):
@@ -93,13 +96,19 @@ def kernels_cuda(a1, a2, kind: int, a: float, b: float, n: int, depth: int, w_va
                                  f"got {x1.shape} and {x2.shape}")
             n1, d = x1.shape
             n2 = n1 if x2 is None else x2.shape[0]
-            out_n = cp.empty((n1, n2), dtype=dtype) if want_nngp else None
-            out_t = cp.empty((n1, n2), dtype=dtype) if want_ntk else None
-            fn = _core.fc_kernels_cuda_f32 if dtype == np.float32 else _core.fc_kernels_cuda_f64
+            shape = (n1,) if diag else (n1, n2)
+            out_n = cp.empty(shape, dtype=dtype) if want_nngp else None
+            out_t = cp.empty(shape, dtype=dtype) if want_ntk else None
+            f32 = dtype == np.float32
             ptr = (lambda x: 0 if x is None else int(x.data.ptr))
+            stream = int(cp.cuda.get_current_stream().ptr)
             if n1 > 0 and n2 > 0 and (want_nngp or want_ntk):
-                fn(ptr(x1), ptr(x2), n1, n2, d, *args, ptr(out_n), ptr(out_t), int(dev.id),
-                   int(cp.cuda.get_current_stream().ptr))
+                if diag:
+                    fn = _core.fc_diag_cuda_f32 if f32 else _core.fc_diag_cuda_f64
+                    fn(ptr(x1), n1, d, *args, ptr(out_n), ptr(out_t), int(dev.id), stream)
+                else:
+                    fn = _core.fc_kernels_cuda_f32 if f32 else _core.fc_kernels_cuda_f64
+                    fn(ptr(x1), ptr(x2), n1, n2, d, *args, ptr(out_n), ptr(out_t), int(dev.id), stream)
         return out_n, out_t
 
     a1 = np.asarray(a1)
@@ -112,12 +121,18 @@ def kernels_cuda(a1, a2, kind: int, a: float, b: float, n: int, depth: int, w_va
             a2 = np.ascontiguousarray(a2, dtype=dtype)
     if a1.ndim != 2 or (a2 is not None and (a2.ndim != 2 or a2.shape[1] != a1.shape[1])):
         raise ValueError("arcflow (CUDA): x1 and x2 must be 2-D with the same number of columns")
-    fn = _core.fc_kernels_cuda_host_f32 if dtype == np.float32 else _core.fc_kernels_cuda_host_f64
     n1 = a1.shape[0]
     n2 = n1 if a2 is None else a2.shape[0]
+    dev = -1 if device is None else int(device)
     if n1 == 0 or n2 == 0:
-        return (np.empty((n1, n2), dtype) if want_nngp else None, np.empty((n1, n2), dtype) if want_ntk else None)
-    return tuple(fn(a1, a2, *args, bool(want_nngp), bool(want_ntk), -1 if device is None else int(device)))
+        shape = (n1,) if diag else (n1, n2)
+        return (np.empty(shape, dtype) if want_nngp else None, np.empty(shape, dtype) if want_ntk else None)
+    f32 = dtype == np.float32
+    if diag:
+        fn = _core.fc_diag_cuda_host_f32 if f32 else _core.fc_diag_cuda_host_f64
+        return tuple(fn(a1, *args, bool(want_nngp), bool(want_ntk), dev))
+    fn = _core.fc_kernels_cuda_host_f32 if f32 else _core.fc_kernels_cuda_host_f64
+    return tuple(fn(a1, a2, *args, bool(want_nngp), bool(want_ntk), dev))
 
 
 def device_info(device: int = 0) -> dict:

@@ -12,6 +12,7 @@
 //   (cudaMallocAsync / cudaFreeAsync), so the caller may free nothing early and needs no extra sync.
 // - fc_kernels_cuda_host: the same with x1, x2, nngp, ntk in HOST memory; copies in and out, synchronous.
 //   The device must hold x1, x2 and the requested outputs at once.
+// - d must be >= 1 (the Python layer rejects d = 0 with n1, n2 > 0).
 // - Same numbers as fc_engine<T> (the CPU backend) up to rounding: the same per-pair formulas
 //   (activations.hpp) and the same refinement of near-collinear first-layer pairs.
 // - Throws std::invalid_argument for inconsistent arguments, std::runtime_error (naming the CUDA call and
@@ -31,6 +32,13 @@ void fc_kernels_cuda(const T* x1, const T* x2, index_t n1, index_t n2, index_t d
 template <class T>
 void fc_kernels_cuda_host(const T* x1, const T* x2, index_t n1, index_t n2, index_t d, const fc_params& p,
                           T* nngp, T* ntk, int device);
+
+// k(x, x) for the rows of x1 (DEVICE pointers, as fc_kernels_cuda): nngp and ntk are n1-vectors or nullptr.
+template <class T>
+void fc_kernels_cuda_diag(const T* x1, index_t n1, index_t d, const fc_params& p, T* nngp, T* ntk, int device,
+                          std::uintptr_t stream);
+template <class T>
+void fc_kernels_cuda_diag_host(const T* x1, index_t n1, index_t d, const fc_params& p, T* nngp, T* ntk, int device);
 
 // Number of visible CUDA devices; 0 (never an exception) without a driver or a device.
 int cuda_device_count() noexcept;
@@ -55,5 +63,13 @@ extern template void fc_kernels_cuda_host<float>(const float*, const float*, ind
                                                  const fc_params&, float*, float*, int);
 extern template void fc_kernels_cuda_host<double>(const double*, const double*, index_t, index_t, index_t,
                                                   const fc_params&, double*, double*, int);
+extern template void fc_kernels_cuda_diag<float>(const float*, index_t, index_t, const fc_params&, float*, float*,
+                                                 int, std::uintptr_t);
+extern template void fc_kernels_cuda_diag<double>(const double*, index_t, index_t, const fc_params&, double*,
+                                                  double*, int, std::uintptr_t);
+extern template void fc_kernels_cuda_diag_host<float>(const float*, index_t, index_t, const fc_params&, float*,
+                                                      float*, int);
+extern template void fc_kernels_cuda_diag_host<double>(const double*, index_t, index_t, const fc_params&, double*,
+                                                       double*, int);
 
 }  // namespace arcflow

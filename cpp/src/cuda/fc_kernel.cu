@@ -190,6 +190,58 @@ void fc_kernels_cuda_host(const T* x1, const T* x2, index_t n1, index_t n2, inde
   }
 }
 
+template <class T>
+void fc_kernels_cuda_diag(const T* x1, index_t n1, index_t d, const fc_params& p, T* nngp, T* ntk, int device,
+                          std::uintptr_t stream) {
+  using namespace cuda_detail;
+  check_params(n1, n1, d, p, true);
+  if (n1 == 0 || (!nngp && !ntk)) return;
+  ARCFLOW_CHECK(d >= 1, "the CUDA backend needs d >= 1");
+  ARCFLOW_CHECK(x1 != nullptr, "x1 is a null pointer");
+  device_guard guard(device);
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  std::vector<double> nrm;
+  norms_to_host(x1, n1, d, st, nrm);
+  const index_t np = round_up(n1, TABLE_PAD);
+  device_buffer tab(std::size_t(p.depth + 1) * 5 * std::size_t(np) * sizeof(T) + 2 * std::size_t(np) * sizeof(T), st);
+  by_activation<T>(p.act, [&](auto act) {
+    using Act = decltype(act);
+    {
+      const std::vector<T> h = build_table<T, Act>(nrm, n1, np, p);
+      ARCFLOW_CUDA_CHECK(cudaMemcpyAsync(tab.ptr, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice, st));
+    }
+    const unsigned blocks = unsigned((n1 + 255) / 256);
+    fc_diag_kernel<T, Act><<<blocks, 256, 0, st>>>(tab.as<T>(), np, n1, p.depth, p.fix_dep, T(p.w_var), T(p.b_var),
+                                                   nngp, ntk, act);
+    ARCFLOW_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
+template <class T>
+void fc_kernels_cuda_diag_host(const T* x1, index_t n1, index_t d, const fc_params& p, T* nngp, T* ntk, int device) {
+  using namespace cuda_detail;
+  check_params(n1, n1, d, p, true);
+  if (n1 == 0 || (!nngp && !ntk)) return;
+  ARCFLOW_CHECK(d >= 1, "the CUDA backend needs d >= 1");
+  device_guard guard(device);
+  cudaStream_t st = nullptr;
+  ARCFLOW_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  struct stream_owner {
+    cudaStream_t s;
+    ~stream_owner() {
+      cudaStreamSynchronize(s);
+      cudaStreamDestroy(s);
+    }
+  } owner{st};
+  const std::size_t in = std::size_t(n1) * std::size_t(d) * sizeof(T), out = std::size_t(n1) * sizeof(T);
+  device_buffer dx(in, st), dn(nngp ? out : 0, st), dt(ntk ? out : 0, st);
+  ARCFLOW_CUDA_CHECK(cudaMemcpyAsync(dx.ptr, x1, in, cudaMemcpyHostToDevice, st));
+  fc_kernels_cuda_diag<T>(dx.as<T>(), n1, d, p, dn.as<T>(), dt.as<T>(), -1, reinterpret_cast<std::uintptr_t>(st));
+  if (nngp) ARCFLOW_CUDA_CHECK(cudaMemcpyAsync(nngp, dn.ptr, out, cudaMemcpyDeviceToHost, st));
+  if (ntk) ARCFLOW_CUDA_CHECK(cudaMemcpyAsync(ntk, dt.ptr, out, cudaMemcpyDeviceToHost, st));
+  ARCFLOW_CUDA_CHECK(cudaStreamSynchronize(st));
+}
+
 template void fc_kernels_cuda<float>(const float*, const float*, index_t, index_t, index_t, const fc_params&,
                                      float*, float*, int, std::uintptr_t);
 template void fc_kernels_cuda<double>(const double*, const double*, index_t, index_t, index_t, const fc_params&,
@@ -198,5 +250,12 @@ template void fc_kernels_cuda_host<float>(const float*, const float*, index_t, i
                                           float*, float*, int);
 template void fc_kernels_cuda_host<double>(const double*, const double*, index_t, index_t, index_t,
                                            const fc_params&, double*, double*, int);
+template void fc_kernels_cuda_diag<float>(const float*, index_t, index_t, const fc_params&, float*, float*, int,
+                                          std::uintptr_t);
+template void fc_kernels_cuda_diag<double>(const double*, index_t, index_t, const fc_params&, double*, double*, int,
+                                           std::uintptr_t);
+template void fc_kernels_cuda_diag_host<float>(const float*, index_t, index_t, const fc_params&, float*, float*, int);
+template void fc_kernels_cuda_diag_host<double>(const double*, index_t, index_t, const fc_params&, double*, double*,
+                                                int);
 
 }  // namespace arcflow

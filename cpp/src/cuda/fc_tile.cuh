@@ -266,6 +266,30 @@ __global__ void __launch_bounds__(NTHREADS) fc_tile_kernel(const tile_args<T> g,
   }
 }
 
+// k(x, x) for the rows of x1: the CPU engine's diag recursion (pairs (x, x), P = s, h = 1 / 2s), one thread
+// per row, from the per-row table alone.
+template <class T, class Act>
+__global__ void fc_diag_kernel(const T* tab, index_t np, index_t n, int depth, int fix_dep, T wv, T bv, T* nngp,
+                               T* ntk, const Act act) {
+  const index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const T r0 = tab[i];
+  T s = r0 * r0;
+  T gm = T(0), gp = T(2) * s;
+  T th = fix_dep < 1 ? s : T(0);
+  for (int l = 0; l < depth; ++l) {
+    const T* L = tab + index_t(l) * 5 * np + i;
+    const T r = L[0], ir = L[np], pa = L[2 * np], pb = L[3 * np], t = L[4 * np];
+    const pair_out<T> o = act.pair(s, gm, gp, r * r, T(0.5) * ir * ir, pa, pb, t, pa, pb, t);
+    s = wv * o.t + bv;
+    gm = wv * o.gm;
+    gp = T(2) * bv + wv * o.gp;
+    th = ((l + 2) > fix_dep ? s : T(0)) + wv * o.tdot * th;
+  }
+  if (nngp) nngp[i] = s;
+  if (ntk) ntk[i] = th;
+}
+
 // ---- host side ----------------------------------------------------------------------------------------
 
 // The per-row tables of the CPU engine (fill_table in cpp/src/cpu/fc_kernel.cpp), from |x|^2, in double.
