@@ -3,12 +3,16 @@
 Accuracy is relative to the largest |entry| of the CPU result: at most 1e-12 in float64 and 1e-5 in
 float32. Every activation, symmetric and not, depth 0..8, shapes that cross tile borders (128 x 128 pairs
 per block in float32, 64 x 64 in float64) and collinear rows (duplicates, multiples, a zero row: the
-first-layer refinement). Without a GPU (or without the CUDA build) the GPU tests skip with the reason, and
-the error paths are checked instead.
+first-layer refinement). Without a GPU (or without the CUDA build) the GPU tests skip with the reason; the
+error paths are checked instead, and the kernels' logic runs in a host emulation (tests/cuda_emulation.cpp,
+built with g++) against the CPU engine.
 """
 from __future__ import annotations
 
 import inspect
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,6 +124,35 @@ def test_binding_without_device_raises_runtime_error():
     x = np.ones((3, 2))
     with pytest.raises(RuntimeError, match="no CUDA device"):
         _core.fc_kernels_cuda_host_f64(x, None, 0, 0.0, 1.0, 1, 2, 1.0, 0.0, 0.5, 0, True, True)
+
+
+# ---- without a GPU: the kernels' logic in a host emulation -------------------------------------------------
+
+@pytest.mark.slow
+def test_kernel_logic_in_host_emulation(tmp_path):
+    """tests/cuda_emulation.cpp runs the CUDA tile and diag kernels on the CPU (one OS thread per CUDA
+    thread, a barrier for __syncthreads) against the CPU engine, for every activation family, symmetric and
+    not, ragged tiles, depth 0..8: indexing, mirroring and bounds are checked where no GPU is present."""
+    root = Path(__file__).resolve().parents[1]
+    src, engine = root / "tests" / "cuda_emulation.cpp", root / "cpp" / "src" / "cpu" / "fc_kernel.cpp"
+    if not (root / "cpp" / "src" / "cuda" / "fc_tile.cuh").exists() or not engine.exists():
+        pytest.skip("the C++ sources are not in this checkout")
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++ to build the host emulation")
+    probe = tmp_path / "probe.cpp"
+    probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
+    if subprocess.run([cxx, "-std=c++20", str(probe), "-o", str(tmp_path / "probe"), "-lpthread"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("g++ has no C++20 <barrier>")
+    exe = tmp_path / "cuda_emulation"
+    build = subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-Wno-unknown-pragmas",
+                            f"-I{root / 'cpp' / 'include'}", str(src), str(engine), "-o", str(exe), "-lpthread"],
+                           capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert run.stdout.strip().startswith("worst f64"), run.stdout
 
 
 # ---- on a GPU: the same numbers as the CPU backend --------------------------------------------------------

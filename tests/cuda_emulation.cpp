@@ -1,0 +1,188 @@
+// Host emulation of the CUDA tile and diag kernels (cpp/src/cuda/fc_tile.cuh) against the CPU engine.
+//
+// Each CUDA thread of a block runs as an OS thread, __syncthreads is a std::barrier and __shared__ arrays are
+// function statics, so the kernels' indexing, tiling, mirroring and bounds are checked without a GPU.
+// Built and run by tests/test_cuda.py::test_kernel_logic_in_host_emulation (g++ -std=c++20); prints one line
+// "worst f64 <err> f32 <err>", the largest error relative to the largest |entry|, over all cases.
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <thread>
+#include <vector>
+
+struct emu_dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+thread_local emu_dim3 threadIdx;
+emu_dim3 blockIdx, blockDim{256, 1, 1};
+std::barrier<>* emu_barrier = nullptr;
+#define __global__
+#define __device__
+#define __host__
+#define __noinline__
+#define __forceinline__
+#define __launch_bounds__(x)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __syncthreads() emu_barrier->arrive_and_wait()
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+
+#include "../cpp/src/cuda/fc_tile.cuh"
+
+using namespace arcflow;
+using namespace arcflow::cuda_detail;
+
+template <class T>
+double run_case(const act_params& ap, double wv, double bv, int depth, int fix, int n1, int n2, int d, bool sym,
+                unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> nd;
+  if (sym) n2 = n1;
+  std::vector<T> x1(size_t(n1) * d), x2(size_t(n2) * d);
+  for (auto& v : x1) v = T(nd(rng));
+  for (auto& v : x2) v = T(nd(rng));
+  if (n1 > 3)  // a duplicate, a multiple and a zero row: the first-layer refinement and the zero-row limits
+    for (int k = 0; k < d; ++k) {
+      x1[size_t(d) + k] = x1[k];
+      x1[size_t(2) * d + k] = T(-0.6) * x1[k];
+      x1[size_t(3) * d + k] = T(0);
+    }
+  if (!sym && n2 > 1)
+    for (int k = 0; k < d; ++k) {
+      x2[k] = x1[k];
+      x2[size_t(d) + k] = T(0.7) * x1[k];
+    }
+  if (sym) x2 = x1;
+  fc_params p;
+  p.act = ap;
+  p.depth = depth;
+  p.w_var = wv;
+  p.b_var = bv;
+  p.gram_scale = wv / d;
+  p.fix_dep = fix;
+
+  std::vector<T> cn(size_t(n1) * n2), ct(size_t(n1) * n2);
+  fc_engine<T> eng(x1.data(), n1, sym ? x1.data() : x2.data(), n2, d, sym, p);
+  eng.rows(0, n1, cn.data(), ct.data(), nullptr, 1);
+
+  auto norm2 = [d](const std::vector<T>& x, int n) {
+    std::vector<double> q(static_cast<size_t>(n));
+    for (int i = 0; i < n; ++i) {
+      double acc = 0;
+      for (int k = 0; k < d; ++k) {
+        const double v = double(x[size_t(i) * d + k]);
+        acc += v * v;
+      }
+      q[size_t(i)] = acc;
+    }
+    return q;
+  };
+  const std::vector<double> q1 = norm2(x1, n1), q2 = norm2(x2, n2);
+  const index_t np1 = (n1 + TABLE_PAD - 1) / TABLE_PAD * TABLE_PAD, np2 = (n2 + TABLE_PAD - 1) / TABLE_PAD * TABLE_PAD;
+  std::vector<T> gn(size_t(n1) * n2, T(-9)), gt(size_t(n1) * n2, T(-9));  // sentinels: unwritten entries show
+  by_activation<T>(p.act, [&](auto act) {
+    using Act = decltype(act);
+    const std::vector<T> t1 = build_table<T, Act>(q1, n1, np1, p), t2 = build_table<T, Act>(q2, n2, np2, p);
+    tile_args<T> g;
+    g.x1 = x1.data();
+    g.x2 = sym ? x1.data() : x2.data();
+    g.n1 = n1;
+    g.n2 = n2;
+    g.d = d;
+    g.tab1 = t1.data();
+    g.tab2 = sym ? t1.data() : t2.data();
+    g.np1 = np1;
+    g.np2 = sym ? np1 : np2;
+    g.nngp = gn.data();
+    g.ntk = gt.data();
+    g.depth = depth;
+    g.fix_dep = fix;
+    g.symmetric = sym;
+    g.wv = T(wv);
+    g.bv = T(bv);
+    g.gs = T(p.gram_scale);
+    g.sq_gs = T(std::sqrt(p.gram_scale));
+    g.w_sd = T(std::sqrt(wv));
+    constexpr int BM = TY * tile_cfg<T>::TM, BN = TX * tile_cfg<T>::TN;
+    for (unsigned by = 0; by < unsigned((n1 + BM - 1) / BM); ++by)
+      for (unsigned bx = 0; bx < unsigned((n2 + BN - 1) / BN); ++bx) {
+        blockIdx.x = bx;
+        blockIdx.y = by;
+        std::barrier<> bar(NTHREADS);
+        emu_barrier = &bar;
+        std::vector<std::thread> th;
+        th.reserve(NTHREADS);
+        for (int t = 0; t < NTHREADS; ++t)
+          th.emplace_back([&, t] {
+            threadIdx.x = unsigned(t);
+            fc_tile_kernel<T, Act>(g, act);
+          });
+        for (auto& x : th) x.join();
+      }
+    if (sym) {  // the diag kernel, one "thread" at a time (no barriers)
+      const size_t nn1 = static_cast<size_t>(n1);
+      std::vector<T> dn(nn1), dt(nn1), en(nn1, T(-5)), et(nn1, T(-5));
+      eng.diag(dn.data(), dt.data(), 1);
+      for (unsigned b = 0; b < unsigned((n1 + 255) / 256); ++b)
+        for (unsigned t = 0; t < 256; ++t) {
+          blockIdx.x = b;
+          threadIdx.x = t;
+          fc_diag_kernel<T, Act>(t1.data(), np1, n1, depth, fix, T(wv), T(bv), en.data(), et.data(), act);
+        }
+      cn.insert(cn.end(), dn.begin(), dn.end());
+      ct.insert(ct.end(), dt.begin(), dt.end());
+      gn.insert(gn.end(), en.begin(), en.end());
+      gt.insert(gt.end(), et.begin(), et.end());
+    }
+  });
+  double mx = 0, err = 0;
+  for (size_t e = 0; e < cn.size(); ++e) mx = std::max({mx, std::fabs(double(cn[e])), std::fabs(double(ct[e]))});
+  for (size_t e = 0; e < cn.size(); ++e) {
+    const double e1 = std::fabs(double(cn[e]) - double(gn[e])), e2 = std::fabs(double(ct[e]) - double(gt[e]));
+    err = (e1 <= 1e300 && e2 <= 1e300) ? std::max({err, e1, e2}) : 1e300;  // NaN or inf: fail
+  }
+  return err / std::max(mx, 1e-300);
+}
+
+int main() {
+  struct act_case {
+    act_params p;
+    double wv, bv;
+    const char* name;
+  };
+  auto ab = [](double a, double b) { act_params p; p.kind = act_kind::abrelu; p.a = a; p.b = b; return p; };
+  auto mono = [](int n) { act_params p; p.kind = act_kind::monomial; p.n = n; return p; };
+  auto kind = [](act_kind k) { act_params p; p.kind = k; return p; };
+  const act_case acts[] = {{ab(0, 1), 1.69, 0.16, "relu"},        {ab(0, 1), 2.0, 0.0, "relu_nobias"},
+                           {ab(0.2, 1), 1.69, 0.16, "leaky"},     {ab(-1, 1), 1.21, 0.09, "abs"},
+                           {ab(1, 1), 1.21, 0.09, "identity"},    {mono(0), 1.69, 0.16, "step"},
+                           {mono(2), 0.25, 0.16, "monomial_2"},   {mono(3), 0.09, 0.16, "monomial_3"},
+                           {kind(act_kind::sign), 1.69, 0.16, "sign"}, {kind(act_kind::erf), 2.25, 0.04, "erf"}};
+  struct shape {
+    int n1, n2, d;
+    bool sym;
+  };
+  // Ragged edges, several tiles each way (float tiles are 128 x 128, double 64 x 64), symmetric mirrors.
+  const shape shapes[] = {{1, 1, 1, false}, {150, 70, 11, false}, {130, 130, 9, true}, {6, 6, 4, true}};
+  double worst32 = 0, worst64 = 0;
+  int bad = 0;
+  for (const auto& ac : acts)
+    for (const auto& sh : shapes)
+      for (int depth : {0, 2, 8}) {
+        const int fix = depth == 8 ? 3 : (depth > 0 ? 1 : 0);
+        const double e64 = run_case<double>(ac.p, ac.wv, ac.bv, depth, fix, sh.n1, sh.n2, sh.d, sh.sym, 1);
+        const double e32 = run_case<float>(ac.p, ac.wv, ac.bv, depth, fix, sh.n1, sh.n2, sh.d, sh.sym, 2);
+        worst64 = std::max(worst64, e64);
+        worst32 = std::max(worst32, e32);
+        if (e64 > 1e-12 || e32 > 1e-5) {
+          ++bad;
+          std::printf("%-12s %4d x %4d d=%3d sym=%d depth=%d: f64 %.2e f32 %.2e\n", ac.name, sh.n1, sh.n2, sh.d,
+                      int(sh.sym), depth, e64, e32);
+        }
+      }
+  std::printf("worst f64 %.3e f32 %.3e\n", worst64, worst32);
+  return bad ? 1 : 0;
+}
