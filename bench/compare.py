@@ -4,7 +4,9 @@
                             [--n-kvb 3000] [--dtype float64|float32|both] [--threads N]
                             [--nt-python /path/to/python] [--json out.json] [--quick]
 
-Every program runs in its own subprocess (a "worker": this file with ``--worker``), on the same
+Every baseline is timed interleaved with arcflow, rep by rep (A B B A ...), and its ratio is the median
+of the per-rep ratios, so that both programs see the same load on a shared machine. Every program runs
+in its own subprocess (a "worker": this file with ``--worker``), on the same
 inputs (regenerated from the same seed), pinned to the same CPUs (``sched_setaffinity``) and thread
 count (arcflow's ``threads=``, threadpoolctl for BLAS, the CPU affinity for XLA). The time is the
 median of the repetitions after a warm-up; the peak memory is the worker's ``ru_maxrss`` (the whole
@@ -76,6 +78,27 @@ def _time_reps(fn, reps):
     return times
 
 
+def _timings(call, job):
+    """The timed repetitions: all at once, or (``serve``) one per "run" line on stdin until "quit".
+
+    The served form lets the driver interleave two programs rep by rep (A B B A ...), so that both
+    see the same load on a shared machine and each rep gives one paired ratio.
+    """
+    if not job.get("serve"):
+        return _time_reps(call, job["reps"])
+    print("READY", flush=True)
+    times = []
+    while True:
+        cmd = sys.stdin.readline().strip()
+        if cmd != "run":  # "quit" or EOF
+            return times
+        t0 = time.perf_counter()
+        out = call()
+        times.append(time.perf_counter() - t0)
+        del out
+        print(f"TIME {times[-1]!r}", flush=True)
+
+
 def _corner(a, k=6):
     import numpy as np
 
@@ -115,7 +138,7 @@ def work_arcflow(job):
     out = call()
     res = {"corner_nngp": _corner(out.nngp), "corner_ntk": _corner(out.ntk)}
     del out
-    res.update(times=_time_reps(call, job["reps"]), rss_before_mb=rss0, warmup="full size",
+    res.update(times=_timings(call, job), rss_before_mb=rss0, warmup="full size",
                blas=_blas_info())
     return res
 
@@ -132,7 +155,7 @@ def work_reference(job):
     def call():
         return reference.kernels(x, None, depth=job["depth"], activation="relu")
 
-    times = _time_reps(call, job["reps"])
+    times = _timings(call, job)
     out = reference.kernels(x[:64], None, depth=job["depth"], activation="relu")
     return {"times": times, "rss_before_mb": rss0, "warmup": "256 rows",
             "corner_nngp": _corner(out.nngp), "corner_ntk": _corner(out.ntk), "blas": _blas_info()}
@@ -145,7 +168,7 @@ def work_original(job):
     x = _inputs(job["n"], job["d"], normalise=True)
     rss0 = _rss_mb()
     reference.kernel_value_batch_original(x[:256].copy(), job["depth"])  # warm-up, small size
-    times = _time_reps(lambda: reference.kernel_value_batch_original(x, job["depth"]), job["reps"])
+    times = _timings(lambda: reference.kernel_value_batch_original(x, job["depth"]), job)
     out = reference.kernel_value_batch_original(x[:64], job["depth"])
     return {"times": times, "rss_before_mb": rss0, "warmup": "256 rows",
             "corner_kvb": _corner(out[-1][0]), "blas": _blas_info()}
@@ -158,7 +181,7 @@ def work_compat(job):
     call = lambda: compat.kernel_value_batch(x, job["depth"], threads=job["threads"])  # noqa: E731
     rss0 = _rss_mb()
     call()  # warm-up at full size
-    times = _time_reps(call, job["reps"])
+    times = _timings(call, job)
     out = compat.kernel_value_batch(x[:64], job["depth"], threads=job["threads"])
     return {"times": times, "rss_before_mb": rss0, "warmup": "full size",
             "corner_kvb": _corner(out[-1][0])}
@@ -191,7 +214,7 @@ def work_nt(job):
     nngp, ntk = call()
     res = {"corner_nngp": _corner(nngp), "corner_ntk": _corner(ntk)}
     del nngp, ntk
-    res.update(times=_time_reps(call, job["reps"]), rss_before_mb=rss0, warmup="jit + full size",
+    res.update(times=_timings(call, job), rss_before_mb=rss0, warmup="jit + full size",
                versions={"jax": jax.__version__,
                          "neural_tangents": getattr(nt, "__version__", "?")},
                devices=[str(dev) for dev in jax.devices()])
@@ -293,7 +316,7 @@ def worker_main(spec: str) -> None:
 # ==================================================================================================
 # driver side
 # ==================================================================================================
-def run_worker(job, python=None, drop_env=(), timeout=3600):
+def _worker_cmd(job, python=None, drop_env=()):
     env = dict(os.environ)
     for key in drop_env:
         env.pop(key, None)
@@ -302,16 +325,85 @@ def run_worker(job, python=None, drop_env=(), timeout=3600):
     if job["kind"] == "nt":
         env.setdefault("JAX_PLATFORMS", "cpu")
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    cmd = [python or sys.executable, HERE, "--worker", json.dumps(job)]
+    return [python or sys.executable, HERE, "--worker", json.dumps(job)], env
+
+
+def _finish(res, job, drop_env):
+    res["median_s"] = statistics.median(res["times"]) if res.get("times") else None
+    res["job"] = job
+    res["env_dropped"] = [k for k in drop_env if k in os.environ]
+    return res
+
+
+def run_pair(job_a, job_b, rounds, kw_a=None, kw_b=None):
+    """Run two programs side by side, interleaved rep by rep (A B, B A, A B, ...).
+
+    Each worker sets up and warms up first (one after the other), then the driver asks for one timed
+    call at a time. Returns both results; the B result carries the per-round ratios t_B / t_A.
+    """
+    import tempfile
+
+    kws = (kw_a or {}, kw_b or {})
+    procs, errs = [], []
+    try:
+        for job, kw in zip((job_a, job_b), kws):
+            cmd, env = _worker_cmd(dict(job, serve=True), kw.get("python"), kw.get("drop_env", ()))
+            err = tempfile.TemporaryFile(mode="w+")
+            proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=err, text=True, bufsize=1)
+            procs.append(proc)
+            errs.append(err)
+            _expect(proc, err, "READY", job)
+
+        times = ([], [])
+        for r in range(rounds):
+            order = (0, 1) if r % 2 == 0 else (1, 0)
+            for i in order:
+                procs[i].stdin.write("run\n")
+                procs[i].stdin.flush()
+                times[i].append(float(_expect(procs[i], errs[i], "TIME ", (job_a, job_b)[i])))
+        out = []
+        for i, (proc, job, kw) in enumerate(zip(procs, (job_a, job_b), kws)):
+            proc.stdin.write("quit\n")
+            proc.stdin.flush()
+            res = json.loads(_expect(proc, errs[i], "RESULT ", job))
+            proc.wait(timeout=600)
+            out.append(_finish(res, job, kw.get("drop_env", ())))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for err in errs:
+            err.close()
+    res_a, res_b = out
+    ratios = [tb / ta for ta, tb in zip(res_a["times"], res_b["times"])]
+    res_b["paired_ratios"] = ratios
+    res_b["paired_ratio_median"] = statistics.median(ratios)
+    res_b["paired_with"] = {"job": job_a, "times": res_a["times"]}
+    return res_a, res_b
+
+
+def _expect(proc, err, prefix, job):
+    """Read the worker's stdout until a line starting with prefix; return the rest of that line."""
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            err.seek(0)
+            tail = err.read()[-2000:]
+            raise RuntimeError(f"worker {job['kind']} ended before {prefix.strip()} "
+                               f"(rc {proc.poll()}):\n{tail}")
+        if line.startswith(prefix):
+            return line[len(prefix):].strip()
+
+
+def run_worker(job, python=None, drop_env=(), timeout=3600):
+    cmd, env = _worker_cmd(job, python, drop_env)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            res = json.loads(line[len("RESULT "):])
-            res["median_s"] = statistics.median(res["times"]) if "times" in res else None
-            res["job"] = job
-            res["env_dropped"] = [k for k in drop_env if k in os.environ]
-            return res
+            return _finish(json.loads(line[len("RESULT "):]), job, drop_env)
     tail = (proc.stderr or proc.stdout)[-2000:]
     raise RuntimeError(f"worker {job['kind']} failed (rc {proc.returncode}, "
                        f"{time.perf_counter() - t0:.0f} s):\n{tail}")
@@ -424,24 +516,42 @@ def main(argv=None):
         if r.get("median_s") is not None:
             _log(f"    median {r['median_s']:.3f} s  peak {r['peak_mb']:.0f} MB")
 
+    def go_pair(key_a, job_a, key_b, job_b, rounds, kw_a=None, kw_b=None):
+        _log(f"[{time.perf_counter() - t_start:6.0f} s] {key_b} interleaved with {key_a} ...")
+        try:
+            res_a, res_b = run_pair(job_a, job_b, rounds, kw_a, kw_b)
+        except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError) as exc:
+            _log(f"    failed: {exc}")
+            results[key_b] = {"error": str(exc), "job": job_b}
+            return
+        results.setdefault(key_a, res_a)
+        results[key_b] = res_b
+        _log(f"    medians {res_a['median_s']:.3f} s / {res_b['median_s']:.3f} s, "
+             f"paired ratio {res_b['paired_ratio_median']:.2f}, peak {res_b['peak_mb']:.0f} MB")
+
+    # arcflow alone (its rows), then every baseline interleaved rep by rep with arcflow
     for dt in dtypes:
         go(f"arcflow/{dt}", dict(base, kind="arcflow", dtype=dt, reps=args.reps))
         go(f"arcflow_full/{dt}", dict(base, kind="arcflow", dtype=dt, reps=args.reps, full=True))
     if "reference" not in skip:
-        go("reference/float64", dict(base, kind="reference", dtype="float64", reps=args.ref_reps),
-           drop_env=NUMPY_ENV_DROP)
+        go_pair("arcflow@reference/float64", dict(base, kind="arcflow", dtype="float64"),
+                "reference/float64", dict(base, kind="reference", dtype="float64"), args.ref_reps,
+                kw_b={"drop_env": NUMPY_ENV_DROP})
     if nt_python:
         for dt in dtypes:
-            go(f"nt/{dt}", dict(base, kind="nt", dtype=dt, reps=args.reps), python=nt_python)
+            go_pair(f"arcflow@nt/{dt}", dict(base, kind="arcflow", dtype=dt),
+                    f"nt/{dt}", dict(base, kind="nt", dtype=dt), args.reps,
+                    kw_b={"python": nt_python})
     kvb = dict(base, n=args.n_kvb, dtype="float64")
-    go("compat/float64", dict(kvb, kind="compat", reps=args.reps))
     if "original" not in skip:
-        go("original/float64", dict(kvb, kind="original", reps=args.ref_reps),
-           drop_env=NUMPY_ENV_DROP)
+        go_pair("compat/float64", dict(kvb, kind="compat"), "original/float64",
+                dict(kvb, kind="original"), args.ref_reps, kw_b={"drop_env": NUMPY_ENV_DROP})
+    else:
+        go("compat/float64", dict(kvb, kind="compat", reps=args.reps))
     if "threads" not in skip and T >= 2:
-        for t in (1, 2):
-            go(f"threads{t}/float64",
-               dict(base, kind="arcflow", dtype="float64", reps=args.reps, threads=t))
+        go_pair("threads2/float64", dict(base, kind="arcflow", dtype="float64", threads=2),
+                "threads1/float64", dict(base, kind="arcflow", dtype="float64", threads=1),
+                args.reps)
     if "roofline" not in skip:
         for dt in dtypes:
             go(f"roofline/{dt}", dict(base, kind="roofline", dtype=dt, reps=args.reps),
@@ -518,7 +628,10 @@ def report(results, args, machine, dtypes, nt_python):
             say(f"{label:<42} {dt:<8} {nn:>6} failed: {r['error'].splitlines()[0][:60]}")
             continue
         m, mb = r["median_s"], med(base_key)
-        ratio = m / mb if (mb and key != base_key) else (1.0 if key == base_key else float("nan"))
+        if "paired_ratio_median" in r:
+            ratio = r["paired_ratio_median"]  # interleaved with arcflow, median of per-rep ratios
+        else:
+            ratio = m / mb if (mb and key != base_key) else (1.0 if key == base_key else float("nan"))
         delta = r["peak_mb"] - r["rss_before_mb"]
         say(f"{label:<42} {dt:<8} {nn:>6} {m:9.3f} {min(r['times']):7.3f} {len(r['times']):>4} {ratio:9.2f} "
             f"{r['peak_mb']:8.0f} {delta:8.0f}")
@@ -526,8 +639,16 @@ def report(results, args, machine, dtypes, nt_python):
                                 "reps": len(r["times"]), "times": r["times"],
                                 "ratio_vs_arcflow": ratio, "peak_mb": r["peak_mb"],
                                 "delta_mb": delta})
-    say("(x arcflow = median time / arcflow's median time for the same dtype and N; peak MB = the "
-        "worker's ru_maxrss, delta = peak minus the RSS just before the warm-up)")
+    say("(x arcflow: for the baselines, the median over reps of t_baseline / t_arcflow, the two run "
+        "interleaved rep by rep (A B B A ...) so that both see the same load; for arcflow's own rows, "
+        "median / median. peak MB = the worker's ru_maxrss, delta = peak minus the RSS just before "
+        "the warm-up)")
+    for key in ("reference/float64", "nt/float64", "nt/float32", "original/float64"):
+        r = results.get(key, {})
+        if "paired_with" in r:
+            pa = r["paired_with"]["times"]
+            say(f"  {key}: arcflow side of the pair median {statistics.median(pa):.3f} s; "
+                f"per-rep ratios {', '.join(f'{q:.1f}' for q in r['paired_ratios'])}")
     out_mb = 2 * n * n * 8 / 2**20
     say(f"(one float64 output pair NNGP + NTK at N = {n}: {out_mb:.0f} MB)")
 
@@ -551,9 +672,10 @@ def report(results, args, machine, dtypes, nt_python):
 
     t1, t2 = med("threads1/float64"), med("threads2/float64")
     if t1 and t2:
-        say(f"threads: arcflow float64 at N = {n}: 1 thread {t1:.3f} s, 2 threads {t2:.3f} s, "
-            f"speed-up {t1 / t2:.2f}x")
-        summary["threads"] = {"t1_s": t1, "t2_s": t2, "speedup": t1 / t2}
+        sp = results["threads1/float64"].get("paired_ratio_median", t1 / t2)
+        say(f"threads: arcflow float64 at N = {n}: 1 thread {t1:.3f} s, 2 threads {t2:.3f} s "
+            f"(medians, interleaved), speed-up {sp:.2f}x (median of per-rep ratios)")
+        summary["threads"] = {"t1_s": t1, "t2_s": t2, "speedup": sp}
 
     summary["floor"] = {}
     for dt in dtypes:
