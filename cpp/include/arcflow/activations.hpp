@@ -37,26 +37,26 @@ struct pair_out {
 // then the angle is pi/2 by convention (c = 0), as in the NumPy code of Arora et al.
 template <class T>
 struct angle {
-  T sig2, kap2, sig, kap, theta, x, sin_t, cos_t;  // x = min(theta, pi - theta)
+  T sig2, kap2, theta, x, sin_t, cos_t;  // x = min(theta, pi - theta)
   // No bool member: a bool inside the struct stops gcc from vectorising the callers' loops.
   ARCFLOW_HD bool big() const { return sig2 > kap2; }  // theta > pi/2
 };
 
+// The carried gaps are >= 0 by construction (every producer clamps), so no clamping here: sig2 and kap2
+// may exceed 1 by an ulp, which the ratio below does not mind. Few selects: this is the hot loop.
 template <class T>
 ARCFLOW_HD angle<T> make_angle(T gm, T gp, T h) {
   angle<T> a;
   const bool zero = !(h > T(0));
-  a.sig2 = zero ? T(0.5) : fm::clamp01(gm * h);
-  a.kap2 = zero ? T(0.5) : fm::clamp01(gp * h);
+  a.sig2 = zero ? T(0.5) : gm * h;
+  a.kap2 = zero ? T(0.5) : gp * h;
   // theta / 2 = atan2(sig, kap); x / 2 = atan2(min, max): two square roots and one division.
   const bool big = a.sig2 > a.kap2;
   const T m = std::sqrt(big ? a.kap2 : a.sig2);
   const T M = std::sqrt(big ? a.sig2 : a.kap2);  // >= 1/sqrt(2) up to rounding
-  a.sig = big ? M : m;
-  a.kap = big ? m : M;
   a.x = T(2) * fm::atan_ratio(m, M);
   a.theta = big ? fm::consts<T>::pi - a.x : a.x;
-  a.sin_t = T(2) * a.sig * a.kap;
+  a.sin_t = T(2) * m * M;
   a.cos_t = a.kap2 - a.sig2;
   return a;
 }

@@ -63,9 +63,10 @@ ARCFLOW_HD T atan_small(T x) {
 // atan2(m, M) for 0 <= m <= M, M > 0, with one division: above tan(pi/8) reduce by pi/4.
 template <class T>
 ARCFLOW_HD T atan_ratio(T m, T M) {
-  const bool hi = m > T(0.41421356237309504880) * M;
-  const T z = (hi ? m - M : m) / (hi ? m + M : M);
-  return (hi ? T(0.78539816339744830962) : T(0)) + atan_small(z);
+  // k = 1 above tan(pi/8): z = (m - M) / (m + M) and + pi/4; k = 0: z = m / M. Multiplies, not selects.
+  const T k = m > T(0.41421356237309504880) * M ? T(1) : T(0);
+  const T z = (m - k * M) / (M + k * m);
+  return k * T(0.78539816339744830962) + atan_small(z);
 }
 
 template <class T>

@@ -232,8 +232,10 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
         }
         const T s = gs * g[e] + bv;
         s12[e] = s;
-        gm[e] = bterm + gs * gm[e];
-        gp[e] = bterm + T(2) * bv + gs * gp[e];
+        // The gaps are >= 0 in exact arithmetic; clamp once here so that make_angle need not.
+        const T m = bterm + gs * gm[e], pl = bterm + T(2) * bv + gs * gp[e];
+        gm[e] = m > T(0) ? m : T(0);
+        gp[e] = pl > T(0) ? pl : T(0);
         ntk[e] = mask * s;
       }
     }
