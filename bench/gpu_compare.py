@@ -152,7 +152,8 @@ def main(argv=None):
           f"sm_{info['compute_capability'][0]}{info['compute_capability'][1]}, {info['multiprocessors']} SMs; "
           f"cupy {cp.__version__}" + (f", jax {jax.__version__}" if jax else ""))
     ceil = measure_ceilings(cp, arcflow_cuda, args.d, args.repeat)
-    print(f"ceilings: fp32 GEMM {ceil['gemm_flops'] / 1e12:.1f} TFLOP/s, copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s "
+    print(f"ceilings: fp32 GEMM {ceil['gemm_flops'] / 1e12:.1f} TFLOP/s, "
+          f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s "
           f"(read + write), arcsine {ceil['asin_per_s'] / 1e12:.2f} T/s")
     print(f"NNGP + NTK, ReLU, depth {args.depth}, d = {args.d}, float32, mode {args.mode}, "
           f"median of {args.repeat} after a warm-up")

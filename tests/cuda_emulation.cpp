@@ -23,7 +23,7 @@ std::barrier<>* emu_barrier = nullptr;
 #define __host__
 #define __noinline__
 #define __forceinline__
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define __syncthreads() emu_barrier->arrive_and_wait()

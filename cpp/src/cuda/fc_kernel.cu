@@ -183,7 +183,8 @@ void fc_kernels_cuda_host(const T* x1, const T* x2, index_t n1, index_t n2, inde
     if (in1) ARCFLOW_CUDA_CHECK(cudaMemcpyAsync(dx1.ptr, x1, in1, cudaMemcpyHostToDevice, st));
     if (in2) ARCFLOW_CUDA_CHECK(cudaMemcpyAsync(dx2.ptr, x2, in2, cudaMemcpyHostToDevice, st));
     const T* px2 = symmetric ? nullptr : dx2.as<T>();
-    fc_kernels_cuda<T>(dx1.as<T>(), px2, n1, n2, d, p, dn.as<T>(), dt.as<T>(), -1, reinterpret_cast<std::uintptr_t>(st));
+    fc_kernels_cuda<T>(dx1.as<T>(), px2, n1, n2, d, p, dn.as<T>(), dt.as<T>(), -1,
+                       reinterpret_cast<std::uintptr_t>(st));
     if (nngp) ARCFLOW_CUDA_CHECK(cudaMemcpyAsync(nngp, dn.ptr, out, cudaMemcpyDeviceToHost, st));
     if (ntk) ARCFLOW_CUDA_CHECK(cudaMemcpyAsync(ntk, dt.ptr, out, cudaMemcpyDeviceToHost, st));
     ARCFLOW_CUDA_CHECK(cudaStreamSynchronize(st));

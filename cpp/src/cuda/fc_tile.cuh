@@ -43,6 +43,13 @@ constexpr int RG = 2;   // a thread's rows come in pairs: rows (m / RG) * TY * R
 constexpr int GR = TY * RG;  // rows of one group: the mirror is staged a group (32 rows) at a time
 constexpr index_t TABLE_PAD = 128;  // tables are padded to a multiple of the largest tile
 
+// Tuning knob (compile with -DARCFLOW_CUDA_MIN_BLOCKS=2 to try): blocks per multiprocessor that ptxas must
+// fit. 1 leaves the float kernel at ~170 registers (8 warps per SM); 2 caps it at 128 and spills a little
+// (sm_90: 200-340 bytes). Which is faster is for a GPU to say.
+#ifndef ARCFLOW_CUDA_MIN_BLOCKS
+#define ARCFLOW_CUDA_MIN_BLOCKS 1
+#endif
+
 template <class T>
 struct tile_args {
   const T* x1;
@@ -76,7 +83,8 @@ __device__ __noinline__ double unit_dist2_dev(const T* x, const T* y, index_t d,
 }
 
 template <class T, class Act>
-__global__ void __launch_bounds__(NTHREADS) fc_tile_kernel(const tile_args<T> g, const Act act) {
+__global__ void __launch_bounds__(NTHREADS, ARCFLOW_CUDA_MIN_BLOCKS)
+    fc_tile_kernel(const tile_args<T> g, const Act act) {
   constexpr int TM = tile_cfg<T>::TM, TN = tile_cfg<T>::TN;
   constexpr int BM = TY * TM, BN = TX * TN;
   constexpr int A_PER = BM * BK / NTHREADS, B_PER = BN * BK / NTHREADS;
