@@ -25,7 +25,7 @@ HAVE_GPU = _cuda.available()
 if not _cuda.built():
     _WHY = "arcflow was built without CUDA"
 elif not HAVE_GPU:
-    _WHY = "no CUDA device visible"
+    _WHY = f"no CUDA device usable ({_cuda.status()})"
 else:
     _WHY = ""
 

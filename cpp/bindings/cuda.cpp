@@ -153,6 +153,8 @@ void register_cuda(pybind11::module_& m) {
 #ifdef ARCFLOW_WITH_CUDA
   m.attr("built_with_cuda") = true;
   m.def("cuda_device_count", []() { return cuda_device_count_impl(); });
+  m.def("cuda_status", []() { return cuda_status(); },
+        "CUDA runtime and driver versions and the device count, or why no device is usable.");
   bind_device<float>(m, "fc_kernels_cuda_f32");
   bind_device<double>(m, "fc_kernels_cuda_f64");
   bind_host<float>(m, "fc_kernels_cuda_host_f32");
@@ -182,6 +184,7 @@ void register_cuda(pybind11::module_& m) {
 #else
   m.attr("built_with_cuda") = false;
   m.def("cuda_device_count", []() { return 0; });
+  m.def("cuda_status", []() { return std::string("built without CUDA"); });
 #endif
 }
 

@@ -29,11 +29,16 @@ def available() -> bool:
     return built() and device_count() > 0
 
 
+def status() -> str:
+    """One line: CUDA runtime and driver versions and the device count, or why no device is usable."""
+    return str(_core.cuda_status()) if built() else "built without CUDA"
+
+
 def _require() -> None:
     if not built():
         raise RuntimeError("arcflow was built without CUDA (rebuild with nvcc on the PATH and ARCFLOW_CUDA=ON)")
     if device_count() == 0:
-        raise RuntimeError("arcflow: no CUDA device (the CUDA backend is built, but no GPU or driver is visible)")
+        raise RuntimeError(f"arcflow: no CUDA device (the CUDA backend is built, but no GPU is usable: {status()})")
 
 
 def is_device_array(x) -> bool:

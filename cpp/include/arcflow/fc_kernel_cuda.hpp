@@ -19,6 +19,7 @@
 //   cudaGetErrorString) when a CUDA call fails, including "no CUDA device". Thread-safety: reentrant.
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "arcflow/common.hpp"
 #include "arcflow/fc_kernel.hpp"
@@ -42,6 +43,10 @@ void fc_kernels_cuda_diag_host(const T* x1, index_t n1, index_t d, const fc_para
 
 // Number of visible CUDA devices; 0 (never an exception) without a driver or a device.
 int cuda_device_count() noexcept;
+
+// One line for error messages: CUDA runtime and driver versions, and the device count or why there is none
+// (for example a driver older than the runtime this module was built with). Never throws CUDA errors.
+std::string cuda_status();
 
 // Name and total memory (bytes) of a device, for benchmarks and error messages.
 struct cuda_device_info {

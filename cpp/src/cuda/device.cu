@@ -2,6 +2,7 @@
 #include <cuda_runtime.h>
 
 #include <cstring>
+#include <string>
 
 #include "arcflow/fast_math.hpp"
 #include "arcflow/fc_kernel_cuda.hpp"
@@ -33,6 +34,21 @@ int cuda_device_count() noexcept {
     return 0;
   }
   return count;
+}
+
+std::string cuda_status() {
+  int count = 0, driver = 0, runtime = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  cudaGetLastError();
+  cudaDriverGetVersion(&driver);  // 0 without a driver
+  cudaRuntimeGetVersion(&runtime);
+  auto ver = [](int v) { return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10); };
+  std::string s = "runtime " + ver(runtime) + ", driver " + (driver ? ver(driver) : std::string("none"));
+  if (e != cudaSuccess)
+    s += std::string(", cudaGetDeviceCount: ") + cudaGetErrorString(e) + " (" + cudaGetErrorName(e) + ")";
+  else
+    s += ", " + std::to_string(count) + " device(s)";
+  return s;
 }
 
 cuda_device_info cuda_get_device_info(int device) {

@@ -33,14 +33,32 @@ __global__ void row_norm2_kernel(const T* x, index_t n, index_t d, double* out) 
 }
 
 // Device memory owned for the duration of one call, released in stream order (also on exceptions).
+// Devices without stream-ordered allocation (cudaMallocAsync: cudaErrorNotSupported) get cudaMalloc, and the
+// release then waits for the stream first.
 struct device_buffer {
   void* ptr = nullptr;
   cudaStream_t stream = nullptr;
+  bool pooled = true;
   device_buffer(std::size_t bytes, cudaStream_t s) : stream(s) {
-    if (bytes) ARCFLOW_CUDA_CHECK(cudaMallocAsync(&ptr, bytes, s));
+    if (!bytes) return;
+    const cudaError_t e = cudaMallocAsync(&ptr, bytes, s);
+    if (e == cudaErrorNotSupported) {
+      cudaGetLastError();
+      ptr = nullptr;
+      pooled = false;
+      ARCFLOW_CUDA_CHECK(cudaMalloc(&ptr, bytes));
+    } else {
+      ARCFLOW_CUDA_CHECK(e);
+    }
   }
   ~device_buffer() {
-    if (ptr) cudaFreeAsync(ptr, stream);
+    if (!ptr) return;
+    if (pooled) {
+      cudaFreeAsync(ptr, stream);
+    } else {
+      cudaStreamSynchronize(stream);
+      cudaFree(ptr);
+    }
   }
   device_buffer(const device_buffer&) = delete;
   device_buffer& operator=(const device_buffer&) = delete;
