@@ -9,7 +9,8 @@
 //   `device` (-1 = the current device) and is asynchronous except for one small synchronisation: the row
 //   norms (n doubles) come back to the host, which builds the per-row tables of SPEC.md's recursion in
 //   double exactly as the CPU engine does and uploads them. Temporaries are stream-ordered
-//   (cudaMallocAsync / cudaFreeAsync), so the caller may free nothing early and needs no extra sync.
+//   (cudaMallocAsync / cudaFreeAsync; cudaMalloc where memory pools are unsupported). As for any asynchronous
+//   CUDA call, the caller keeps x1, x2 and the outputs alive until the stream has reached this work.
 // - fc_kernels_cuda_host: the same with x1, x2, nngp, ntk in HOST memory; copies in and out, synchronous.
 //   The device must hold x1, x2 and the requested outputs at once.
 // - d must be >= 1 (the Python layer rejects d = 0 with n1, n2 > 0).
