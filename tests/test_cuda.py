@@ -269,7 +269,7 @@ def test_cupy_in_cupy_out(dtype, symmetric):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAVE_GPU, reason=_WHY or "CUDA available")
-def test_cupy_mixed_host_device_is_type_error():
+def test_cupy_bad_input():
     cp = pytest.importorskip("cupy")
     act, w, b = ACTIVATIONS["relu"]
     x1, x2 = _data(5, 4, 3)
@@ -277,6 +277,10 @@ def test_cupy_mixed_host_device_is_type_error():
         _gpu(cp.asarray(x1), x2, act, 1, w, b, 0)
     with pytest.raises(ValueError, match="2-D"):
         _gpu(cp.ones(5), None, act, 1, w, b, 0)
+    bad = cp.asarray(x1)
+    bad[2, 1] = cp.nan
+    with pytest.raises(ValueError, match="NaN"):
+        _gpu(bad, None, act, 1, w, b, 0)
 
 
 # ---- the public API, once it takes device= -----------------------------------------------------------------

@@ -59,7 +59,10 @@ def _device_matrix(cp, x, name: str, dtype):
         raise ValueError(f"arcflow (CUDA): {name} must be a 2-D array of shape (n, d), got shape {x.shape}")
     if x.dtype.kind not in "biuf":
         raise TypeError(f"arcflow (CUDA): {name} must be a real numeric array, got dtype {x.dtype}")
-    return cp.ascontiguousarray(x, dtype=dtype)
+    x = cp.ascontiguousarray(x, dtype=dtype)
+    if x.size and not bool(cp.isfinite(x).all()):  # as the CPU path: no NaN/inf rows (one small sync)
+        raise ValueError(f"arcflow (CUDA): {name} contains NaN or infinite values")
+    return x
 
 
 def kernels_cuda(a1, a2, kind: int, a: float, b: float, n: int, depth: int, w_var: float, b_var: float,
