@@ -209,8 +209,11 @@ __global__ void __launch_bounds__(NTHREADS, ARCFLOW_CUDA_MIN_BLOCKS)
           }
           const T sv = gs * G + bv;
           s[n] = sv;
-          gm[n] = bterm + gs * mv;
-          gp[n] = bterm + T(2) * bv + gs * pv;
+          // The gaps are >= 0 in exact arithmetic; clamped once here (as the CPU engine does), since
+          // make_angle does not clamp. Later layers' gaps are clamped by the activations' pair().
+          const T m = bterm + gs * mv, pl = bterm + T(2) * bv + gs * pv;
+          gm[n] = m > T(0) ? m : T(0);
+          gp[n] = pl > T(0) ? pl : T(0);
           nt[n] = mask0 * sv;
         }
       }
