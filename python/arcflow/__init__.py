@@ -6,11 +6,18 @@
 """
 from __future__ import annotations
 
-from . import _core
-from . import activations
-from . import compat
-from ._dispatch import get_num_threads, set_num_threads
-from ._kernels import Kernels, kernels, nngp, ntk
+import os as _os
+
+# Idle OpenMP threads sleep instead of spinning between arcflow's row blocks: on a shared or oversubscribed
+# machine spinning threads steal the cores the working ones need. Set before libgomp starts; an explicit
+# OMP_WAIT_POLICY in the environment wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import _core  # noqa: E402
+from . import activations  # noqa: E402
+from . import compat  # noqa: E402
+from ._dispatch import get_num_threads, set_num_threads  # noqa: E402
+from ._kernels import Kernels, kernels, nngp, ntk  # noqa: E402
 
 __version__ = "0.1.0"
 
