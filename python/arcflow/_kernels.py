@@ -63,10 +63,13 @@ class _Progress:
 
 
 def _run_rows(engine, n1: int, n2: int, depth: int, symmetric: bool, outs, threads: int, progress: bool,
-              desc: str) -> None:
-    """Drive the engine over blocks of rows; between blocks Python handles signals (Ctrl-C) and progress."""
+              desc: str, d: int = 0) -> None:
+    """Drive the engine over blocks of rows; between blocks Python handles signals (Ctrl-C) and progress.
+
+    A block's work is counted in pair-layers; the Gram product costs about one pair-layer per 32 features.
+    """
     tile = int(_core.fc_tile)
-    per_row = max(1, n2 * (depth + 1))
+    per_row = max(1, n2 * (depth + 1 + d // 32))
     block = max(tile, (_WORK_PER_CALL // per_row) // tile * tile)
     bar = _Progress(n1, progress, desc)
     try:
@@ -186,7 +189,7 @@ def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu",
         if diag:
             engine.diag(*res, threads)
         else:
-            _run_rows(engine, n1, n2, depth, a2 is None, (res[0], res[1], None), threads, progress, where)
+            _run_rows(engine, n1, n2, depth, a2 is None, (res[0], res[1], None), threads, progress, where, d)
     return Kernels(outs.get("nngp"), outs.get("ntk"))
 
 

@@ -58,7 +58,7 @@ def kernel_value_batch(X, d_max: int, *, threads: Optional[int] = None, progress
     K = dp.allocate(shape, np.float64, where, zero=True)
     if n:
         eng = _core.FcEngineF64(a, None, 0, 0.0, 1.0, 1, d_max - 1, 1.0, 0.0, 1.0, 0)
-        _run_rows(eng, n, n, d_max * d_max, True, (None, None, K), threads, progress, where)
+        _run_rows(eng, n, n, d_max * d_max, True, (None, None, K), threads, progress, where, a.shape[1])
     return K
 
 
@@ -78,5 +78,5 @@ def kernel_value(X, d_max: int, fix_dep: int, *, threads: Optional[int] = None,
     K = dp.allocate((n, n), np.float64, where)
     if n:
         eng = _core.FcEngineF64(a, None, 0, 0.0, 1.0, 1, d_max - 1, 1.0, 0.0, 1.0, min(fix_dep, d_max))
-        _run_rows(eng, n, n, d_max, True, (None, K, None), threads, False, where)
+        _run_rows(eng, n, n, d_max, True, (None, K, None), threads, False, where, a.shape[1])
     return K
