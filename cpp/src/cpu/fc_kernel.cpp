@@ -174,11 +174,14 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
   T* __restrict td = ws.td.data();
 
   // 1. Gram tile.
-  for (index_t k = 0; k < d; ++k) {
-    T* b = bt + k * TILE;
-    for (index_t j = 0; j < tj; ++j) b[j] = c.x2[(j0 + j) * d + k];
-    for (index_t j = tj; j < TILE; ++j) b[j] = T(0);
+  // Pack x2's rows k-major: read each row contiguously (the strided side is the small, cached bt).
+  for (index_t j = 0; j < tj; ++j) {
+    const T* xr = c.x2 + (j0 + j) * d;
+    for (index_t k = 0; k < d; ++k) bt[k * TILE + j] = xr[k];
   }
+  if (tj < TILE)
+    for (index_t k = 0; k < d; ++k)
+      for (index_t j = tj; j < TILE; ++j) bt[k * TILE + j] = T(0);
   gram_tile<T>(c.x1 + i0 * d, ti, d, bt, g);
 
   // 2. First layer: s12 = gs G + b, gaps |x||y| -/+ G, refined where they cancel.
