@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "fc_params.hpp"
 #include "registry.hpp"
 #ifdef ARCFLOW_WITH_CUDA
 #include "arcflow/fc_kernel_cuda.hpp"
@@ -20,21 +21,6 @@ int cuda_device_count_impl();  // cpp/src/cuda/device.cu
 
 namespace {
 
-fc_params make_params(int kind, double a, double b, int n, int depth, double w_var, double b_var, double gram_scale,
-                      int fix_dep) {
-  fc_params p;
-  p.act.kind = static_cast<act_kind>(kind);
-  p.act.a = a;
-  p.act.b = b;
-  p.act.n = n;
-  p.depth = depth;
-  p.w_var = w_var;
-  p.b_var = b_var;
-  p.gram_scale = gram_scale;
-  p.fix_dep = fix_dep;
-  return p;
-}
-
 template <class T>
 T* dev_ptr(std::uintptr_t p) {
   return reinterpret_cast<T*>(p);
@@ -48,7 +34,7 @@ void bind_device(py::module_& m, const char* name) {
       [](std::uintptr_t x1, std::uintptr_t x2, std::int64_t n1, std::int64_t n2, std::int64_t d, int kind, double a,
          double b, int n, int depth, double w_var, double b_var, double gram_scale, int fix_dep, std::uintptr_t nngp,
          std::uintptr_t ntk, int device, std::uintptr_t stream) {
-        const fc_params p = make_params(kind, a, b, n, depth, w_var, b_var, gram_scale, fix_dep);
+        const fc_params p = make_fc_params(kind, a, b, n, depth, w_var, b_var, gram_scale, fix_dep);
         py::gil_scoped_release nogil;
         fc_kernels_cuda<T>(dev_ptr<const T>(x1), dev_ptr<const T>(x2), n1, n2, d, p, dev_ptr<T>(nngp), dev_ptr<T>(ntk),
                            device, stream);
@@ -75,7 +61,7 @@ void bind_host(py::module_& m, const char* name) {
         if (x2.ndim() != 2 || x2.shape(1) != x1.shape(1))
           throw std::invalid_argument("arcflow: x2 must be 2-D with as many columns as x1");
         const std::int64_t n1 = x1.shape(0), n2 = x2.shape(0), d = x1.shape(1);
-        const fc_params p = make_params(kind, a, b, n, depth, w_var, b_var, gram_scale, fix_dep);
+        const fc_params p = make_fc_params(kind, a, b, n, depth, w_var, b_var, gram_scale, fix_dep);
         py::object rn = py::none(), rt = py::none();
         T *pn = nullptr, *pt = nullptr;
         if (want_nngp) {
@@ -107,7 +93,7 @@ void bind_diag(py::module_& m, const char* dev_name, const char* host_name) {
       [](std::uintptr_t x1, std::int64_t n1, std::int64_t d, int kind, double a, double b, int n, int depth,
          double w_var, double b_var, double gram_scale, int fix_dep, std::uintptr_t nngp, std::uintptr_t ntk,
          int device, std::uintptr_t stream) {
-        const fc_params p = make_params(kind, a, b, n, depth, w_var, b_var, gram_scale, fix_dep);
+        const fc_params p = make_fc_params(kind, a, b, n, depth, w_var, b_var, gram_scale, fix_dep);
         py::gil_scoped_release nogil;
         fc_kernels_cuda_diag<T>(dev_ptr<const T>(x1), n1, d, p, dev_ptr<T>(nngp), dev_ptr<T>(ntk), device, stream);
       },
@@ -121,7 +107,7 @@ void bind_diag(py::module_& m, const char* dev_name, const char* host_name) {
          int fix_dep, bool want_nngp, bool want_ntk, int device) {
         if (x1.ndim() != 2) throw std::invalid_argument("arcflow: x1 must be 2-D");
         const std::int64_t n1 = x1.shape(0), d = x1.shape(1);
-        const fc_params p = make_params(kind, a, b, n, depth, w_var, b_var, gram_scale, fix_dep);
+        const fc_params p = make_fc_params(kind, a, b, n, depth, w_var, b_var, gram_scale, fix_dep);
         py::object rn = py::none(), rt = py::none();
         T *pn = nullptr, *pt = nullptr;
         if (want_nngp) {

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "arcflow/fc_kernel.hpp"
+#include "fc_params.hpp"
 #include "registry.hpp"
 
 namespace py = pybind11;
@@ -66,17 +67,8 @@ void bind_engine(py::module_& m, const char* name) {
   py::class_<py_engine<T>>(m, name)
       .def(py::init([](carray<T> x1, py::object x2, int kind, double a, double b, int n, int depth, double w_var,
                        double b_var, double gram_scale, int fix_dep) {
-             fc_params p;
-             p.act.kind = static_cast<act_kind>(kind);
-             p.act.a = a;
-             p.act.b = b;
-             p.act.n = n;
-             p.depth = depth;
-             p.w_var = w_var;
-             p.b_var = b_var;
-             p.gram_scale = gram_scale;
-             p.fix_dep = fix_dep;
-             return new py_engine<T>(std::move(x1), std::move(x2), p);
+             return new py_engine<T>(std::move(x1), std::move(x2),
+                                     make_fc_params(kind, a, b, n, depth, w_var, b_var, gram_scale, fix_dep));
            }),
            py::arg("x1").noconvert(), py::arg("x2"), py::arg("kind"), py::arg("a"), py::arg("b"), py::arg("n"),
            py::arg("depth"), py::arg("w_var"), py::arg("b_var"), py::arg("gram_scale"), py::arg("fix_dep"))

@@ -1,22 +1,9 @@
 // channel_affine_cpu (inference batch-norm, optional ReLU) and relu_cpu.
 #include "arcflow/batchnorm.hpp"
 
-#ifdef ARCFLOW_HAVE_OPENMP
-#include <omp.h>
-#endif
+#include "arcflow/omp_threads.hpp"
 
 namespace arcflow {
-
-namespace {
-[[maybe_unused]] int omp_threads(int threads) {
-#ifdef ARCFLOW_HAVE_OPENMP
-  return threads > 0 ? threads : omp_get_max_threads();
-#else
-  (void)threads;
-  return 1;
-#endif
-}
-}  // namespace
 
 template <typename T>
 void channel_affine_cpu(const T* x, index_t n, index_t c, index_t hw, const T* scale, const T* shift,

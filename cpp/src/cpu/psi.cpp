@@ -1,22 +1,9 @@
 // psi_forward_cpu / psi_inverse_cpu: the reference i-RevNet space-to-depth order (SPEC.md section 2).
 #include "arcflow/psi.hpp"
 
-#ifdef ARCFLOW_HAVE_OPENMP
-#include <omp.h>
-#endif
+#include "arcflow/omp_threads.hpp"
 
 namespace arcflow {
-
-namespace {
-[[maybe_unused]] int omp_threads(int threads) {
-#ifdef ARCFLOW_HAVE_OPENMP
-  return threads > 0 ? threads : omp_get_max_threads();
-#else
-  (void)threads;
-  return 1;
-#endif
-}
-}  // namespace
 
 template <typename T>
 void psi_forward_cpu(const T* x, index_t n, index_t c, index_t h, index_t w, index_t b, T* y, int threads) {
