@@ -44,21 +44,54 @@ struct angle {
 
 // The carried gaps are >= 0 by construction (every producer clamps), so no clamping here: sig2 and kap2
 // may exceed 1 by an ulp, which the ratio below does not mind. Few selects: this is the hot loop.
+// Split in two so that the CPU kernel can run the long-latency half (a square root, a division and the
+// arctangent polynomial) as a loop of its own: angle_half() gives sig2, kap2, x and sin(theta), and
+// angle_from() the rest. make_angle() is the two in a row.
+//
+// x = min(theta, pi - theta) and sin(theta) from the squared half-angle sines: x / 2 = atan2(min, max) =
+// atan(sqrt(lo hi) / hi), one square root and one division; sin(theta) = 2 sig kap = 2 sqrt(lo hi).
+template <class T>
+ARCFLOW_HD void angle_core(T sig2, T kap2, T& x, T& sin_t) {
+  const T lo = sig2 < kap2 ? sig2 : kap2;
+  const T hi = sig2 < kap2 ? kap2 : sig2;  // >= 1/2 up to rounding
+  const T q = std::sqrt(lo * hi);
+  x = T(2) * fm::atan_qm(q, hi);
+  sin_t = T(2) * q;
+}
+
+template <class T>
+ARCFLOW_HD void angle_half(T gm, T gp, T h, T& sig2, T& kap2, T& x, T& sin_t) {
+  const bool zero = !(h > T(0));
+  sig2 = zero ? T(0.5) : gm * h;
+  kap2 = zero ? T(0.5) : gp * h;
+  angle_core(sig2, kap2, x, sin_t);
+}
+
+// angle_half() where h > 0 is known (no zero-variance row in the pair): no selects for the convention.
+template <class T>
+ARCFLOW_HD void angle_half_nonzero(T gm, T gp, T h, T& sig2, T& kap2, T& x, T& sin_t) {
+  sig2 = gm * h;
+  kap2 = gp * h;
+  angle_core(sig2, kap2, x, sin_t);
+}
+
+template <class T>
+ARCFLOW_HD angle<T> angle_from(T sig2, T kap2, T x, T sin_t) {
+  angle<T> a;
+  a.sig2 = sig2;
+  a.kap2 = kap2;
+  a.x = x;
+  a.theta = sig2 > kap2 ? fm::consts<T>::pi - x : x;
+  a.sin_t = sin_t;
+  a.cos_t = kap2 - sig2;
+  return a;
+}
+
 template <class T>
 ARCFLOW_HD angle<T> make_angle(T gm, T gp, T h) {
-  angle<T> a;
-  const bool zero = !(h > T(0));
-  a.sig2 = zero ? T(0.5) : gm * h;
-  a.kap2 = zero ? T(0.5) : gp * h;
-  // theta / 2 = atan2(sig, kap); x / 2 = atan2(min, max): two square roots and one division.
-  const bool big = a.sig2 > a.kap2;
-  const T m = std::sqrt(big ? a.kap2 : a.sig2);
-  const T M = std::sqrt(big ? a.sig2 : a.kap2);  // >= 1/sqrt(2) up to rounding
-  a.x = T(2) * fm::atan_ratio(m, M);
-  a.theta = big ? fm::consts<T>::pi - a.x : a.x;
-  a.sin_t = T(2) * m * M;
-  a.cos_t = a.kap2 - a.sig2;
-  return a;
+  T sig2, kap2, x, sin_t;
+  angle_half(gm, gp, h, sig2, kap2, x, sin_t);
+  return angle_from(sig2, kap2, x, sin_t);
 }
 
 // phi(x) = a min(x, 0) + b max(x, 0): ReLU (0, 1), LeakyReLU (alpha, 1), Abs (-1, 1), Identity (1, 1).
@@ -75,9 +108,13 @@ struct abrelu_act {
         ab(T(p.a * p.b)) {}
   static double diag_t(const act_params& p, double s) { return (p.a * p.a + p.b * p.b) / 2.0 * s; }
   static void row(const act_params&, double, double r, double& pa, double& pb) { pa = r; pb = 1.0; }
+  static constexpr bool angle_based = true;
   ARCFLOW_HD pair_out<T> pair(T s12, T gm, T gp, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
-    (void)s12; (void)pa1; (void)pb1; (void)t1; (void)pa2; (void)pb2; (void)t2;
-    const angle<T> g = make_angle(gm, gp, h);
+    return pair_angle(make_angle(gm, gp, h), s12, P, h, pa1, pb1, t1, pa2, pb2, t2);
+  }
+  ARCFLOW_HD pair_out<T> pair_angle(const angle<T>& g, T s12, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2,
+                                    T t2) const {
+    (void)s12; (void)h; (void)pa1; (void)pb1; (void)t1; (void)pa2; (void)pb2; (void)t2;
     const T s_theta = g.sin_t - g.theta * g.cos_t;
     const T abs_cos = std::fabs(g.cos_t);
     const T s_x = g.sin_t - g.x * abs_cos;
@@ -118,10 +155,14 @@ struct monomial_act {
     pa = std::pow(r, p.n);
     pb = p.n >= 1 ? std::pow(r, p.n - 1) : 0.0;
   }
+  static constexpr bool angle_based = true;
   ARCFLOW_HD pair_out<T> pair(T s12, T gm, T gp, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
+    return pair_angle(make_angle(gm, gp, h), s12, P, h, pa1, pb1, t1, pa2, pb2, t2);
+  }
+  ARCFLOW_HD pair_out<T> pair_angle(const angle<T>& g, T s12, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2,
+                                    T t2) const {
     (void)s12; (void)P;
     const int n = order();
-    const angle<T> g = make_angle(gm, gp, h);
     const T pi = fm::consts<T>::pi;
     const T one_m_cos = T(2) * g.sig2;
     const T sin2 = g.sin_t * g.sin_t;
@@ -173,9 +214,13 @@ struct sign_act {
   explicit sign_act(const act_params&) {}
   static double diag_t(const act_params&, double s) { return s > 0 ? 1.0 : 0.0; }  // pi/2 convention at s = 0
   static void row(const act_params&, double, double, double& pa, double& pb) { pa = 1.0; pb = 0.0; }
+  static constexpr bool angle_based = true;
   ARCFLOW_HD pair_out<T> pair(T s12, T gm, T gp, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
+    return pair_angle(make_angle(gm, gp, h), s12, P, h, pa1, pb1, t1, pa2, pb2, t2);
+  }
+  ARCFLOW_HD pair_out<T> pair_angle(const angle<T>& g, T s12, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2,
+                                    T t2) const {
     (void)s12; (void)P; (void)pa1; (void)pb1; (void)pa2; (void)pb2;
-    const angle<T> g = make_angle(gm, gp, h);
     const T u = T(2) * g.theta * fm::consts<T>::inv_pi;
     const bool zero = !(h > T(0));  // next to a zero-variance row T11 = 0: gaps from sqrt(T11 T22) directly
     const T tt = t1 * t2;
@@ -194,6 +239,7 @@ struct sign_act {
 template <class T>
 struct erf_act {
   explicit erf_act(const act_params&) {}
+  static constexpr bool angle_based = false;
   static double diag_t(const act_params&, double s) {
     return 2.0 / 3.14159265358979323846 * std::asin(2.0 * s / (1.0 + 2.0 * s));
   }

@@ -59,8 +59,8 @@ void fill_table(const T* x, index_t n, index_t d, const fc_params& p, typename f
 
 template <class T>
 struct workspace {
-  std::vector<T> bt, g, s12, gm, gp, ntk, td, h;
-  workspace(index_t d, int n_all) {
+  std::vector<T> bt, g, s12, gm, gp, ntk, td, h, angle;
+  workspace(index_t d, int n_all) : angle(4 * TILE) {
     const size_t t2 = size_t(TILE) * TILE;
     bt.resize(size_t(std::max<index_t>(d, 1)) * TILE);
     g.resize(t2);
@@ -172,6 +172,10 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
   T* __restrict gp = ws.gp.data();
   T* __restrict ntk = ws.ntk.data();
   T* __restrict td = ws.td.data();
+  T* __restrict a_sig2 = ws.angle.data();
+  T* __restrict a_kap2 = a_sig2 + TILE;
+  T* __restrict a_x = a_sig2 + 2 * TILE;
+  T* __restrict a_sin = a_sig2 + 3 * TILE;
 
   // 1. Gram tile.
   // Pack x2's rows k-major: read each row contiguously (the strided side is the small, cached bt).
@@ -273,15 +277,40 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
     const T* t2 = c.tab2->field(l, 4) + j0;
     const T* rn2 = c.tab2->field(l + 1, 0) + j0;
     const T mask = (l + 2) > fix ? T(1) : T(0);
+    bool cols_nonzero = true;  // no zero-variance row among the tile's columns (padding columns count)
+    for (index_t j = 0; j < TILE; ++j) cols_nonzero &= ir2[j] > T(0);
     for (index_t i = 0; i < ti; ++i) {
       const T ra = r1[i], ira = ir1[i], paa = pa1[i], pba = pb1[i], ta = t1[i], rna = rn1[i];
       const T qa = w_sd * ta;
+      if constexpr (Act::angle_based) {
+        // The angle as a loop of its own: its dependency chain (square root, division, polynomial) is
+        // long, and in one loop with the rest the out-of-order window held too few pairs to hide it.
+        const T ha = T(0.5) * ira;
+        if (ha > T(0) && cols_nonzero) {
+#pragma omp simd
+          for (index_t j = 0; j < TILE; ++j) {
+            const index_t e = i * TILE + j;
+            angle_half_nonzero(gm[e], gp[e], ha * ir2[j], a_sig2[j], a_kap2[j], a_x[j], a_sin[j]);
+          }
+        } else {
+#pragma omp simd
+          for (index_t j = 0; j < TILE; ++j) {
+            const index_t e = i * TILE + j;
+            angle_half(gm[e], gp[e], ha * ir2[j], a_sig2[j], a_kap2[j], a_x[j], a_sin[j]);
+          }
+        }
+      }
 #pragma omp simd
       for (index_t j = 0; j < TILE; ++j) {
         const index_t e = i * TILE + j;
         const T P = ra * r2[j];
         const T h = T(0.5) * ira * ir2[j];
-        const pair_out<T> o = act.pair(s12[e], gm[e], gp[e], P, h, paa, pba, ta, pa2[j], pb2[j], t2[j]);
+        pair_out<T> o;
+        if constexpr (Act::angle_based)
+          o = act.pair_angle(angle_from(a_sig2[j], a_kap2[j], a_x[j], a_sin[j]), s12[e], P, h, paa, pba, ta,
+                             pa2[j], pb2[j], t2[j]);
+        else
+          o = act.pair(s12[e], gm[e], gp[e], P, h, paa, pba, ta, pa2[j], pb2[j], t2[j]);
         T bterm = T(0);
         if (Bias) {
           const T qb = w_sd * t2[j];
