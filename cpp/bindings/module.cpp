@@ -21,4 +21,5 @@ PYBIND11_MODULE(_core, m) {
   arcflow::bind::register_fc_kernel(m);
   arcflow::bind::register_invertible(m);
   arcflow::bind::register_cuda(m);
+  arcflow::bind::register_cuda_invertible(m);
 }

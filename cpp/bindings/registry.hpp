@@ -6,4 +6,5 @@ namespace arcflow::bind {
 void register_fc_kernel(pybind11::module_& m);   // fc_kernel.cpp: NNGP / NTK recursions (CPU)
 void register_invertible(pybind11::module_& m);  // invertible.cpp: conv2d, batch-norm, psi, ... (CPU)
 void register_cuda(pybind11::module_& m);        // cuda.cpp: device query and CUDA launchers
+void register_cuda_invertible(pybind11::module_& m);  // cuda_invertible.cpp: the invertible ops (CUDA)
 }  // namespace arcflow::bind

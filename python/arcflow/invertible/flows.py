@@ -26,6 +26,8 @@ from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from . import _cuda_ops
+
 __all__ = ["AffineCoupling", "ActNorm", "InvertibleConv1x1", "Sequential"]
 
 RngLike = Union[None, int, np.random.Generator]
@@ -246,6 +248,8 @@ class AffineCoupling(_FlowBlock):
 
     def forward(self, x, return_logdet: bool = False):
         """y = (x1, x2 * exp(s(x1)) + t(x1)); with return_logdet, also sum(s) per sample."""
+        if _cuda_ops.is_device_array(x):
+            return _cuda_ops.coupling_forward(self, x, return_logdet)
         x = _check_nchw(x, "AffineCoupling", self.channels)
         x1, x2 = x[:, :self.c1], x[:, self.c1:]
         s, t = self._net(x1)
@@ -258,6 +262,8 @@ class AffineCoupling(_FlowBlock):
 
     def inverse(self, y) -> np.ndarray:
         """x = (y1, (y2 - t(y1)) * exp(-s(y1)))."""
+        if _cuda_ops.is_device_array(y):
+            return _cuda_ops.coupling_inverse(self, y)
         y = _check_nchw(y, "AffineCoupling.inverse", self.channels, "y")
         y1, y2 = y[:, :self.c1], y[:, self.c1:]
         s, t = self._net(y1)
@@ -322,6 +328,8 @@ class ActNorm(_FlowBlock):
 
     def initialize(self, x) -> None:
         """Set loc, scale from the batch x (N, C, H, W): per-channel mean and standard deviation over N, H, W."""
+        if _cuda_ops.is_device_array(x):
+            return _cuda_ops.actnorm_initialize(self, x)
         x = _check_nchw(x, "ActNorm.initialize", self.channels)
         if x.shape[0] * x.shape[2] * x.shape[3] == 0:
             raise ValueError(f"ActNorm.initialize: expected a non-empty batch of shape (N, {self.channels}, H, W), "
@@ -337,6 +345,8 @@ class ActNorm(_FlowBlock):
 
     def forward(self, x, return_logdet: bool = False):
         """y = (x - loc) / scale (initialising loc, scale from x first if not yet initialised)."""
+        if _cuda_ops.is_device_array(x):
+            return _cuda_ops.actnorm_forward(self, x, return_logdet)
         x = _check_nchw(x, "ActNorm", self.channels)
         if not self.initialized:
             self.initialize(x)
@@ -349,6 +359,8 @@ class ActNorm(_FlowBlock):
 
     def inverse(self, y) -> np.ndarray:
         """x = y * scale + loc."""
+        if _cuda_ops.is_device_array(y):
+            return _cuda_ops.actnorm_inverse(self, y)
         if not self.initialized:
             raise ValueError("ActNorm.inverse: the block is not initialised (run forward or initialize(x) on data, "
                              "or load_state_dict, first)")
@@ -482,6 +494,8 @@ class InvertibleConv1x1(_FlowBlock):
 
     def forward(self, x, return_logdet: bool = False):
         """y = W x per pixel; with return_logdet, also H * W * log|det W| per sample."""
+        if _cuda_ops.is_device_array(x):
+            return _cuda_ops.conv1x1_forward(self, x, return_logdet)
         x = _check_nchw(x, "InvertibleConv1x1", self.channels)
         w, _, ld = self._matrices()
         y = self._apply(w, x)
@@ -491,6 +505,8 @@ class InvertibleConv1x1(_FlowBlock):
 
     def inverse(self, y) -> np.ndarray:
         """x = W^-1 y per pixel."""
+        if _cuda_ops.is_device_array(y):
+            return _cuda_ops.conv1x1_inverse(self, y)
         y = _check_nchw(y, "InvertibleConv1x1.inverse", self.channels, "y")
         return self._apply(self._matrices()[1], y)
 
@@ -574,6 +590,8 @@ class Sequential(_FlowBlock):
 
     def forward(self, x, return_logdet: bool = False):
         """y = f_k(... f_1(x)); with return_logdet, also the summed log|det J| per sample."""
+        if return_logdet and _cuda_ops.is_device_array(x):
+            return _cuda_ops.sequential_forward(self, x, return_logdet)
         total = None
         for i, b in enumerate(self.blocks):
             if not return_logdet:

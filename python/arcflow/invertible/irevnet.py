@@ -21,7 +21,7 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _ops
+from . import _cuda_ops, _ops
 from .._dispatch import check_threads
 
 __all__ = ["SpaceToDepth", "InjectivePad", "IRevNetBlock", "IRevNet", "from_torch"]
@@ -136,6 +136,8 @@ class SpaceToDepth:
         return f"SpaceToDepth(block={self.block})"
 
     def forward(self, x) -> np.ndarray:
+        if _cuda_ops.is_device_array(x):
+            return _cuda_ops.psi_forward(self, x)
         b = self.block
         where = repr(self)
         xa = np.asarray(x)
@@ -148,6 +150,8 @@ class SpaceToDepth:
     __call__ = forward
 
     def inverse(self, y) -> np.ndarray:
+        if _cuda_ops.is_device_array(y):
+            return _cuda_ops.psi_inverse(self, y)
         b = self.block
         ya = np.asarray(y)
         if ya.ndim != 4 or ya.shape[1] % (b * b):
@@ -157,6 +161,8 @@ class SpaceToDepth:
 
     def logdet(self, x) -> np.ndarray:
         """0 for every sample (a permutation)."""
+        if _cuda_ops.is_device_array(x):
+            return _cuda_ops.zeros_logdet(x)
         xa = np.asarray(x)
         return np.zeros(xa.shape[0], dtype=_ops.result_dtype(xa))
 
@@ -184,6 +190,8 @@ class InjectivePad:
         return f"InjectivePad(pad={self.pad})"
 
     def forward(self, x) -> np.ndarray:
+        if _cuda_ops.is_device_array(x):
+            return _cuda_ops.pad_forward(self, x)
         xa = _check_array(x, repr(self), "(N, C, H, W)")
         n, c, h, w = xa.shape
         out = np.zeros((n, c + self.pad, h, w), dtype=xa.dtype)
@@ -193,6 +201,8 @@ class InjectivePad:
     __call__ = forward
 
     def inverse(self, y) -> np.ndarray:
+        if _cuda_ops.is_device_array(y):
+            return _cuda_ops.pad_inverse(self, y)
         ya = np.asarray(y)
         if ya.ndim != 4 or ya.shape[1] < self.pad:
             raise ValueError(f"{self!r}.inverse: expected input of shape (N, C + {self.pad}, H, W), got shape "
@@ -346,6 +356,8 @@ class IRevNetBlock:
 
     def bottleneck(self, x2) -> np.ndarray:
         """F(x2) alone (the non-invertible residual branch)."""
+        if _cuda_ops.is_device_array(x2):
+            return _cuda_ops.block_bottleneck(self, x2)
         x2 = _check_array(x2, f"{self!r}.bottleneck", f"(N, {self.f_in}, H, W)", self.f_in, self.stride == 2)
         n, _, h, w = x2.shape
         out = np.zeros((n, self.out_ch, h // self.stride, w // self.stride), dtype=x2.dtype)
@@ -406,7 +418,10 @@ class IRevNetBlock:
 
     def forward(self, x: Union[np.ndarray, Pair], threads: Optional[int] = None):
         """(x1, x2) -> (psi_s(x2), psi_s(x1) + F(x2)); a merged array gives a merged array.
-        ``threads``: OpenMP threads of the ops (default arcflow.get_num_threads())."""
+        ``threads``: OpenMP threads of the ops (default arcflow.get_num_threads()). GPU arrays (CuPy) compute
+        on their device and come back as GPU arrays (``threads`` is then ignored)."""
+        if _cuda_ops.is_device_array(x):
+            return _cuda_ops.block_forward(self, x)
         x1, x2, merged = self._input_pair(x, repr(self), inverse=False)
         a, b = self._forward_pair(x1, x2, threads=check_threads(threads, repr(self)))
         return np.concatenate([a, b], axis=1) if merged else (a, b)
@@ -415,6 +430,8 @@ class IRevNetBlock:
 
     def inverse(self, y: Union[np.ndarray, Pair], threads: Optional[int] = None):
         """(a, b) -> (psi_s^-1(b - F(x2)), x2) with x2 = psi_s^-1(a) (undoing the injective padding)."""
+        if _cuda_ops.is_device_array(y):
+            return _cuda_ops.block_inverse(self, y)
         a, b, merged = self._input_pair(y, f"{self!r}.inverse", inverse=True)
         x1, x2 = self._inverse_pair(a, b, threads=check_threads(threads, repr(self)))
         return np.concatenate([x1, x2], axis=1) if merged else (x1, x2)
@@ -423,6 +440,8 @@ class IRevNetBlock:
         """0 for every sample: the additive coupling and psi preserve volume (bijective blocks only)."""
         if self.injective:
             raise ValueError(f"{self!r}: an injective (channel-padding) block has no log-determinant")
+        if _cuda_ops.is_device_array(x):
+            return _cuda_ops.zeros_logdet(x)
         x1, _, _ = self._input_pair(x, repr(self), inverse=False)
         return np.zeros(x1.shape[0], dtype=x1.dtype)
 
@@ -557,7 +576,10 @@ class IRevNet:
         return x
 
     def forward(self, x, threads: Optional[int] = None) -> np.ndarray:
-        """x (N, C, H, W) = (N, *in_shape) -> z (N, *out_shape). ``threads``: default arcflow.get_num_threads()."""
+        """x (N, C, H, W) = (N, *in_shape) -> z (N, *out_shape). ``threads``: default arcflow.get_num_threads().
+        A GPU array (CuPy, ``__cuda_array_interface__``) runs on its device and gives a CuPy array."""
+        if _cuda_ops.is_device_array(x):
+            return _cuda_ops.irevnet_forward(self, x)
         c, h, w = self.in_shape
         x = _check_array(x, "IRevNet.forward", f"(N, {c}, {h}, {w})", c)
         if x.shape[2:] != (h, w):
@@ -567,7 +589,9 @@ class IRevNet:
     __call__ = forward
 
     def inverse(self, z, threads: Optional[int] = None) -> np.ndarray:
-        """z (N, *out_shape) -> x (N, *in_shape), exact up to rounding."""
+        """z (N, *out_shape) -> x (N, *in_shape), exact up to rounding (on the GPU for a GPU array)."""
+        if _cuda_ops.is_device_array(z):
+            return _cuda_ops.irevnet_inverse(self, z)
         c, h, w = self.out_shape
         z = _check_array(z, "IRevNet.inverse", f"(N, {c}, {h}, {w})", c)
         if z.shape[2:] != (h, w):
@@ -578,12 +602,17 @@ class IRevNet:
         """0 for every sample when every block is bijective (no injective padding)."""
         if any(b.injective for b in self.stack):
             raise ValueError(f"{self!r}: an injective i-RevNet (channel padding) has no log-determinant")
+        if _cuda_ops.is_device_array(x):
+            return _cuda_ops.zeros_logdet(x)
         xa = np.asarray(x)
         return np.zeros(xa.shape[0], dtype=_ops.result_dtype(xa))
 
     # ---- the classifier head (not invertible) ---------------------------------------------------
     def classify(self, z) -> np.ndarray:
-        """Logits (N, n_classes) = linear(avg_pool(relu(bn1(z)), ds)) as the reference forward."""
+        """Logits (N, n_classes) = linear(avg_pool(relu(bn1(z)), ds)) as the reference forward (on the GPU for
+        a GPU array)."""
+        if _cuda_ops.is_device_array(z):
+            return _cuda_ops.irevnet_classify(self, z)
         c, h, w = self.out_shape
         z = _check_array(z, "IRevNet.classify", f"(N, {c}, {h}, {w})", c)
         if z.shape[2:] != (h, w):

@@ -1,0 +1,510 @@
+"""The invertible blocks on the GPU (CuPy arrays) against the CPU backend and NumPy oracles.
+
+Three layers, so that most of it runs without a GPU:
+- host emulation: tests/invertible_cuda_emulation.cpp runs the CUDA kernels' tile and element logic
+  (cpp/src/cuda/invertible_tile.cuh) on the CPU against the CPU ops (g++; runs everywhere);
+- orchestration: python/arcflow/invertible/_cuda_ops.py (what IRevNet and the flow blocks do with device arrays)
+  runs with a NumPy twin of its kernel launcher built on the CPU ops, against the CPU path of the blocks;
+- on a GPU (skipped with the reason otherwise): every op, block and the full CIFAR-10 i-RevNet on CuPy arrays
+  against the CPU NumPy path and the float64 NumPy oracles; float32 within 1e-5, float64 within 1e-12 (relative).
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from arcflow import _core, _cuda
+from arcflow.invertible import (ActNorm, AffineCoupling, InjectivePad, IRevNet, IRevNetBlock, InvertibleConv1x1,
+                                Sequential, SpaceToDepth, _cuda_ops, _ops)
+from arcflow.invertible.flows import soft_clamp
+
+
+def _gpu_skip_reason() -> str:
+    if not _cuda.built():
+        return "arcflow was built without CUDA"
+    if not getattr(_core, "built_with_cuda_invertible", False):
+        return "arcflow was built without the CUDA invertible ops"
+    if not _cuda.available():
+        return f"no CUDA device usable ({_cuda.status()})"
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "CuPy is not installed"
+    return ""
+
+
+_WHY = _gpu_skip_reason()
+gpu = pytest.mark.skipif(bool(_WHY), reason=_WHY or "GPU available")
+REL = {np.float32: 1e-5, np.float64: 1e-12}
+DTYPES = (np.float32, np.float64)
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def max_rel(a, b) -> float:
+    """Largest error relative to the largest |entry| of b (the CPU-vs-CUDA measure of test_cuda.py)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+def randomize_bn(model, rng):
+    """Non-trivial running statistics and affine parameters (torch's init makes BN the identity)."""
+    sd = model.state_dict()
+    for k, v in sd.items():
+        if k.endswith("running_mean") or k.endswith(".bias"):
+            sd[k] = rng.standard_normal(v.shape).astype(v.dtype) * 0.1
+        elif k.endswith("running_var") or (k.endswith(".weight") and v.ndim == 1):
+            sd[k] = rng.uniform(0.5, 1.5, v.shape).astype(v.dtype)
+    model.load_state_dict(sd)
+
+
+BLOCK_CASES = [
+    # in_ch, out_ch, stride, first, mult, affine_bn, h (as tests/test_irevnet.py)
+    (32, 16, 1, False, 4, True, 8),
+    (32, 16, 1, True, 4, True, 6),
+    (16, 32, 2, False, 4, True, 8),
+    (3, 16, 1, True, 4, True, 8),
+    (12, 16, 1, False, 2, False, 5),
+    (8, 16, 2, True, 8, False, 4),
+]
+
+
+def small_net(dtype, rng=0):
+    return IRevNet([2, 2, 2], [1, 2, 2], [16, 64, 256], init_ds=0, in_shape=(3, 16, 16), mult=4, n_classes=10,
+                   rng=rng, dtype=dtype)
+
+
+def flow_blocks(c=6, seed=0):
+    return {
+        "actnorm": ActNorm(c),
+        "conv1x1_lu": InvertibleConv1x1(c, rng=seed),
+        "conv1x1_free": InvertibleConv1x1(c, lu=False, rng=seed + 1),
+        "coupling": AffineCoupling(c, hidden=12, rng=seed + 2, zero_init=False),
+        "coupling_noclamp": AffineCoupling(c + 1, hidden=8, clamp=0.0, rng=seed + 3, zero_init=False),
+    }
+
+
+# ---- 1. the kernels' logic in a host emulation (no GPU needed) -------------------------------------------------
+
+def test_invertible_kernels_in_host_emulation(tmp_path):
+    """tests/invertible_cuda_emulation.cpp: the convolution tile (load | sync | multiply-add | sync | store, every
+    thread of every block), psi, channel affine, ActNorm, affine coupling and channel copy, against conv2d_cpu
+    (every fused option, 3x3 / 1x1, stride 1 / 2, ragged tiles), channel_affine_cpu, psi_*_cpu and the flow
+    formulas. Tolerance 1e-5 (float32) and 1e-12 (float64) relative to the largest entry for the convolution
+    (it sums in the CPU op's tap order, so today it even matches bit for bit); the rest is exact or 1e-5 / 1e-12."""
+    root = Path(__file__).resolve().parents[1]
+    src = root / "tests" / "invertible_cuda_emulation.cpp"
+    cpu = [root / "cpp" / "src" / "cpu" / f for f in ("conv2d.cpp", "batchnorm.cpp", "psi.cpp")]
+    if not (root / "cpp" / "src" / "cuda" / "invertible_tile.cuh").exists() or not all(p.exists() for p in cpu):
+        pytest.skip("the C++ sources are not in this checkout")
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++ to build the host emulation")
+    exe = tmp_path / "invertible_cuda_emulation"
+    build = subprocess.run([cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-Wno-unknown-pragmas",
+                            f"-I{root / 'cpp' / 'include'}", str(src), *map(str, cpu), "-o", str(exe)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1].startswith("worst conv"), run.stdout
+
+
+# ---- 2. the device orchestration with a NumPy twin of the kernels (no GPU needed) ------------------------------
+
+class _HostOps:
+    """_cuda_ops._CudaOps's interface on NumPy arrays, each kernel replaced by the CPU op (or NumPy formula) it
+    must match. With it, _cuda_ops's block logic must give the CPU path's numbers exactly."""
+
+    xp = np
+
+    def device_key(self, a):
+        return -1
+
+    def upload(self, host, dt):
+        return np.ascontiguousarray(host, dtype=dt)
+
+    def conv2d(self, x, w, bias, stride, pad, *, in_scale=None, in_shift=None, in_relu=False, alpha=1.0,
+               addend=None, out=None):
+        assert x.flags.c_contiguous and w.flags.c_contiguous and x.dtype == w.dtype
+        acc = addend is not None and addend is out
+        return _ops.conv2d(x, w, bias, stride, pad, out=out, accumulate=acc, addend=None if acc else addend,
+                           alpha=alpha, in_scale=in_scale, in_shift=in_shift, in_relu=in_relu, check_finite=False,
+                           threads=1)
+
+    def channel_affine(self, x, scale, shift, relu):
+        return _ops.batchnorm_inference(x, scale, shift, relu)
+
+    def psi(self, x, b):
+        assert x.flags.c_contiguous
+        return _ops.psi(x, b)
+
+    def psi_inverse(self, y, b):
+        assert y.flags.c_contiguous
+        return _ops.psi_inverse(y, b)
+
+    def actnorm(self, x, loc, scale, inverse):
+        lo, sc = loc.reshape(1, -1, 1, 1), scale.reshape(1, -1, 1, 1)
+        return x * sc + lo if inverse else (x - lo) / sc
+
+    def affine_coupling(self, x, net, c1, c2, clamp, inverse, want_s):
+        assert x.flags.c_contiguous and net.flags.c_contiguous and net.shape[1] == 2 * c2
+        s, t = soft_clamp(net[:, :c2], clamp), net[:, c2:]
+        y = x.copy()
+        y[:, c1:] = (x[:, c1:] - t) * np.exp(-s) if inverse else x[:, c1:] * np.exp(s) + t
+        return y, (s.copy() if want_s else None)
+
+    def channel_copy(self, src, s0, count, dst, d0):
+        assert src.flags.c_contiguous and dst.flags.c_contiguous and src.dtype == dst.dtype
+        assert 0 <= s0 and s0 + count <= src.shape[1] and 0 <= d0 and d0 + count <= dst.shape[1]
+        dst[:, d0:d0 + count] = src[:, s0:s0 + count]
+
+
+@pytest.fixture
+def host_twin(monkeypatch):
+    monkeypatch.setattr(_cuda_ops, "_backend", lambda: _HostOps())
+    return _cuda_ops
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_orchestration_blocks_match_cpu_path(host_twin, case, dtype):
+    in_ch, out_ch, stride, first, mult, affine, h = case
+    rng = np.random.default_rng(sum(case[:3]) + h)
+    blk = IRevNetBlock(in_ch, out_ch, stride, first, mult, affine, rng=rng, dtype=dtype)
+    randomize_bn(blk, rng)
+    x = rng.standard_normal((2, in_ch, h, h)).astype(dtype)
+    y = host_twin.block_forward(blk, x)
+    np.testing.assert_array_equal(y, blk.forward(x))
+    np.testing.assert_array_equal(host_twin.block_inverse(blk, y), blk.inverse(y))
+    pair = (x[:, : in_ch // 2], x[:, in_ch // 2:])
+    for got, want in zip(host_twin.block_forward(blk, pair), blk.forward(pair)):
+        np.testing.assert_array_equal(got, want)
+    if not blk.injective:
+        f_in = x[:, in_ch // 2:]
+        np.testing.assert_array_equal(host_twin.block_bottleneck(blk, f_in), blk.bottleneck(f_in))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+def test_orchestration_irevnet_matches_cpu_path(host_twin, dtype):
+    net = small_net(dtype)
+    randomize_bn(net, np.random.default_rng(1))
+    x = np.random.default_rng(2).standard_normal((3, 3, 16, 16)).astype(dtype)
+    z = host_twin.irevnet_forward(net, x)
+    np.testing.assert_array_equal(z, net.forward(x))
+    np.testing.assert_array_equal(host_twin.irevnet_inverse(net, z), net.inverse(z))
+    assert rel_err(host_twin.irevnet_inverse(net, z), x) <= REL[dtype]
+    np.testing.assert_allclose(host_twin.irevnet_classify(net, z), net.classify(z), rtol=REL[dtype] * 10,
+                               atol=REL[dtype] * 10)
+    net2 = IRevNet([1, 2], [2, 2], [24, 96], init_ds=2, in_shape=(3, 16, 16), n_classes=5, rng=0, dtype=dtype)
+    z2 = host_twin.irevnet_forward(net2, x)
+    np.testing.assert_array_equal(z2, net2.forward(x))
+    np.testing.assert_array_equal(host_twin.irevnet_inverse(net2, z2), net2.inverse(z2))
+
+
+def test_orchestration_weight_cache_follows_load_state_dict(host_twin):
+    net = small_net(np.float64)
+    x = np.random.default_rng(3).standard_normal((2, 3, 16, 16))
+    z0 = host_twin.irevnet_forward(net, x)
+    logits0 = host_twin.irevnet_classify(net, z0)
+    randomize_bn(net, np.random.default_rng(4))  # load_state_dict: the cached device weights must go
+    z1 = host_twin.irevnet_forward(net, x)
+    assert not np.array_equal(z0, z1)
+    np.testing.assert_array_equal(z1, net.forward(x))
+    np.testing.assert_allclose(host_twin.irevnet_classify(net, z1), net.classify(z1), rtol=1e-12, atol=1e-12)
+    assert not np.allclose(host_twin.irevnet_classify(net, z1), logits0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+def test_orchestration_flows_match_cpu_path(host_twin, dtype):
+    rng = np.random.default_rng(5)
+    for name, blk in flow_blocks().items():
+        c = getattr(blk, "channels")
+        x = rng.standard_normal((3, c, 5, 4)).astype(dtype)
+        fwd = {"actnorm": host_twin.actnorm_forward, "coupling": host_twin.coupling_forward,
+               "coupling_noclamp": host_twin.coupling_forward}.get(name, host_twin.conv1x1_forward)
+        inv = {"actnorm": host_twin.actnorm_inverse, "coupling": host_twin.coupling_inverse,
+               "coupling_noclamp": host_twin.coupling_inverse}.get(name, host_twin.conv1x1_inverse)
+        y, ld = fwd(blk, x, True)  # ActNorm initialises itself here, on the "device" path
+        y_cpu, ld_cpu = blk.forward(x, return_logdet=True)
+        tol = REL[dtype]
+        assert y.dtype == dtype and ld.dtype == dtype, name
+        assert max_rel(y, y_cpu) <= tol and max_rel(ld, ld_cpu) <= tol, name
+        assert max_rel(inv(blk, y), blk.inverse(y)) <= tol, name
+        assert rel_err(inv(blk, y), x) <= 10 * tol, name
+    seq = Sequential(ActNorm(4), InvertibleConv1x1(4, rng=0), AffineCoupling(4, hidden=8, rng=1, zero_init=False),
+                     SpaceToDepth(2))
+    x = rng.standard_normal((2, 4, 6, 6)).astype(dtype)
+    z, ld = host_twin.sequential_forward(seq, x, True)
+    z_cpu, ld_cpu = seq.forward(x, return_logdet=True)
+    assert max_rel(z, z_cpu) <= REL[dtype] and max_rel(ld, ld_cpu) <= REL[dtype]
+
+
+def test_orchestration_actnorm_init_and_pad_and_psi(host_twin):
+    x = np.random.default_rng(6).standard_normal((4, 3, 6, 6)) * 3 + 1
+    a, b = ActNorm(3), ActNorm(3)
+    host_twin.actnorm_initialize(a, x)
+    b.initialize(x)
+    np.testing.assert_allclose(a.loc, b.loc, rtol=1e-13)
+    np.testing.assert_allclose(a.scale, b.scale, rtol=1e-13)
+    pad = InjectivePad(5)
+    np.testing.assert_array_equal(host_twin.pad_forward(pad, x), pad.forward(x))
+    np.testing.assert_array_equal(host_twin.pad_inverse(pad, pad.forward(x)), x)
+    s2d = SpaceToDepth(2)
+    np.testing.assert_array_equal(host_twin.psi_forward(s2d, x), s2d.forward(x))
+    np.testing.assert_array_equal(host_twin.psi_inverse(s2d, s2d.forward(x)), x)
+    with pytest.raises(ValueError, match="divisible by 2"):
+        host_twin.psi_forward(s2d, x[:, :, :5])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        host_twin.block_forward(IRevNetBlock(4, 2, mult=1, rng=0, dtype=np.float64), np.full((1, 4, 4, 4), np.nan))
+
+
+# ---- errors where the GPU path cannot run --------------------------------------------------------------------
+
+class _FakeDeviceArray:
+    """Looks like a GPU array (has __cuda_array_interface__) but is none."""
+    __cuda_array_interface__ = {"shape": (1, 3, 4, 4), "typestr": "<f4", "data": (0, False), "version": 3}
+    shape = (1, 3, 4, 4)
+
+
+@pytest.mark.skipif(not bool(_WHY), reason="a GPU and CuPy are available")
+def test_device_array_without_gpu_path_is_a_clear_runtime_error(monkeypatch):
+    monkeypatch.setattr(_cuda_ops, "_OPS", None)
+    fake = _FakeDeviceArray()
+    for call in (lambda: SpaceToDepth(2).forward(fake), lambda: InjectivePad(1).forward(fake),
+                 lambda: IRevNetBlock(4, 2, mult=1, rng=0).forward((fake, fake)), lambda: small_net(np.float32).forward(fake),
+                 lambda: ActNorm(3).forward(fake), lambda: InvertibleConv1x1(3, rng=0).inverse(fake),
+                 lambda: AffineCoupling(3, hidden=4, rng=0).forward(fake)):
+        with pytest.raises(RuntimeError, match="GPU array|CuPy|CUDA"):
+            call()
+
+
+def test_numpy_input_never_touches_the_device_path(monkeypatch):
+    def boom():
+        raise AssertionError("the device path was taken for NumPy input")
+    monkeypatch.setattr(_cuda_ops, "_backend", boom)
+    net = small_net(np.float32)
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    assert isinstance(net.inverse(net.forward(x)), np.ndarray)
+    assert not _cuda_ops.is_device_array(x) and not _cuda_ops.is_device_array((x, x))
+    assert _cuda_ops.is_device_array((x, _FakeDeviceArray()))
+
+
+class _FakeDev:
+    """A stand-in for a CuPy array: a shape, a dtype and a non-null (never dereferenced) device pointer."""
+
+    class _Ptr:
+        ptr = 4096
+
+    class _Dev:
+        id = 0
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.size = int(np.prod(self.shape))
+        self.data, self.device = self._Ptr(), self._Dev()
+
+
+class _FakeCupy:
+    class cuda:
+        class _Stream:
+            ptr = 0
+
+        @staticmethod
+        def get_current_stream():
+            return _FakeCupy.cuda._Stream()
+
+    @staticmethod
+    def empty(shape, dtype):
+        return _FakeDev(shape, dtype)
+
+    @staticmethod
+    def empty_like(a):
+        return _FakeDev(a.shape, a.dtype)
+
+
+@pytest.mark.skipif(not _cuda.built() or not getattr(_core, "built_with_cuda_invertible", False),
+                    reason="arcflow was built without CUDA")
+@pytest.mark.skipif(_cuda.available(), reason="a GPU is present (the real launches are tested below)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+def test_cuda_launchers_accept_the_arguments_cuda_ops_passes(dtype):
+    """Without a GPU every launcher must get past pybind11's argument conversion and its size checks and stop
+    at the device guard ("no CUDA device"): _CudaOps calls each binding with the right arguments."""
+    ops = _cuda_ops._CudaOps(_FakeCupy)
+    f = lambda *shape: _FakeDev(shape, dtype)  # noqa: E731
+    calls = {
+        "conv2d": lambda: ops.conv2d(f(2, 3, 8, 8), f(5, 3, 3, 3), f(5), 2, 1, in_scale=f(3), in_shift=f(3),
+                                     in_relu=True, alpha=-1.0, addend=f(2, 5, 4, 4), out=f(2, 5, 4, 4)),
+        "channel_affine": lambda: ops.channel_affine(f(2, 3, 4, 4), f(3), f(3), True),
+        "psi": lambda: ops.psi(f(2, 3, 4, 4), 2),
+        "psi_inverse": lambda: ops.psi_inverse(f(2, 12, 2, 2), 2),
+        "actnorm": lambda: ops.actnorm(f(2, 3, 4, 4), f(3), f(3), True),
+        "affine_coupling": lambda: ops.affine_coupling(f(2, 5, 4, 4), f(2, 6, 4, 4), 2, 3, 2.0, False, True),
+        "channel_copy": lambda: ops.channel_copy(f(2, 5, 4, 4), 1, 3, f(2, 4, 4, 4), 0),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            call()
+
+
+# ---- 3. on a GPU: the same numbers as the CPU backend ----------------------------------------------------------
+
+def _cp():
+    import cupy
+    return cupy
+
+
+CONV_CASES = [
+    # n, c, h, w, o, k, stride, padding
+    (2, 3, 8, 8, 5, 3, 1, 1), (1, 1, 1, 1, 1, 1, 1, 0), (3, 7, 9, 11, 6, 3, 2, 1), (2, 4, 7, 5, 9, 1, 1, 0),
+    (1, 5, 6, 6, 3, 3, 2, 0), (1, 16, 32, 32, 64, 3, 1, 1), (4, 12, 16, 16, 70, 3, 2, 1), (2, 6, 8, 8, 6, 1, 2, 0),
+]
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("variant", ["plain", "bias_relu", "bn_relu_addend", "accumulate_alpha"])
+def test_gpu_conv2d_matches_cpu_op(case, dtype, variant):
+    cp = _cp()
+    ops = _cuda_ops._backend()
+    n, c, h, w, o, k, stride, pad = case
+    rng = np.random.default_rng(sum(case))
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = (rng.standard_normal((o, c, k, k)) / np.sqrt(c * k * k)).astype(dtype)
+    b = rng.standard_normal(o).astype(dtype) if variant == "bias_relu" else None
+    sc = rng.uniform(0.5, 1.5, c).astype(dtype) if variant == "bn_relu_addend" else None
+    sf = rng.standard_normal(c).astype(dtype) if variant == "bn_relu_addend" else None
+    relu = variant in ("bias_relu", "bn_relu_addend")
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    add = rng.standard_normal((n, o, ho, wo)).astype(dtype)
+    alpha = -1.0 if variant == "accumulate_alpha" else 1.0
+    ref = add.copy()
+    kw = dict(in_scale=sc, in_shift=sf, in_relu=relu, alpha=alpha)
+    if variant == "accumulate_alpha":
+        _ops.conv2d(x, wt, b, stride, pad, out=ref, accumulate=True, **kw)
+    elif variant == "bn_relu_addend":
+        ref = _ops.conv2d(x, wt, b, stride, pad, addend=add, out=np.empty_like(add), **kw)
+    else:
+        ref = _ops.conv2d(x, wt, b, stride, pad, **kw)
+    d = lambda a: None if a is None else cp.asarray(a)  # noqa: E731
+    out = cp.asarray(add)
+    addend = out if variant == "accumulate_alpha" else (cp.asarray(add) if variant == "bn_relu_addend" else None)
+    got = ops.conv2d(d(x), d(wt), d(b), stride, pad, in_scale=d(sc), in_shift=d(sf), in_relu=relu, alpha=alpha,
+                     addend=addend, out=out if addend is not None else None)
+    cp.cuda.get_current_stream().synchronize()
+    assert got.dtype == dtype
+    assert max_rel(cp.asnumpy(got), ref) <= 2 * REL[dtype], variant
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+def test_gpu_psi_and_batchnorm_are_exact(dtype):
+    cp = _cp()
+    x = np.random.default_rng(0).standard_normal((3, 5, 8, 6)).astype(dtype)
+    s2d = SpaceToDepth(2)
+    y = s2d.forward(cp.asarray(x))
+    assert isinstance(y, cp.ndarray) and y.dtype == dtype
+    np.testing.assert_array_equal(cp.asnumpy(y), _ops.psi(x, 2))
+    np.testing.assert_array_equal(cp.asnumpy(s2d.inverse(y)), x)
+    ops = _cuda_ops._backend()
+    sc, sf = np.random.default_rng(1).standard_normal((2, 5)).astype(dtype)
+    got = ops.channel_affine(cp.asarray(x), cp.asarray(sc), cp.asarray(sf), True)
+    np.testing.assert_array_equal(cp.asnumpy(got), _ops.batchnorm_inference(x, sc, sf, relu=True))
+    pad = InjectivePad(3)
+    np.testing.assert_array_equal(cp.asnumpy(pad.forward(cp.asarray(x))), pad.forward(x))
+    np.testing.assert_array_equal(cp.asnumpy(pad.inverse(pad.forward(cp.asarray(x)))), x)
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_gpu_blocks_match_cpu_and_invert(case, dtype):
+    cp = _cp()
+    in_ch, out_ch, stride, first, mult, affine, h = case
+    rng = np.random.default_rng(sum(case[:3]) + h)
+    blk = IRevNetBlock(in_ch, out_ch, stride, first, mult, affine, rng=rng, dtype=dtype)
+    randomize_bn(blk, rng)
+    x = rng.standard_normal((2, in_ch, h, h)).astype(dtype)
+    y = blk.forward(cp.asarray(x))
+    assert isinstance(y, cp.ndarray) and y.dtype == dtype
+    assert max_rel(cp.asnumpy(y), blk.forward(x)) <= REL[dtype]
+    back = blk.inverse(y)
+    assert rel_err(cp.asnumpy(back), x) <= REL[dtype]
+    a, b = blk.forward((cp.asarray(x[:, : in_ch // 2]), cp.asarray(x[:, in_ch // 2:])))
+    a_cpu, b_cpu = blk.forward((x[:, : in_ch // 2], x[:, in_ch // 2:]))
+    assert max_rel(cp.asnumpy(a), a_cpu) <= REL[dtype] and max_rel(cp.asnumpy(b), b_cpu) <= REL[dtype]
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+def test_gpu_full_cifar10_irevnet_inverts_and_matches_cpu(dtype):
+    cp = _cp()
+    net = IRevNet.cifar10(rng=3, dtype=dtype)
+    randomize_bn(net, np.random.default_rng(4))
+    x = np.random.default_rng(5).standard_normal((4, 3, 32, 32)).astype(dtype)
+    z = net.forward(cp.asarray(x))
+    assert isinstance(z, cp.ndarray) and z.dtype == dtype and z.shape == (4, 512, 8, 8)
+    z_cpu = net.forward(x)
+    assert rel_err(cp.asnumpy(z), z_cpu) <= REL[dtype]
+    back = net.inverse(z)
+    assert rel_err(cp.asnumpy(back), x) <= REL[dtype]
+    assert rel_err(cp.asnumpy(back), net.inverse(z_cpu)) <= REL[dtype]
+    logits = net.classify(z)
+    assert isinstance(logits, cp.ndarray) and logits.shape == (4, 10)
+    assert max_rel(cp.asnumpy(logits), net.classify(z_cpu)) <= 10 * REL[dtype]
+
+
+@gpu
+@pytest.mark.cuda
+def test_gpu_irevnet_noncontiguous_and_integer_input_and_weight_changes():
+    cp = _cp()
+    net = small_net(np.float32)
+    x = np.random.default_rng(6).standard_normal((3, 3, 16, 32)).astype(np.float32)[:, :, :, ::2]
+    z = net.forward(cp.asarray(x))  # a strided CuPy view
+    assert max_rel(cp.asnumpy(z), net.forward(x)) <= 1e-5
+    xi = (x * 10).astype(np.int32)
+    zi = net.forward(cp.asarray(xi))
+    assert zi.dtype == np.float64 and max_rel(cp.asnumpy(zi), net.forward(xi)) <= 1e-12
+    randomize_bn(net, np.random.default_rng(7))  # load_state_dict: the uploaded weights must be refreshed
+    assert max_rel(cp.asnumpy(net.forward(cp.asarray(x))), net.forward(x)) <= 1e-5
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        net.forward(cp.full((1, 3, 16, 16), cp.nan, dtype=cp.float32))
+    with pytest.raises(ValueError, match="shape"):
+        net.forward(cp.zeros((1, 4, 16, 16), dtype=cp.float32))
+
+
+@gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+def test_gpu_flows_match_cpu(dtype):
+    cp = _cp()
+    rng = np.random.default_rng(8)
+    for name, blk in flow_blocks().items():
+        x = rng.standard_normal((3, blk.channels, 5, 4)).astype(dtype)
+        y, ld = blk.forward(cp.asarray(x), return_logdet=True)
+        assert isinstance(y, cp.ndarray) and y.dtype == dtype and isinstance(ld, cp.ndarray), name
+        y_cpu, ld_cpu = blk.forward(x, return_logdet=True)
+        assert max_rel(cp.asnumpy(y), y_cpu) <= 10 * REL[dtype], name
+        assert max_rel(cp.asnumpy(ld), ld_cpu) <= 10 * REL[dtype], name
+        assert rel_err(cp.asnumpy(blk.inverse(y)), x) <= 10 * REL[dtype], name
+    seq = Sequential(ActNorm(4), InvertibleConv1x1(4, rng=0), AffineCoupling(4, hidden=8, rng=1, zero_init=False),
+                     IRevNetBlock(4, 2, mult=1, rng=2, dtype=dtype))
+    x = rng.standard_normal((2, 4, 6, 6)).astype(dtype)
+    z, ld = seq.forward(cp.asarray(x), return_logdet=True)
+    z_cpu, ld_cpu = seq.forward(x, return_logdet=True)
+    assert max_rel(cp.asnumpy(z), z_cpu) <= 10 * REL[dtype] and max_rel(cp.asnumpy(ld), ld_cpu) <= 10 * REL[dtype]
+    assert rel_err(cp.asnumpy(seq.inverse(z)), x) <= 10 * REL[dtype]
