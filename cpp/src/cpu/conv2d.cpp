@@ -10,23 +10,31 @@
 #include <omp.h>
 #endif
 
+#ifndef ARCFLOW_CONV_KBLOCK_BYTES
+// Budget for the B values of one tile and one channel block (counted as taps x tile pixels), so that
+// they stay in the 32 KiB L1 data cache next to the weight panel streaming from L2.
+#define ARCFLOW_CONV_KBLOCK_BYTES 16384
+#endif
+
 namespace arcflow {
 namespace {
 
-// What the tile loop needs; the phase buffer and the output image pointer are passed separately.
+// What the tile loop needs; the phase buffer and the output image pointers are passed separately.
 template <typename T>
 struct TileArgs {
-  index_t K;            // taps = c * kh * kw
-  index_t m;            // output channels
-  index_t ho, wo;       // output size
-  index_t wph;          // grid row width (phase-buffer row width)
-  index_t qtot;         // ho * wph grid pixels
-  const T* ap;          // packed weights, panels of MR channels: ap[panel][k][MR]
-  const index_t* off;   // tap k -> offset in the phase buffer
-  const T* bias;        // (m) or nullptr
+  index_t K;               // taps = c * kh * kw
+  index_t kc;              // taps per channel block (a multiple of kh * kw)
+  index_t n_kblocks;       // ceil(K / kc)
+  index_t m;               // output channels
+  index_t ho, wo;          // output size
+  const T* ap;             // packed weights, panels of MR channels: ap[panel][k][MR]
+  const index_t* off;      // tap k -> offset in the phase buffer
+  const T* bias;           // (m) or nullptr
   T alpha;
-  const T* addend;      // image-relative (n, m, ho, wo) values added to the result, or nullptr; may be out
-  index_t addend_img;   // stride between images of addend
+  index_t nslots;          // vector slots: VW consecutive output pixels of one row
+  const index_t* slot_q;   // slot -> offset of its first pixel in the phase-buffer grid
+  const index_t* slot_pos; // slot -> offset of its first pixel in an output channel plane
+  const int* slot_len;     // slot -> valid pixels (VW, or fewer at the end of a row)
 };
 
 namespace isa_generic {
@@ -50,12 +58,13 @@ namespace isa_avx2 {
 // Register blocking: MR output channels x NV vectors of pixels. Both shapes fit the 16 vector
 // registers of x86-64 without AVX-512: 4 x 3 (12 accumulators, 3 B vectors, a broadcast) and 6 x 2
 // (12 accumulators, 2 B vectors, a broadcast). The driver picks the one that wastes less work on
-// padding (channels rounded up to MR, grid pixels rounded up to the tile width).
+// padding (channels rounded up to MR, slots rounded up to NV).
 template <typename T>
 struct Kernel {
-  void (*tiles)(const TileArgs<T>&, const T*, T*, index_t, index_t);
+  void (*tiles)(const TileArgs<T>&, const T*, T*, const T*, T*, index_t, index_t);
   index_t mr;  // output channels per panel
-  index_t nr;  // pixels per tile
+  index_t nv;  // vectors (slots) per tile
+  index_t vw;  // pixels per vector
   const char* name;
 };
 
@@ -69,21 +78,22 @@ bool cpu_has_avx2() {
 }
 
 template <typename T>
-Kernel<T> pick_kernel(index_t m, index_t qtot) {
+Kernel<T> pick_kernel(index_t m, index_t ho, index_t wo) {
   Kernel<T> a, b;
 #ifdef ARCFLOW_CONV_HAVE_AVX2
   if (cpu_has_avx2()) {
-    a = {&isa_avx2::compute_tiles<T, 4, 3>, 4, index_t(3 * 32 / sizeof(T)), "avx2"};
-    b = {&isa_avx2::compute_tiles<T, 6, 2>, 6, index_t(2 * 32 / sizeof(T)), "avx2"};
+    a = {&isa_avx2::compute_tiles<T, 4, 3>, 4, 3, index_t(32 / sizeof(T)), "avx2"};
+    b = {&isa_avx2::compute_tiles<T, 6, 2>, 6, 2, index_t(32 / sizeof(T)), "avx2"};
   } else
 #endif
   {
-    a = {&isa_generic::compute_tiles<T, 4, 3>, 4, index_t(3 * 16 / sizeof(T)), "generic"};
-    b = {&isa_generic::compute_tiles<T, 6, 2>, 6, index_t(2 * 16 / sizeof(T)), "generic"};
+    a = {&isa_generic::compute_tiles<T, 4, 3>, 4, 3, index_t(16 / sizeof(T)), "generic"};
+    b = {&isa_generic::compute_tiles<T, 6, 2>, 6, 2, index_t(16 / sizeof(T)), "generic"};
   }
+  const index_t nslots = ho * ((wo + a.vw - 1) / a.vw);
   auto work = [&](const Kernel<T>& k) {
     // padded multiply-adds, plus a small penalty for b's extra broadcast per FMA pair
-    return static_cast<double>((m + k.mr - 1) / k.mr * k.mr) * ((qtot + k.nr - 1) / k.nr * k.nr);
+    return static_cast<double>((m + k.mr - 1) / k.mr * k.mr) * ((nslots + k.nv - 1) / k.nv * k.nv);
   };
   return work(b) * 1.05 < work(a) ? b : a;
 }
@@ -102,11 +112,14 @@ struct AlignedBuf {
 // Geometry of the phase buffer: for stride s the zero-padded input (hp x wp) is split into s*s phases
 // (py, px) of hph x wph values, phase[r][col] = padded[r*s + py][col*s + px]. Tap (ky, kx) of output
 // pixel (oy, ox) then reads phase (ky%s, kx%s) at (oy + ky/s, ox + kx/s): with the output laid on a
-// grid of row width wph, every tap is one constant offset.
+// grid of row width wph, every tap is one constant offset. Output row oy is cut into slots of VW
+// pixels (the last one shorter when VW does not divide wo); a slot reads VW consecutive grid values,
+// the ones past wo are computed and dropped.
 struct Geometry {
-  index_t s, pad, hp, wp, hph, wph, phase_size, chan_size, ho, wo, qtot, K, buf_size;
-  std::vector<index_t> off;
-  Geometry(const Conv2dShape& sh, index_t nr) {
+  index_t s, pad, hp, wp, hph, wph, phase_size, chan_size, ho, wo, K, kc, n_kblocks, buf_size, nslots;
+  std::vector<index_t> off, slot_q, slot_pos;
+  std::vector<int> slot_len;
+  Geometry(const Conv2dShape& sh, index_t vw, index_t nv, index_t elem_bytes) {
     s = sh.stride;
     pad = sh.pad;
     hp = sh.h + 2 * pad;
@@ -117,9 +130,15 @@ struct Geometry {
     chan_size = s * s * phase_size;
     ho = sh.ho();
     wo = sh.wo();
-    qtot = ho * wph;
     K = sh.c * sh.kh * sh.kw;
-    buf_size = sh.c * chan_size + nr + sh.kw + 64;
+    // channel blocks of about ARCFLOW_CONV_KBLOCK_BYTES of B values per tile, balanced
+    const index_t per_chan = sh.kh * sh.kw * nv * vw * elem_bytes;
+    const index_t cb_max = std::max<index_t>(1, ARCFLOW_CONV_KBLOCK_BYTES / per_chan);
+    n_kblocks = (sh.c + cb_max - 1) / cb_max;
+    kc = (sh.c + n_kblocks - 1) / n_kblocks * sh.kh * sh.kw;
+    n_kblocks = (K + kc - 1) / kc;
+    // slack past the last channel: a slot may read up to vw - 1 values past the grid
+    buf_size = sh.c * chan_size + vw + sh.kw + 64;
     off.resize(static_cast<std::size_t>(K));
     index_t k = 0;
     for (index_t ci = 0; ci < sh.c; ++ci)
@@ -127,58 +146,69 @@ struct Geometry {
         for (index_t kx = 0; kx < sh.kw; ++kx)
           off[static_cast<std::size_t>(k++)] =
               ci * chan_size + ((ky % s) * s + (kx % s)) * phase_size + (ky / s) * wph + kx / s;
+    const index_t spr = (wo + vw - 1) / vw;
+    nslots = ho * spr;
+    slot_q.resize(static_cast<std::size_t>(nslots));
+    slot_pos.resize(static_cast<std::size_t>(nslots));
+    slot_len.resize(static_cast<std::size_t>(nslots));
+    for (index_t sl = 0; sl < nslots; ++sl) {
+      const index_t oy = sl / spr, ox0 = sl % spr * vw;
+      slot_q[static_cast<std::size_t>(sl)] = oy * wph + ox0;
+      slot_pos[static_cast<std::size_t>(sl)] = oy * wo + ox0;
+      slot_len[static_cast<std::size_t>(sl)] = static_cast<int>(std::min(vw, wo - ox0));
+    }
   }
 };
 
-// Fill the phase buffer of channels [c0, c1) of one image with act(x), zeros outside the image.
-template <typename T>
-void build_phases(const Conv2dShape& sh, const Geometry& g, const T* x_img, const T* in_scale,
-                  const T* in_shift, bool in_relu, index_t c0, index_t c1, T* buf) {
+// Write act(x) of channels [c0, c1) of one image into the phase buffer. Only the cells of real pixels
+// are written: the padding cells stay zero from the buffer's allocation, for every image.
+template <typename T, bool Relu>
+void build_phases_t(const Conv2dShape& sh, const Geometry& g, const T* x_img, const T* in_scale,
+                    const T* in_shift, index_t c0, index_t c1, T* buf) {
   const bool affine = in_scale != nullptr;
+  const index_t s = g.s, pad = g.pad, w = sh.w;
   for (index_t ci = c0; ci < c1; ++ci) {
     const T sc = affine ? in_scale[ci] : T(1);
     const T sf = affine ? in_shift[ci] : T(0);
-    const T* xc = x_img + ci * sh.h * sh.w;
-    for (index_t py = 0; py < g.s; ++py)
-      for (index_t px = 0; px < g.s; ++px) {
-        T* ph = buf + ci * g.chan_size + (py * g.s + px) * g.phase_size;
-        // columns col with 0 <= col*s + px - pad < w
-        const index_t col_lo = std::min(g.wph, std::max<index_t>(0, (g.pad - px + g.s - 1) / g.s));
-        const index_t col_hi =
-            std::max(col_lo, std::min(g.wph, (sh.w + g.pad - px + g.s - 1) / g.s));
-        for (index_t r = 0; r < g.hph; ++r) {
-          T* dst = ph + r * g.wph;
-          const index_t yy = r * g.s + py - g.pad;
-          if (yy < 0 || yy >= sh.h) {
-            std::fill(dst, dst + g.wph, T(0));
-            continue;
-          }
-          std::fill(dst, dst + col_lo, T(0));
-          const T* src = xc + yy * sh.w + (col_lo * g.s + px - g.pad);
-          const index_t len = col_hi - col_lo;
-          T* d = dst + col_lo;
-          if (g.s == 1) {
-            if (in_relu)
-              for (index_t u = 0; u < len; ++u) {
-                const T v = src[u] * sc + sf;
-                d[u] = v > T(0) ? v : T(0);
-              }
-            else
-              for (index_t u = 0; u < len; ++u) d[u] = src[u] * sc + sf;
-          } else {
-            const index_t st = g.s;
-            if (in_relu)
-              for (index_t u = 0; u < len; ++u) {
-                const T v = src[u * st] * sc + sf;
-                d[u] = v > T(0) ? v : T(0);
-              }
-            else
-              for (index_t u = 0; u < len; ++u) d[u] = src[u * st] * sc + sf;
-          }
-          std::fill(dst + col_hi, dst + g.wph, T(0));
+    auto act = [sc, sf](T v) {
+      v = v * sc + sf;
+      return Relu ? (v > T(0) ? v : T(0)) : v;
+    };
+    const T* xc = x_img + ci * sh.h * w;
+    T* bc = buf + ci * g.chan_size;
+    for (index_t yy = 0; yy < sh.h; ++yy) {
+      const index_t rr = yy + pad, py = rr % s, r = rr / s;
+      const T* __restrict src = xc + yy * w;
+      if (s == 1) {
+        T* __restrict d = bc + r * g.wph + pad;
+        for (index_t u = 0; u < w; ++u) d[u] = act(src[u]);
+      } else if (s == 2) {
+        // padded column pad + ix goes to phase (pad + ix) % 2, column (pad + ix) / 2
+        T* __restrict da = bc + (py * 2 + pad % 2) * g.phase_size + r * g.wph + pad / 2;
+        T* __restrict db = bc + (py * 2 + (pad + 1) % 2) * g.phase_size + r * g.wph + (pad + 1) / 2;
+        const index_t n2 = w / 2;
+        for (index_t u = 0; u < n2; ++u) {
+          da[u] = act(src[2 * u]);
+          db[u] = act(src[2 * u + 1]);
+        }
+        if (w % 2) da[n2] = act(src[2 * n2]);
+      } else {
+        for (index_t ix = 0; ix < w; ++ix) {
+          const index_t cc = pad + ix;
+          bc[(py * s + cc % s) * g.phase_size + r * g.wph + cc / s] = act(src[ix]);
         }
       }
+    }
   }
+}
+
+template <typename T>
+void build_phases(const Conv2dShape& sh, const Geometry& g, const T* x_img, const T* in_scale,
+                  const T* in_shift, bool in_relu, index_t c0, index_t c1, T* buf) {
+  if (in_relu)
+    build_phases_t<T, true>(sh, g, x_img, in_scale, in_shift, c0, c1, buf);
+  else
+    build_phases_t<T, false>(sh, g, x_img, in_scale, in_shift, c0, c1, buf);
 }
 
 int max_threads() {
@@ -205,9 +235,8 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
                 "conv2d: in_scale and in_shift go together");
   if (sh.n == 0) return;
 
-  const index_t qtot_est = sh.ho() * ((sh.w + 2 * sh.pad + sh.stride - 1) / sh.stride);
-  const Kernel<T> kern = pick_kernel<T>(sh.m, qtot_est);
-  const Geometry g(sh, kern.nr);
+  const Kernel<T> kern = pick_kernel<T>(sh.m, sh.ho(), sh.wo());
+  const Geometry g(sh, kern.vw, kern.nv, static_cast<index_t>(sizeof(T)));
   const index_t mr = kern.mr;
   const index_t n_panels = (sh.m + mr - 1) / mr;
 
@@ -218,9 +247,12 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
     for (index_t k = 0; k < g.K; ++k) ap.ptr[(p * g.K + k) * mr + i] = weight[co * g.K + k];
   }
 
-  TileArgs<T> args{g.K, sh.m, g.ho, g.wo, g.wph, g.qtot, ap.ptr, g.off.data(), bias, alpha,
-                   addend, sh.m * g.ho * g.wo};
-  const index_t ntiles = (g.qtot + kern.nr - 1) / kern.nr;
+  const TileArgs<T> args{g.K,     g.kc,  g.n_kblocks,   sh.m,   g.ho,
+                         g.wo,    ap.ptr, g.off.data(),    bias,
+                         alpha,   g.nslots, g.slot_q.data(), g.slot_pos.data(),
+                         g.slot_len.data()};
+  const index_t ntiles = (g.nslots + kern.nv - 1) / kern.nv;
+  const index_t part_size = n_panels * mr * kern.nv * kern.vw;
   const index_t in_img = sh.c * sh.h * sh.w;
   const index_t out_img = sh.m * g.ho * g.wo;
   // Below a few million multiply-adds a parallel region costs more than it saves (and much more
@@ -233,12 +265,12 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
       AlignedBuf<T> buf(g.buf_size);
+      AlignedBuf<T> part(part_size);
 #pragma omp for schedule(dynamic, 1)
       for (index_t img = 0; img < sh.n; ++img) {
         build_phases(sh, g, x + img * in_img, in_scale, in_shift, in_relu, 0, sh.c, buf.ptr);
-        TileArgs<T> a = args;
-        if (addend) a.addend = addend + img * out_img;
-        kern.tiles(a, buf.ptr, out + img * out_img, 0, ntiles);
+        kern.tiles(args, buf.ptr, out + img * out_img, addend ? addend + img * out_img : nullptr, part.ptr, 0,
+                   ntiles);
       }
     }
   } else {
@@ -247,17 +279,17 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
     for (index_t img = 0; img < sh.n; ++img) {
 #pragma omp parallel num_threads(nthreads)
       {
+        AlignedBuf<T> part(part_size);
 #pragma omp for schedule(static)
         for (index_t ci = 0; ci < sh.c; ++ci)
           build_phases(sh, g, x + img * in_img, in_scale, in_shift, in_relu, ci, ci + 1, buf.ptr);
         // implicit barrier
         const index_t chunk = 4;
         const index_t nchunks = (ntiles + chunk - 1) / chunk;
-        TileArgs<T> a = args;
-        if (addend) a.addend = addend + img * out_img;
 #pragma omp for schedule(dynamic, 1)
         for (index_t ch = 0; ch < nchunks; ++ch)
-          kern.tiles(a, buf.ptr, out + img * out_img, ch * chunk, std::min(ntiles, ch * chunk + chunk));
+          kern.tiles(args, buf.ptr, out + img * out_img, addend ? addend + img * out_img : nullptr, part.ptr,
+                     ch * chunk, std::min(ntiles, ch * chunk + chunk));
       }
     }
   }
