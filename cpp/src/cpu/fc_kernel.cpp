@@ -83,18 +83,39 @@ struct tile_ctx {
   T *nngp, *ntk, *ntk_all;
 };
 
-// G rows [i, i+R) = a (R x d) times bt (d x TILE, packed k-major), R rows x 2 vectors of 32 bytes at a time
-// (GCC vector extensions). Sized for AVX2's 16 registers: 2R accumulators + 2 loads; on AVX-512 the same
-// code runs with half-filled registers, on SSE2 each vector splits in two.
+// G rows [i, i+R) = a (R x d) times bt (d x TILE), R rows x 2 vectors of 32 bytes at a time (GCC vector
+// extensions). Sized for AVX2's 16 registers: 2R accumulators + 2 loads; on AVX-512 the same code runs with
+// half-filled registers, on SSE2 each vector splits in two. bt is packed in panels of PANEL columns, each
+// panel d x PANEL contiguous (pack_panels), so the micro-kernel streams through memory: with a plain
+// k-major d x TILE layout its loads strode by 512 bytes, all into a few L1 sets.
+template <class T>
+constexpr int panel_width() { return 64 / int(sizeof(T)); }
+
+// bt[panel p][k][jj] = x2[j0 + p PANEL + jj][k], zero beyond tj.
+template <class T>
+inline void pack_panels(const T* x2, index_t d, index_t tj, T* bt) {
+  constexpr index_t PW = panel_width<T>();
+  for (index_t j = 0; j < TILE; ++j) {
+    T* dst = bt + (j / PW) * PW * d + j % PW;
+    if (j < tj) {
+      const T* xr = x2 + j * d;
+      for (index_t k = 0; k < d; ++k) dst[k * PW] = xr[k];
+    } else {
+      for (index_t k = 0; k < d; ++k) dst[k * PW] = T(0);
+    }
+  }
+}
+
 template <class T, int R>
 inline __attribute__((always_inline)) void gram_rows(const T* a, index_t d, const T* bt, T* g) {
   typedef T V __attribute__((vector_size(32)));
   constexpr int W = 32 / int(sizeof(T));
+  static_assert(2 * W == panel_width<T>(), "one panel per pair of vectors");
   for (int j0 = 0; j0 < TILE; j0 += 2 * W) {
     V c0[R], c1[R];
     for (int r = 0; r < R; ++r) c0[r] = c1[r] = V{};
-    const T* b = bt + j0;
-    for (index_t k = 0; k < d; ++k, b += TILE) {
+    const T* b = bt + j0 * d;
+    for (index_t k = 0; k < d; ++k, b += 2 * W) {
       V b0, b1;
       __builtin_memcpy(&b0, b, sizeof(V));
       __builtin_memcpy(&b1, b + W, sizeof(V));
@@ -178,14 +199,7 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
   T* __restrict a_sin = a_sig2 + 3 * TILE;
 
   // 1. Gram tile.
-  // Pack x2's rows k-major: read each row contiguously (the strided side is the small, cached bt).
-  for (index_t j = 0; j < tj; ++j) {
-    const T* xr = c.x2 + (j0 + j) * d;
-    for (index_t k = 0; k < d; ++k) bt[k * TILE + j] = xr[k];
-  }
-  if (tj < TILE)
-    for (index_t k = 0; k < d; ++k)
-      for (index_t j = tj; j < TILE; ++j) bt[k * TILE + j] = T(0);
+  pack_panels(c.x2 + j0 * d, d, tj, bt);
   gram_tile<T>(c.x1 + i0 * d, ti, d, bt, g);
 
   // 2. First layer: s12 = gs G + b, gaps |x||y| -/+ G, refined where they cancel.
