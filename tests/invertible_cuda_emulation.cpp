@@ -56,11 +56,13 @@ void emulate_conv(const conv_args<T>& g) {
       for (int t = 0; t < NT; ++t)
         for (int i = 0; i < TM; ++i)
           for (int j = 0; j < TN; ++j) acc[t][i][j] = T(0);
+      std::vector<conv_pixel> q(NT);
+      for (int t = 0; t < NT; ++t) q[std::size_t(t)] = conv_thread_pixel<T, BN>(g, t, p0);
       for (int k0 = 0; k0 < g.K; k0 += conv_cfg::BK) {
         // poison the shared tiles: a thread that fails to write its part shows up as NaN
         std::fill(As.begin(), As.end(), T(NAN));
         std::fill(Bs.begin(), Bs.end(), T(NAN));
-        for (int t = 0; t < NT; ++t) conv_load_tile<T, BM, BN>(g, t, m0, p0, k0, As.data(), Bs.data());
+        for (int t = 0; t < NT; ++t) conv_load_tile<T, BM, BN>(g, t, m0, q[std::size_t(t)], k0, As.data(), Bs.data());
         for (int t = 0; t < NT; ++t) conv_mma<T, BM, BN>(t, As.data(), Bs.data(), acc[t]);
       }
       for (int t = 0; t < NT; ++t) conv_store<T, BM, BN>(g, t, m0, p0, acc[t]);

@@ -356,7 +356,234 @@ def test_cuda_launchers_accept_the_arguments_cuda_ops_passes(dtype):
             call()
 
 
-# ---- 3. on a GPU: the same numbers as the CPU backend ----------------------------------------------------------
+# ---- 3a. on a GPU without CuPy: the kernels through host copies ----------------------------------------------
+
+if not _cuda.built() or not hasattr(_core, "cuda_buffer_alloc"):
+    _NO_GPU = "arcflow was built without CUDA"
+elif not _cuda.available():
+    _NO_GPU = f"no CUDA device usable ({_cuda.status()})"
+else:
+    _NO_GPU = ""
+gpu_nocupy = pytest.mark.skipif(bool(_NO_GPU), reason=_NO_GPU or "GPU available")
+
+
+class _DeviceScratch:
+    """Device buffers for one op: host arrays copied in, results copied back, everything freed on exit."""
+
+    def __init__(self):
+        self.bufs = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.bufs:
+            _core.cuda_buffer_free(p)
+
+    def alloc(self, nbytes: int) -> int:
+        p = int(_core.cuda_buffer_alloc(max(int(nbytes), 1)))
+        self.bufs.append(p)
+        return p
+
+    def up(self, a) -> int:
+        if a is None:
+            return 0
+        a = np.ascontiguousarray(a)
+        p = self.alloc(a.nbytes)
+        _core.cuda_copy_to_device(p, a.reshape(-1).view(np.uint8))
+        return p
+
+    @staticmethod
+    def down(p: int, out: np.ndarray) -> np.ndarray:
+        assert out.flags.c_contiguous
+        _core.cuda_copy_to_host(out.reshape(-1).view(np.uint8), p)
+        return out
+
+
+class _GpuViaHostOps(_HostOps):
+    """The real CUDA kernels (the launchers _CudaOps calls, with its arguments) on NumPy arrays copied to and
+    from the device: _cuda_ops's block logic on GPU kernels where CuPy is not installed."""
+
+    @staticmethod
+    def _fn(name, dt):
+        return getattr(_core, f"{name}_cuda_{'f32' if np.dtype(dt) == np.float32 else 'f64'}")
+
+    def conv2d(self, x, w, bias, stride, pad, *, in_scale=None, in_shift=None, in_relu=False, alpha=1.0,
+               addend=None, out=None):
+        n, c, h, wd = x.shape
+        m, _, kh, kw = w.shape
+        ho, wo = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
+        if out is None:
+            out = np.empty((n, m, ho, wo), x.dtype)
+        with _DeviceScratch() as d:
+            po = d.up(out) if addend is out else d.alloc(out.nbytes)
+            pa = po if addend is out else d.up(addend)
+            self._fn("conv2d", x.dtype)(d.up(x), d.up(w), d.up(bias), n, c, h, wd, m, kh, kw, stride, pad,
+                                        d.up(in_scale), d.up(in_shift), bool(in_relu), float(alpha), pa, po, -1, 0)
+            return d.down(po, out)
+
+    def channel_affine(self, x, scale, shift, relu):
+        y = np.empty_like(x)
+        n, c = x.shape[:2]
+        with _DeviceScratch() as d:
+            py = d.alloc(y.nbytes)
+            self._fn("channel_affine", x.dtype)(d.up(x), n, c, x.size // (n * c), d.up(scale), d.up(shift),
+                                                bool(relu), py, -1, 0)
+            return d.down(py, y)
+
+    def psi(self, x, b):
+        n, c, h, w = x.shape
+        y = np.empty((n, c * b * b, h // b, w // b), x.dtype)
+        with _DeviceScratch() as d:
+            py = d.alloc(y.nbytes)
+            self._fn("psi", x.dtype)(d.up(x), n, c, h, w, b, py, -1, 0)
+            return d.down(py, y)
+
+    def psi_inverse(self, y, b):
+        n, cb, ho, wo = y.shape
+        x = np.empty((n, cb // (b * b), ho * b, wo * b), y.dtype)
+        with _DeviceScratch() as d:
+            px = d.alloc(x.nbytes)
+            self._fn("psi_inverse", y.dtype)(d.up(y), *x.shape, b, px, -1, 0)
+            return d.down(px, x)
+
+    def actnorm(self, x, loc, scale, inverse):
+        y = np.empty_like(x)
+        n, c, h, w = x.shape
+        with _DeviceScratch() as d:
+            py = d.alloc(y.nbytes)
+            self._fn("actnorm", x.dtype)(d.up(x), n, c, h * w, d.up(loc), d.up(scale), bool(inverse), py, -1, 0)
+            return d.down(py, y)
+
+    def affine_coupling(self, x, net, c1, c2, clamp, inverse, want_s):
+        n, c, h, w = x.shape
+        y = np.empty_like(x)
+        s = np.empty((n, c2, h, w), x.dtype) if want_s else None
+        with _DeviceScratch() as d:
+            py = d.alloc(y.nbytes)
+            ps = d.alloc(s.nbytes) if want_s else 0
+            self._fn("affine_coupling", x.dtype)(d.up(x), d.up(net), n, c1, c2, h * w, float(clamp), bool(inverse),
+                                                 py, ps, -1, 0)
+            return d.down(py, y), (d.down(ps, s) if want_s else None)
+
+    def channel_copy(self, src, s0, count, dst, d0):
+        n, cs, h, w = src.shape
+        with _DeviceScratch() as d:
+            pd = d.up(dst)
+            self._fn("channel_copy", src.dtype)(d.up(src), n, cs, s0, pd, dst.shape[1], d0, count, h * w, -1, 0)
+            d.down(pd, dst)
+
+
+@pytest.fixture
+def gpu_twin(monkeypatch):
+    monkeypatch.setattr(_cuda_ops, "_backend", lambda: _GpuViaHostOps())
+    return _cuda_ops
+
+
+@pytest.mark.skipif(_NO_GPU != f"no CUDA device usable ({_cuda.status()})", reason="needs the CUDA build without a GPU")
+def test_gpu_via_host_ops_pass_the_launchers_their_arguments(monkeypatch):
+    """Without a GPU: with the device buffers faked, every _GpuViaHostOps kernel call gets past pybind11's argument
+    conversion and the size checks and stops at the device guard (so the GPU tests above call them right)."""
+    monkeypatch.setattr(_DeviceScratch, "alloc", lambda self, nbytes: 4096)
+    monkeypatch.setattr(_DeviceScratch, "up", lambda self, a: 0 if a is None else 4096)
+    monkeypatch.setattr(_DeviceScratch, "__exit__", lambda self, *exc: None)
+    ops = _GpuViaHostOps()
+    x = np.zeros((2, 4, 4, 4), np.float32)
+    calls = [lambda: ops.conv2d(x, np.zeros((3, 4, 3, 3), np.float32), None, 2, 1, in_scale=x[0, 0, 0],
+                                in_shift=x[0, 0, 0], in_relu=True, alpha=-1.0),
+             lambda: ops.conv2d(x, np.zeros((3, 4, 1, 1), np.float32), None, 1, 0, addend=np.zeros((2, 3, 4, 4),
+                                np.float32), out=np.zeros((2, 3, 4, 4), np.float32)),
+             lambda: ops.channel_affine(x, x[0, 0, 0], x[0, 0, 0], True), lambda: ops.psi(x, 2),
+             lambda: ops.psi_inverse(x, 2), lambda: ops.actnorm(x, x[0, 0, 0], x[0, 0, 0], False),
+             lambda: ops.affine_coupling(x, np.zeros((2, 4, 4, 4), np.float32), 2, 2, 2.0, False, True),
+             lambda: ops.channel_copy(x, 1, 2, np.zeros((2, 3, 4, 4), np.float32), 0)]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            call()
+
+
+@gpu_nocupy
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_gpu_kernels_blocks_match_cpu(gpu_twin, case, dtype):
+    in_ch, out_ch, stride, first, mult, affine, h = case
+    rng = np.random.default_rng(sum(case[:3]) + h)
+    blk = IRevNetBlock(in_ch, out_ch, stride, first, mult, affine, rng=rng, dtype=dtype)
+    randomize_bn(blk, rng)
+    x = rng.standard_normal((2, in_ch, h, h)).astype(dtype)
+    y = gpu_twin.block_forward(blk, x)
+    assert y.dtype == dtype and max_rel(y, blk.forward(x)) <= REL[dtype]
+    assert rel_err(gpu_twin.block_inverse(blk, y), x) <= REL[dtype]
+
+
+@gpu_nocupy
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+def test_gpu_kernels_full_cifar10_irevnet_inverts_and_matches_cpu(gpu_twin, dtype):
+    net = IRevNet.cifar10(rng=3, dtype=dtype)
+    randomize_bn(net, np.random.default_rng(4))
+    x = np.random.default_rng(5).standard_normal((2, 3, 32, 32)).astype(dtype)
+    z = gpu_twin.irevnet_forward(net, x)
+    z_cpu = net.forward(x)
+    assert z.dtype == dtype and rel_err(z, z_cpu) <= REL[dtype]
+    assert rel_err(gpu_twin.irevnet_inverse(net, z), x) <= REL[dtype]
+    assert max_rel(gpu_twin.irevnet_classify(net, z), net.classify(z_cpu)) <= 10 * REL[dtype]
+
+
+@gpu_nocupy
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("case", [(2, 3, 8, 8, 5, 3, 1, 1), (1, 1, 1, 1, 1, 1, 1, 0), (3, 7, 9, 11, 6, 3, 2, 1),
+                                  (2, 4, 7, 5, 9, 1, 1, 0), (1, 16, 32, 32, 64, 3, 1, 1), (4, 12, 16, 16, 70, 3, 2, 1)])
+def test_gpu_kernels_conv2d_and_elementwise_match_cpu(case, dtype):
+    ops, ref = _GpuViaHostOps(), _HostOps()
+    n, c, h, w, o, k, stride, pad = case
+    rng = np.random.default_rng(sum(case))
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = (rng.standard_normal((o, c, k, k)) / np.sqrt(c * k * k)).astype(dtype)
+    b = rng.standard_normal(o).astype(dtype)
+    sc, sf = rng.uniform(0.5, 1.5, c).astype(dtype), rng.standard_normal(c).astype(dtype)
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    add = rng.standard_normal((n, o, ho, wo)).astype(dtype)
+    for kw in (dict(), dict(in_relu=True), dict(in_scale=sc, in_shift=sf, in_relu=True, alpha=-1.0)):
+        assert max_rel(ops.conv2d(x, wt, b, stride, pad, **kw), ref.conv2d(x, wt, b, stride, pad, **kw)) \
+            <= 2 * REL[dtype], kw
+        got, want = add.copy(), add.copy()
+        ops.conv2d(x, wt, None, stride, pad, addend=got, out=got, **kw)
+        ref.conv2d(x, wt, None, stride, pad, addend=want, out=want, **kw)
+        assert max_rel(got, want) <= 2 * REL[dtype], kw
+    if h % 2 == 0 and w % 2 == 0:
+        np.testing.assert_array_equal(ops.psi(x, 2), _ops.psi(x, 2))
+        np.testing.assert_array_equal(ops.psi_inverse(ops.psi(x, 2), 2), x)
+    np.testing.assert_array_equal(ops.channel_affine(x, sc, sf, True), _ops.batchnorm_inference(x, sc, sf, True))
+    assert max_rel(ops.actnorm(x, sf, sc, False), ref.actnorm(x, sf, sc, False)) <= REL[dtype]
+    if c >= 2:
+        c1, c2 = c // 2, c - c // 2
+        net = rng.standard_normal((n, 2 * c2, h, w)).astype(dtype)
+        y, s = ops.affine_coupling(x, net, c1, c2, 2.0, False, True)
+        y_ref, s_ref = ref.affine_coupling(x, net, c1, c2, 2.0, False, True)
+        assert max_rel(y, y_ref) <= 10 * REL[dtype] and max_rel(s, s_ref) <= 10 * REL[dtype]
+
+
+@gpu_nocupy
+@pytest.mark.cuda
+def test_gpu_kernels_flows_match_cpu(gpu_twin):
+    rng = np.random.default_rng(9)
+    for dtype in DTYPES:
+        for name, blk in flow_blocks().items():
+            x = rng.standard_normal((3, blk.channels, 5, 4)).astype(dtype)
+            fwd = {"actnorm": gpu_twin.actnorm_forward, "coupling": gpu_twin.coupling_forward,
+                   "coupling_noclamp": gpu_twin.coupling_forward}.get(name, gpu_twin.conv1x1_forward)
+            inv = {"actnorm": gpu_twin.actnorm_inverse, "coupling": gpu_twin.coupling_inverse,
+                   "coupling_noclamp": gpu_twin.coupling_inverse}.get(name, gpu_twin.conv1x1_inverse)
+            y, ld = fwd(blk, x, True)
+            y_cpu, ld_cpu = blk.forward(x, return_logdet=True)
+            assert max_rel(y, y_cpu) <= 10 * REL[dtype] and max_rel(ld, ld_cpu) <= 10 * REL[dtype], name
+            assert rel_err(inv(blk, y), x) <= 10 * REL[dtype], name
+
+
+# ---- 3b. on a GPU with CuPy: device arrays in and out, the same numbers as the CPU backend -------------------
 
 def _cp():
     import cupy

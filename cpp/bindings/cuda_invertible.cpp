@@ -2,6 +2,7 @@
 // Thin, as cuda.cpp: device pointers come as integers from __cuda_array_interface__ (0 = absent), Python
 // (arcflow/invertible/_cuda_ops.py) validates shapes and dtypes and allocates; here the GIL is released and the
 // launcher queues the work on `stream`. One name per op x dtype. CUDA failures raise RuntimeError naming the call.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -108,6 +109,28 @@ void register_cuda_invertible(pybind11::module_& m) {
 #ifdef ARCFLOW_WITH_CUDA
   register_dtype<float>(m, "f32");
   register_dtype<double>(m, "f64");
+  using bytes_t = py::array_t<std::uint8_t, py::array::c_style>;
+  m.def("cuda_buffer_alloc", [](std::size_t nbytes, int device) { return cuda_buffer_alloc(nbytes, device); },
+        py::arg("nbytes"), py::arg("device") = -1, "cudaMalloc; returns the device pointer as an integer.");
+  m.def("cuda_buffer_free", [](ptr_t p) { cuda_buffer_free(p); }, py::arg("ptr"));
+  m.def(
+      "cuda_copy_to_device",
+      [](ptr_t dst, const bytes_t& src) {
+        const void* s = src.data();
+        const std::size_t n = std::size_t(src.size());
+        py::gil_scoped_release nogil;
+        cuda_copy_to_device(dst, s, n);
+      },
+      py::arg("dst"), py::arg("src").noconvert(), "Synchronous copy of a C-contiguous uint8 view to the device.");
+  m.def(
+      "cuda_copy_to_host",
+      [](bytes_t& dst, ptr_t src) {
+        void* d = dst.mutable_data();
+        const std::size_t n = std::size_t(dst.size());
+        py::gil_scoped_release nogil;
+        cuda_copy_to_host(d, src, n);
+      },
+      py::arg("dst").noconvert(), py::arg("src"), "Synchronous copy from the device into a C-contiguous uint8 view.");
   m.attr("built_with_cuda_invertible") = true;
 #else
   m.attr("built_with_cuda_invertible") = false;

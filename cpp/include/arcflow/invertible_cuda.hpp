@@ -14,6 +14,7 @@
 //   cudaGetErrorString when a CUDA call or a launch fails (including "no CUDA device"). Reentrant.
 // The per-element and per-tile logic is in cpp/src/cuda/invertible_tile.cuh (host-device, emulated on the
 // CPU by tests/invertible_cuda_emulation.cpp).
+#include <cstddef>
 #include <cstdint>
 
 #include "arcflow/common.hpp"
@@ -60,5 +61,13 @@ void affine_coupling_cuda(const T* x, const T* net, index_t n, index_t c1, index
 template <typename T>
 void channel_copy_cuda(const T* src, index_t n, index_t cs, index_t s0, T* dst, index_t cd, index_t d0,
                        index_t count, index_t hw, int device, std::uintptr_t stream);
+
+// Plain device buffers for callers without an array library (the tests run the kernels this way where CuPy is
+// not installed): cudaMalloc on `device` (-1 = current), cudaFree, and synchronous copies (cudaMemcpy, ordered
+// after the work queued on the legacy default stream, stream 0).
+std::uintptr_t cuda_buffer_alloc(std::size_t bytes, int device);
+void cuda_buffer_free(std::uintptr_t ptr);
+void cuda_copy_to_device(std::uintptr_t dst, const void* src, std::size_t bytes);
+void cuda_copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes);
 
 }  // namespace arcflow

@@ -49,8 +49,9 @@ __global__ void __launch_bounds__(conv_cfg::NTHREADS) conv2d_kernel(const conv_a
   for (int i = 0; i < conv_cfg::TM; ++i)
 #pragma unroll
     for (int j = 0; j < conv_cfg::TN; ++j) acc[i][j] = T(0);
+  const conv_pixel q = conv_thread_pixel<T, BN>(g, tid, p0);
   for (int k0 = 0; k0 < g.K; k0 += conv_cfg::BK) {
-    conv_load_tile<T, BM, BN>(g, tid, m0, p0, k0, As, Bs);
+    conv_load_tile<T, BM, BN>(g, tid, m0, q, k0, As, Bs);
     __syncthreads();
     conv_mma<T, BM, BN>(tid, As, Bs, acc);
     __syncthreads();
@@ -240,6 +241,23 @@ void channel_copy_cuda(const T* src, index_t n, index_t cs, index_t s0, T* dst, 
   channel_copy_kernel<T><<<elementwise_blocks(total), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
       src, total, cs, s0, dst, cd, d0, count, hw);
   check_launch("channel_copy_cuda kernel launch");
+}
+
+std::uintptr_t cuda_buffer_alloc(std::size_t bytes, int device) {
+  cuda_detail::inv_device_guard guard(device);
+  void* p = nullptr;
+  ARCFLOW_CUDA_CHECK(cudaMalloc(&p, bytes));
+  return reinterpret_cast<std::uintptr_t>(p);
+}
+
+void cuda_buffer_free(std::uintptr_t ptr) { ARCFLOW_CUDA_CHECK(cudaFree(reinterpret_cast<void*>(ptr))); }
+
+void cuda_copy_to_device(std::uintptr_t dst, const void* src, std::size_t bytes) {
+  ARCFLOW_CUDA_CHECK(cudaMemcpy(reinterpret_cast<void*>(dst), src, bytes, cudaMemcpyHostToDevice));
+}
+
+void cuda_copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) {
+  ARCFLOW_CUDA_CHECK(cudaMemcpy(dst, reinterpret_cast<const void*>(src), bytes, cudaMemcpyDeviceToHost));
 }
 
 #define ARCFLOW_INV_CUDA_INSTANTIATE(T)                                                                          \

@@ -67,39 +67,55 @@ struct conv_args {
   index_t npix;   // n * ho * wo
 };
 
-// The input value that tap k of output pixel `pix` reads: act(x) inside the image, 0 in the padding
-// (the padding is applied after act, as conv2d_cpu does). pix < npix and k < K.
+// The output pixel whose im2col column a thread stages (fixed for the whole K loop, decoded once):
+// its image's offset in x and the top-left input row and column of its receptive field.
+struct conv_pixel {
+  bool valid;      // pixel < npix
+  index_t x_img;   // img * c * h * w
+  index_t iy0, ix0;
+};
+
+template <class T, int BN>
+ARCFLOW_HD conv_pixel conv_thread_pixel(const conv_args<T>& g, int tid, index_t p0) {
+  static_assert(conv_cfg::NTHREADS % BN == 0, "a thread must stage the same pixel in every K slice");
+  conv_pixel q{false, 0, 0, 0};
+  const index_t pix = p0 + tid % BN;
+  if (pix >= g.npix) return q;
+  const index_t howo = g.ho * g.wo;
+  const index_t img = pix / howo;
+  const index_t r = pix - img * howo;
+  const index_t oy = r / g.wo;
+  const index_t ox = r - oy * g.wo;
+  q.valid = true;
+  q.x_img = img * g.c * g.h * g.w;
+  q.iy0 = oy * g.stride - g.pad;
+  q.ix0 = ox * g.stride - g.pad;
+  return q;
+}
+
+// The input value that tap k (< K) of the thread's pixel reads: act(x) inside the image, 0 in the padding
+// (the padding is applied after act, as conv2d_cpu does).
 template <class T>
-ARCFLOW_HD T conv_input_value(const conv_args<T>& g, index_t img, index_t iy0, index_t ix0, int k) {
+ARCFLOW_HD T conv_input_value(const conv_args<T>& g, const conv_pixel& q, int k) {
   const int taps = g.kh * g.kw;
   const int ci = k / taps;
   const int r = k - ci * taps;
   const int ky = r / g.kw;
   const int kx = r - ky * g.kw;
-  const index_t iy = iy0 + ky, ix = ix0 + kx;
+  const index_t iy = q.iy0 + ky, ix = q.ix0 + kx;
   if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) return T(0);
-  T v = g.x[((img * g.c + ci) * g.h + iy) * g.w + ix];
+  T v = g.x[q.x_img + (index_t(ci) * g.h + iy) * g.w + ix];
   if (g.in_scale) v = v * g.in_scale[ci] + g.in_shift[ci];
   if (g.in_relu) v = v > T(0) ? v : T(0);  // conv2d_cpu's fused ReLU (no NaN case: input is finite)
   return v;
 }
 
-// Output pixel -> (image, top-left input row and column of its receptive field).
-template <class T>
-ARCFLOW_HD void conv_decode_pixel(const conv_args<T>& g, index_t pix, index_t& img, index_t& iy0, index_t& ix0) {
-  const index_t howo = g.ho * g.wo;
-  img = pix / howo;
-  const index_t r = pix - img * howo;
-  const index_t oy = r / g.wo;
-  const index_t ox = r - oy * g.wo;
-  iy0 = oy * g.stride - g.pad;
-  ix0 = ox * g.stride - g.pad;
-}
-
 // Stage the K slice [k0, k0 + BK) of the weight tile (BM channels from m0) into As[BK][BM] and of the
-// implicit im2col tile (BN pixels from p0) into Bs[BK][BN]; zeros past m, npix or K.
+// implicit im2col tile (BN pixels from p0) into Bs[BK][BN]; zeros past m, npix or K. q is
+// conv_thread_pixel(g, tid, p0): consecutive threads read consecutive pixels.
 template <class T, int BM, int BN>
-ARCFLOW_HD void conv_load_tile(const conv_args<T>& g, int tid, index_t m0, index_t p0, int k0, T* As, T* Bs) {
+ARCFLOW_HD void conv_load_tile(const conv_args<T>& g, int tid, index_t m0, const conv_pixel& q, int k0, T* As,
+                               T* Bs) {
   constexpr int BK = conv_cfg::BK, NT = conv_cfg::NTHREADS;
   // weights: consecutive threads read consecutive k of one channel row
   for (int e = tid; e < BM * BK; e += NT) {
@@ -108,19 +124,10 @@ ARCFLOW_HD void conv_load_tile(const conv_args<T>& g, int tid, index_t m0, index
     const int k = k0 + ki;
     As[ki * BM + mi] = (co < g.m && k < g.K) ? g.wt[co * g.K + k] : T(0);
   }
-  // input: NT % BN == 0 or BN % NT == 0, so a thread's pixels are fixed; consecutive threads read
-  // consecutive pixels
   for (int e = tid; e < BN * BK; e += NT) {
-    const int ki = e / BN, pi = e - ki * BN;
-    const index_t pix = p0 + pi;
+    const int ki = e / BN, pi = e - ki * BN;  // pi == tid % BN for every e
     const int k = k0 + ki;
-    T v = T(0);
-    if (pix < g.npix && k < g.K) {
-      index_t img, iy0, ix0;
-      conv_decode_pixel(g, pix, img, iy0, ix0);
-      v = conv_input_value(g, img, iy0, ix0, k);
-    }
-    Bs[ki * BN + pi] = v;
+    Bs[ki * BN + pi] = (q.valid && k < g.K) ? conv_input_value(g, q, k) : T(0);
   }
 }
 
