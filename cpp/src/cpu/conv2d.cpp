@@ -37,78 +37,6 @@ struct TileArgs {
   const int* slot_len;     // slot -> valid pixels (VW, or fewer at the end of a row)
 };
 
-namespace isa_generic {
-#define ARCFLOW_CONV_VB 16
-#include "conv2d_kernel.inc"
-#undef ARCFLOW_CONV_VB
-}  // namespace isa_generic
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define ARCFLOW_CONV_HAVE_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace isa_avx2 {
-#define ARCFLOW_CONV_VB 32
-#include "conv2d_kernel.inc"
-#undef ARCFLOW_CONV_VB
-}  // namespace isa_avx2
-#pragma GCC pop_options
-#endif
-
-// Register blocking: MR output channels x NV vectors of pixels. Both shapes fit the 16 vector
-// registers of x86-64 without AVX-512: 4 x 3 (12 accumulators, 3 B vectors, a broadcast) and 6 x 2
-// (12 accumulators, 2 B vectors, a broadcast). The driver picks the one that wastes less work on
-// padding (channels rounded up to MR, slots rounded up to NV).
-template <typename T>
-struct Kernel {
-  void (*tiles)(const TileArgs<T>&, const T*, T*, const T*, T*, index_t, index_t);
-  index_t mr;  // output channels per panel
-  index_t nv;  // vectors (slots) per tile
-  index_t vw;  // pixels per vector
-  const char* name;
-};
-
-bool cpu_has_avx2() {
-#ifdef ARCFLOW_CONV_HAVE_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
-
-template <typename T>
-Kernel<T> pick_kernel(index_t m, index_t ho, index_t wo) {
-  Kernel<T> a, b;
-#ifdef ARCFLOW_CONV_HAVE_AVX2
-  if (cpu_has_avx2()) {
-    a = {&isa_avx2::compute_tiles<T, 4, 3>, 4, 3, index_t(32 / sizeof(T)), "avx2"};
-    b = {&isa_avx2::compute_tiles<T, 6, 2>, 6, 2, index_t(32 / sizeof(T)), "avx2"};
-  } else
-#endif
-  {
-    a = {&isa_generic::compute_tiles<T, 4, 3>, 4, 3, index_t(16 / sizeof(T)), "generic"};
-    b = {&isa_generic::compute_tiles<T, 6, 2>, 6, 2, index_t(16 / sizeof(T)), "generic"};
-  }
-  const index_t nslots = ho * ((wo + a.vw - 1) / a.vw);
-  auto work = [&](const Kernel<T>& k) {
-    // padded multiply-adds, plus a small penalty for b's extra broadcast per FMA pair
-    return static_cast<double>((m + k.mr - 1) / k.mr * k.mr) * ((nslots + k.nv - 1) / k.nv * k.nv);
-  };
-  return work(b) * 1.05 < work(a) ? b : a;
-}
-
-// A buffer aligned to 64 bytes, zero-initialised.
-template <typename T>
-struct AlignedBuf {
-  std::vector<T> store;
-  T* ptr = nullptr;
-  explicit AlignedBuf(index_t count) : store(static_cast<std::size_t>(count) + 64 / sizeof(T), T(0)) {
-    auto addr = reinterpret_cast<std::uintptr_t>(store.data());
-    ptr = store.data() + ((64 - addr % 64) % 64) / sizeof(T);
-  }
-};
-
 // Geometry of the phase buffer: for stride s the zero-padded input (hp x wp) is split into s*s phases
 // (py, px) of hph x wph values, phase[r][col] = padded[r*s + py][col*s + px]. Tap (ky, kx) of output
 // pixel (oy, ox) then reads phase (ky%s, kx%s) at (oy + ky/s, ox + kx/s): with the output laid on a
@@ -160,56 +88,80 @@ struct Geometry {
   }
 };
 
-// Write act(x) of channels [c0, c1) of one image into the phase buffer. Only the cells of real pixels
-// are written: the padding cells stay zero from the buffer's allocation, for every image.
-template <typename T, bool Relu>
-void build_phases_t(const Conv2dShape& sh, const Geometry& g, const T* x_img, const T* in_scale,
-                    const T* in_shift, index_t c0, index_t c1, T* buf) {
-  const bool affine = in_scale != nullptr;
-  const index_t s = g.s, pad = g.pad, w = sh.w;
-  for (index_t ci = c0; ci < c1; ++ci) {
-    const T sc = affine ? in_scale[ci] : T(1);
-    const T sf = affine ? in_shift[ci] : T(0);
-    auto act = [sc, sf](T v) {
-      v = v * sc + sf;
-      return Relu ? (v > T(0) ? v : T(0)) : v;
-    };
-    const T* xc = x_img + ci * sh.h * w;
-    T* bc = buf + ci * g.chan_size;
-    for (index_t yy = 0; yy < sh.h; ++yy) {
-      const index_t rr = yy + pad, py = rr % s, r = rr / s;
-      const T* __restrict src = xc + yy * w;
-      if (s == 1) {
-        T* __restrict d = bc + r * g.wph + pad;
-        for (index_t u = 0; u < w; ++u) d[u] = act(src[u]);
-      } else if (s == 2) {
-        // padded column pad + ix goes to phase (pad + ix) % 2, column (pad + ix) / 2
-        T* __restrict da = bc + (py * 2 + pad % 2) * g.phase_size + r * g.wph + pad / 2;
-        T* __restrict db = bc + (py * 2 + (pad + 1) % 2) * g.phase_size + r * g.wph + (pad + 1) / 2;
-        const index_t n2 = w / 2;
-        for (index_t u = 0; u < n2; ++u) {
-          da[u] = act(src[2 * u]);
-          db[u] = act(src[2 * u + 1]);
-        }
-        if (w % 2) da[n2] = act(src[2 * n2]);
-      } else {
-        for (index_t ix = 0; ix < w; ++ix) {
-          const index_t cc = pad + ix;
-          bc[(py * s + cc % s) * g.phase_size + r * g.wph + cc / s] = act(src[ix]);
-        }
-      }
-    }
-  }
+namespace isa_generic {
+#define ARCFLOW_CONV_VB 16
+#include "conv2d_kernel.inc"
+#undef ARCFLOW_CONV_VB
+}  // namespace isa_generic
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define ARCFLOW_CONV_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+#define ARCFLOW_CONV_VB 32
+#include "conv2d_kernel.inc"
+#undef ARCFLOW_CONV_VB
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#endif
+
+// Register blocking: MR output channels x NV vectors of pixels. Both shapes fit the 16 vector
+// registers of x86-64 without AVX-512: 4 x 3 (12 accumulators, 3 B vectors, a broadcast) and 6 x 2
+// (12 accumulators, 2 B vectors, a broadcast). The driver picks the one that wastes less work on
+// padding (channels rounded up to MR, slots rounded up to NV).
+template <typename T>
+struct Kernel {
+  void (*tiles)(const TileArgs<T>&, const T*, T*, const T*, T*, index_t, index_t);
+  void (*build)(const Conv2dShape&, const Geometry&, const T*, const T*, const T*, bool, index_t, index_t, T*);
+  index_t mr;  // output channels per panel
+  index_t nv;  // vectors (slots) per tile
+  index_t vw;  // pixels per vector
+  const char* name;
+};
+
+bool cpu_has_avx2() {
+#ifdef ARCFLOW_CONV_HAVE_AVX2
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
 }
 
 template <typename T>
-void build_phases(const Conv2dShape& sh, const Geometry& g, const T* x_img, const T* in_scale,
-                  const T* in_shift, bool in_relu, index_t c0, index_t c1, T* buf) {
-  if (in_relu)
-    build_phases_t<T, true>(sh, g, x_img, in_scale, in_shift, c0, c1, buf);
-  else
-    build_phases_t<T, false>(sh, g, x_img, in_scale, in_shift, c0, c1, buf);
+Kernel<T> pick_kernel(index_t m, index_t ho, index_t wo) {
+  Kernel<T> a, b;
+#ifdef ARCFLOW_CONV_HAVE_AVX2
+  if (cpu_has_avx2()) {
+    a = {&isa_avx2::compute_tiles<T, 4, 3>, &isa_avx2::build_phases<T>, 4, 3, index_t(32 / sizeof(T)), "avx2"};
+    b = {&isa_avx2::compute_tiles<T, 6, 2>, &isa_avx2::build_phases<T>, 6, 2, index_t(32 / sizeof(T)), "avx2"};
+  } else
+#endif
+  {
+    a = {&isa_generic::compute_tiles<T, 4, 3>, &isa_generic::build_phases<T>, 4, 3, index_t(16 / sizeof(T)),
+         "generic"};
+    b = {&isa_generic::compute_tiles<T, 6, 2>, &isa_generic::build_phases<T>, 6, 2, index_t(16 / sizeof(T)),
+         "generic"};
+  }
+  const index_t nslots = ho * ((wo + a.vw - 1) / a.vw);
+  auto work = [&](const Kernel<T>& k) {
+    // padded multiply-adds, plus a small penalty for b's extra broadcast per FMA pair
+    return static_cast<double>((m + k.mr - 1) / k.mr * k.mr) * ((nslots + k.nv - 1) / k.nv * k.nv);
+  };
+  return work(b) * 1.05 < work(a) ? b : a;
 }
+
+// A buffer aligned to 64 bytes, zero-initialised.
+template <typename T>
+struct AlignedBuf {
+  std::vector<T> store;
+  T* ptr = nullptr;
+  explicit AlignedBuf(index_t count) : store(static_cast<std::size_t>(count) + 64 / sizeof(T), T(0)) {
+    auto addr = reinterpret_cast<std::uintptr_t>(store.data());
+    ptr = store.data() + ((64 - addr % 64) % 64) / sizeof(T);
+  }
+};
 
 int max_threads() {
 #ifdef ARCFLOW_HAVE_OPENMP
@@ -268,7 +220,7 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
       AlignedBuf<T> part(part_size);
 #pragma omp for schedule(dynamic, 1)
       for (index_t img = 0; img < sh.n; ++img) {
-        build_phases(sh, g, x + img * in_img, in_scale, in_shift, in_relu, 0, sh.c, buf.ptr);
+        kern.build(sh, g, x + img * in_img, in_scale, in_shift, in_relu, 0, sh.c, buf.ptr);
         kern.tiles(args, buf.ptr, out + img * out_img, addend ? addend + img * out_img : nullptr, part.ptr, 0,
                    ntiles);
       }
@@ -282,7 +234,7 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
         AlignedBuf<T> part(part_size);
 #pragma omp for schedule(static)
         for (index_t ci = 0; ci < sh.c; ++ci)
-          build_phases(sh, g, x + img * in_img, in_scale, in_shift, in_relu, ci, ci + 1, buf.ptr);
+          kern.build(sh, g, x + img * in_img, in_scale, in_shift, in_relu, ci, ci + 1, buf.ptr);
         // implicit barrier
         const index_t chunk = 4;
         const index_t nchunks = (ntiles + chunk - 1) / chunk;
