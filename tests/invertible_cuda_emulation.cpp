@@ -167,7 +167,8 @@ void elementwise_cases(unsigned seed) {
           y[std::size_t(i)] = actnorm_value(x.data(), loc.data(), scale.data(), false, i, c, hw);
           ok = ok && y[std::size_t(i)] == (x[std::size_t(i)] - loc[std::size_t(ci)]) / scale[std::size_t(ci)];
         }
-    for (index_t i = 0; i < index_t(total); ++i) xb[std::size_t(i)] = actnorm_value(y.data(), loc.data(), scale.data(), true, i, c, hw);
+    for (index_t i = 0; i < index_t(total); ++i)
+      xb[std::size_t(i)] = actnorm_value(y.data(), loc.data(), scale.data(), true, i, c, hw);
     double worst = 0;
     for (std::size_t i = 0; i < total; ++i) worst = std::max(worst, std::fabs(double(xb[i]) - double(x[i])));
     EXPECT(ok && worst < (sizeof(T) == 4 ? 1e-5 : 1e-13), "actnorm (round trip %.2e)", worst);

@@ -281,7 +281,8 @@ def test_device_array_without_gpu_path_is_a_clear_runtime_error(monkeypatch):
     monkeypatch.setattr(_cuda_ops, "_OPS", None)
     fake = _FakeDeviceArray()
     for call in (lambda: SpaceToDepth(2).forward(fake), lambda: InjectivePad(1).forward(fake),
-                 lambda: IRevNetBlock(4, 2, mult=1, rng=0).forward((fake, fake)), lambda: small_net(np.float32).forward(fake),
+                 lambda: IRevNetBlock(4, 2, mult=1, rng=0).forward((fake, fake)),
+                 lambda: small_net(np.float32).forward(fake),
                  lambda: ActNorm(3).forward(fake), lambda: InvertibleConv1x1(3, rng=0).inverse(fake),
                  lambda: AffineCoupling(3, hidden=4, rng=0).forward(fake)):
         with pytest.raises(RuntimeError, match="GPU array|CuPy|CUDA"):
