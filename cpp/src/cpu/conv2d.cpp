@@ -171,6 +171,14 @@ int max_threads() {
 #endif
 }
 
+index_t thread_id() {
+#ifdef ARCFLOW_HAVE_OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 }  // namespace
 
 const char* conv2d_cpu_isa() { return cpu_has_avx2() ? "avx2" : "generic"; }
@@ -204,7 +212,10 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
                          alpha,   g.nslots, g.slot_q.data(), g.slot_pos.data(),
                          g.slot_len.data()};
   const index_t ntiles = (g.nslots + kern.nv - 1) / kern.nv;
-  const index_t part_size = n_panels * mr * kern.nv * kern.vw;
+  // buffer strides rounded up to 64 bytes
+  const index_t line = 64 / static_cast<index_t>(sizeof(T));
+  const index_t buf_stride = (g.buf_size + line - 1) / line * line;
+  const index_t part_stride = (n_panels * mr * kern.nv * kern.vw + line - 1) / line * line;
   const index_t in_img = sh.c * sh.h * sh.w;
   const index_t out_img = sh.m * g.ho * g.wo;
   // Below a few million multiply-adds a parallel region costs more than it saves (and much more
@@ -214,33 +225,38 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
 
   if (nthreads == 1 || sh.n % nthreads == 0 || sh.n >= 4 * nthreads) {
     // Enough images: one image per task, each thread with its own phase buffer (stays in L2).
+    // Every thread's buffers in one allocation by the calling thread: its malloc arena keeps the pages
+    // from one call to the next, where per-thread allocations of a few hundred KiB were returned to
+    // the kernel and faulted in (and zeroed) again on every call.
+    AlignedBuf<T> bufs(nthreads * (buf_stride + part_stride));
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-      AlignedBuf<T> buf(g.buf_size);
-      AlignedBuf<T> part(part_size);
+      T* buf = bufs.ptr + thread_id() * (buf_stride + part_stride);
+      T* part = buf + buf_stride;
 #pragma omp for schedule(dynamic, 1)
       for (index_t img = 0; img < sh.n; ++img) {
-        kern.build(sh, g, x + img * in_img, in_scale, in_shift, in_relu, 0, sh.c, buf.ptr);
-        kern.tiles(args, buf.ptr, out + img * out_img, addend ? addend + img * out_img : nullptr, part.ptr, 0,
+        kern.build(sh, g, x + img * in_img, in_scale, in_shift, in_relu, 0, sh.c, buf);
+        kern.tiles(args, buf, out + img * out_img, addend ? addend + img * out_img : nullptr, part, 0,
                    ntiles);
       }
     }
   } else {
     // Few images: share one phase buffer, split channels and then pixel tiles over the threads.
-    AlignedBuf<T> buf(g.buf_size);
+    AlignedBuf<T> bufs(buf_stride + nthreads * part_stride);
+    T* buf = bufs.ptr;
     for (index_t img = 0; img < sh.n; ++img) {
 #pragma omp parallel num_threads(nthreads)
       {
-        AlignedBuf<T> part(part_size);
+        T* part = buf + buf_stride + thread_id() * part_stride;
 #pragma omp for schedule(static)
         for (index_t ci = 0; ci < sh.c; ++ci)
-          kern.build(sh, g, x + img * in_img, in_scale, in_shift, in_relu, ci, ci + 1, buf.ptr);
+          kern.build(sh, g, x + img * in_img, in_scale, in_shift, in_relu, ci, ci + 1, buf);
         // implicit barrier
         const index_t chunk = 4;
         const index_t nchunks = (ntiles + chunk - 1) / chunk;
 #pragma omp for schedule(dynamic, 1)
         for (index_t ch = 0; ch < nchunks; ++ch)
-          kern.tiles(args, buf.ptr, out + img * out_img, addend ? addend + img * out_img : nullptr, part.ptr,
+          kern.tiles(args, buf, out + img * out_img, addend ? addend + img * out_img : nullptr, part,
                      ch * chunk, std::min(ntiles, ch * chunk + chunk));
       }
     }
