@@ -12,9 +12,14 @@ Workloads (float32, inference-form batch-norm with random running statistics, sa
 Programs: arcflow (C++), PyTorch CPU (a transcription of the reference modules, torch.no_grad, eval mode)
 and a plain NumPy implementation (convolution = sliding-window view + tensordot into BLAS, the rest
 broadcasting). Every program runs with the same thread count: OMP_NUM_THREADS / torch.set_num_threads /
-threadpoolctl for NumPy's BLAS, set before the libraries are imported. Times are medians of --reps
-repetitions after one warm-up. The floor is the convolutions' multiply-adds at the machine's sgemm rate
-(NumPy float32 matmul 2048^3 at the same threads). Printed: times, ratios, GFLOP/s, time / floor.
+threadpoolctl for NumPy's BLAS, set before the libraries are imported.
+Interleaved: after one warm-up call of each, every repetition times arcflow, PyTorch and NumPy one call
+each, back to back (the order rotates from one repetition to the next), so all three see the same load
+on a shared machine. Times are medians over the --reps repetitions; every ratio is the median of the
+per-repetition ratios (arcflow/torch < 1: arcflow faster; numpy/arcflow and numpy/torch > 1: faster than
+NumPy). The floor is the convolutions' multiply-adds at the machine's sgemm rate (NumPy float32 matmul
+2048^3 at the same threads). Printed: times, ratios, GFLOP/s, time / floor, and (--breakdown) arcflow's
+three convolutions of the block timed alone, the rest of the block being the difference.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ def parse():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--full-batch", type=int, default=16)
     p.add_argument("--skip", default="", help="comma list of: numpy, torch, full, stride2")
+    p.add_argument("--breakdown", action="store_true", help="also time arcflow's convolutions of each block alone")
     p.add_argument("--json", default=None)
     return p.parse_args()
 
@@ -73,6 +79,26 @@ def median_time(fn, reps):
         fn()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def interleaved(fns, reps):
+    """{name: callable} -> {name: [seconds per repetition]}: one warm-up call each, then every repetition
+    calls each program once, back to back, in an order that rotates from one repetition to the next."""
+    names = list(fns)
+    for nm in names:
+        fns[nm]()
+    ts = {nm: [] for nm in names}
+    for r in range(reps):
+        for nm in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[nm]()
+            ts[nm].append(time.perf_counter() - t0)
+    return ts
+
+
+def median_ratio(num, den):
+    """Median of the per-repetition ratios num[i] / den[i]."""
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 # ---- plain NumPy implementation of the block --------------------------------------------------------
@@ -154,6 +180,27 @@ def block_flops(blk, n, h, w):
     return 2 * n * ho * wo * 9 * (f_in * hid + hid * hid + hid * out)
 
 
+def conv_breakdown(blk, x2, reps):
+    """arcflow's three convolutions of F(x2) (forward), each timed alone: [(label, seconds, flop)]."""
+    from arcflow.invertible import _ops
+    layers = blk._compute(x2.dtype)
+    h, out = x2, []
+    for i, (bn, w) in enumerate(layers):
+        stride = blk.stride if i == 0 else 1
+        kw = dict(in_scale=bn[0], in_shift=bn[1], in_relu=True) if bn is not None else {}
+        n, c, hh, ww = h.shape
+        ho, wo = hh // stride, ww // stride
+        res = np.empty((n, w.shape[0], ho, wo), h.dtype)
+        add = np.zeros_like(res) if i == len(layers) - 1 else None
+
+        def run(h=h, w=w, stride=stride, kw=kw, res=res, add=add):
+            _ops.conv2d(h, w, None, stride, 1, out=res, addend=add, check_finite=False, **kw)
+        t = median_time(run, reps)
+        out.append((f"conv{i + 1} {c}->{w.shape[0]} {hh}x{ww} s{stride}", t, 2 * n * ho * wo * w[0].size * w.shape[0]))
+        h = res
+    return out
+
+
 def bench_block(name, in_ch, out_ch, stride, results, skip, rate):
     rng = np.random.default_rng(0)
     blk = IRevNetBlock(in_ch, out_ch, stride, rng=1)
@@ -163,8 +210,7 @@ def bench_block(name, in_ch, out_ch, stride, results, skip, rate):
     x1, x2 = np.ascontiguousarray(x[:, : in_ch // 2]), np.ascontiguousarray(x[:, in_ch // 2:])
     a, b = blk.forward((x1, x2))
     row = {"workload": name, "flops_per_pass": block_flops(blk, n, h, w)}
-    row["arcflow_fwd"] = median_time(lambda: blk.forward((x1, x2)), ARGS.reps)
-    row["arcflow_inv"] = median_time(lambda: blk.inverse((a, b)), ARGS.reps)
+    progs = {"fwd": {"arcflow": lambda: blk.forward((x1, x2))}, "inv": {"arcflow": lambda: blk.inverse((a, b))}}
     if torch is not None and "torch" not in skip:
         tb = TorchBlock(in_ch, out_ch, stride)
         tb.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in blk.state_dict().items()})
@@ -173,20 +219,37 @@ def bench_block(name, in_ch, out_ch, stride, results, skip, rate):
         ta, tbb = torch.from_numpy(a), torch.from_numpy(b)
         with torch.no_grad():
             ya, yb = tb((t1, t2))
-            row["torch_max_rel_diff"] = float(np.abs(yb.numpy() - b).max() / np.abs(b).max())
-            row["torch_fwd"] = median_time(lambda: tb((t1, t2)), ARGS.reps)
-            row["torch_inv"] = median_time(lambda: tb.inverse((ta, tbb)), ARGS.reps)
+        row["torch_max_rel_diff"] = float(np.abs(yb.numpy() - b).max() / np.abs(b).max())
+
+        def torch_fwd():
+            with torch.no_grad():
+                tb((t1, t2))
+
+        def torch_inv():
+            with torch.no_grad():
+                tb.inverse((ta, tbb))
+        progs["fwd"]["torch"], progs["inv"]["torch"] = torch_fwd, torch_inv
     if "numpy" not in skip:
         nb = NumpyBlock(blk)
-        ctx = threadpool_limits(THREADS) if threadpool_limits else None
-        try:
-            if ctx:
-                ctx.__enter__()
-            row["numpy_fwd"] = median_time(lambda: nb.forward(x1, x2), max(1, ARGS.reps // 2))
-            row["numpy_inv"] = median_time(lambda: nb.inverse(a, b), max(1, ARGS.reps // 2))
-        finally:
-            if ctx:
-                ctx.__exit__(None, None, None)
+        progs["fwd"]["numpy"] = lambda: nb.forward(x1, x2)
+        progs["inv"]["numpy"] = lambda: nb.inverse(a, b)
+    ctx = threadpool_limits(THREADS, user_api="blas") if threadpool_limits else None
+    try:
+        if ctx:
+            ctx.__enter__()
+        for d in ("fwd", "inv"):
+            ts = interleaved(progs[d], ARGS.reps)
+            for prog, v in ts.items():
+                row[f"{prog}_{d}"] = statistics.median(v)
+                row[f"{prog}_{d}_reps"] = v
+            for num, den in (("arcflow", "torch"), ("numpy", "arcflow"), ("numpy", "torch")):
+                if num in ts and den in ts:
+                    row[f"{num}/{den}_{d}"] = median_ratio(ts[num], ts[den])
+    finally:
+        if ctx:
+            ctx.__exit__(None, None, None)
+    if ARGS.breakdown:
+        row["breakdown"] = conv_breakdown(blk, x2, ARGS.reps)
     row["floor"] = row["flops_per_pass"] / rate
     results.append(row)
     return row
@@ -203,10 +266,7 @@ def bench_full(results, skip, rate):
         fl += 2 * block_flops(b, n, h, h)  # forward and inverse each evaluate F once
         h //= b.stride
     row = {"workload": f"CIFAR-10 i-RevNet (54 blocks) forward+inverse, batch {n}", "flops_per_pass": fl}
-
-    def run_a():
-        net.inverse(net.forward(x))
-    row["arcflow_fwd_inv"] = median_time(run_a, ARGS.reps)
+    progs = {"arcflow": lambda: net.inverse(net.forward(x))}
     z = net.forward(x)
     row["arcflow_rel_error"] = float(np.linalg.norm(net.inverse(z) - x) / np.linalg.norm(x))
     if torch is not None and "torch" not in skip:
@@ -214,8 +274,16 @@ def bench_full(results, skip, rate):
         tnet.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in net.state_dict().items()})
         tnet.eval()
         tx = torch.from_numpy(x)
-        with torch.no_grad():
-            row["torch_fwd_inv"] = median_time(lambda: tnet.inverse(tnet(tx)[1]), ARGS.reps)
+
+        def torch_run():
+            with torch.no_grad():
+                tnet.inverse(tnet(tx)[1])
+        progs["torch"] = torch_run
+    ts = interleaved(progs, ARGS.reps)
+    row["arcflow_fwd_inv"] = statistics.median(ts["arcflow"])
+    if "torch" in ts:
+        row["torch_fwd_inv"] = statistics.median(ts["torch"])
+        row["arcflow/torch"] = median_ratio(ts["arcflow"], ts["torch"])
     row["floor"] = fl / rate
     results.append(row)
     return row
@@ -237,7 +305,9 @@ def main():
     except (OSError, StopIteration):
         pass
     print(f"machine: {machine['cpu']}, {THREADS} threads, conv2d micro-kernel {machine['conv2d_isa']}, "
-          f"NumPy sgemm {rate / 1e9:.0f} GFLOP/s, torch {machine['torch']}")
+          f"NumPy sgemm {rate / 1e9:.0f} GFLOP/s, torch {machine['torch']}, load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"times: medians of {ARGS.reps} interleaved repetitions; ratios: medians of the per-repetition ratios")
     if torch is None:
         print(f"(PyTorch not available: {TORCH_ERR})")
     results = []
@@ -249,20 +319,29 @@ def main():
         print(f"\n{name}: {r['flops_per_pass'] / 1e9:.2f} GFLOP per pass (floor {r['floor'] * 1e3:.1f} ms)")
         for d in ("fwd", "inv"):
             t = r[f"arcflow_{d}"]
-            line = f"  {d}: arcflow {t * 1e3:8.1f} ms ({r['flops_per_pass'] / t / 1e9:5.0f} GFLOP/s, " \
+            line = f"  {d}: arcflow {t * 1e3:7.1f} ms ({r['flops_per_pass'] / t / 1e9:4.0f} GFLOP/s, " \
                    f"{t / r['floor']:.2f}x floor)"
             if f"torch_{d}" in r:
-                line += f" | torch {r[f'torch_{d}'] * 1e3:8.1f} ms  arcflow/torch = {t / r[f'torch_{d}']:.2f}"
+                line += f" | torch {r[f'torch_{d}'] * 1e3:7.1f} ms | arcflow/torch {r[f'arcflow/torch_{d}']:.2f}"
             if f"numpy_{d}" in r:
-                line += f" | numpy {r[f'numpy_{d}'] * 1e3:8.1f} ms  numpy/arcflow = {r[f'numpy_{d}'] / t:.1f}x"
+                line += f" | numpy {r[f'numpy_{d}'] * 1e3:7.1f} ms | numpy/arcflow {r[f'numpy/arcflow_{d}']:4.1f}x"
+                if f"numpy/torch_{d}" in r:
+                    line += f"  numpy/torch {r[f'numpy/torch_{d}']:4.1f}x"
+                line += f"  numpy/floor {r[f'numpy_{d}'] / r['floor']:4.1f}x"
             print(line)
+        if "breakdown" in r:
+            tot = 0.0
+            for label, t, fl in r["breakdown"]:
+                tot += t
+                print(f"    {label:24s} {t * 1e3:7.2f} ms  {fl / t / 1e9:4.0f} GFLOP/s  ({fl / rate / t * 100:3.0f}% of sgemm)")
+            print(f"    convolutions {tot * 1e3:.2f} ms, rest of the forward {(r['arcflow_fwd'] - tot) * 1e3:.2f} ms")
     if "full" not in skip:
         r = bench_full(results, skip, rate)
         t = r["arcflow_fwd_inv"]
         line = (f"\n{r['workload']}: arcflow {t * 1e3:.1f} ms ({r['flops_per_pass'] / t / 1e9:.0f} GFLOP/s, "
                 f"{t / r['floor']:.2f}x floor, rel. reconstruction error {r['arcflow_rel_error']:.1e})")
         if "torch_fwd_inv" in r:
-            line += f" | torch {r['torch_fwd_inv'] * 1e3:.1f} ms  arcflow/torch = {t / r['torch_fwd_inv']:.2f}"
+            line += f" | torch {r['torch_fwd_inv'] * 1e3:.1f} ms | arcflow/torch {r['arcflow/torch']:.2f}"
         print(line)
     if ARGS.json:
         with open(ARGS.json, "w") as f:
