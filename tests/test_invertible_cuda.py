@@ -701,8 +701,11 @@ def test_gpu_full_cifar10_irevnet_inverts_and_matches_cpu(dtype):
 def test_gpu_irevnet_noncontiguous_and_integer_input_and_weight_changes():
     cp = _cp()
     net = small_net(np.float32)
-    x = np.random.default_rng(6).standard_normal((3, 3, 16, 32)).astype(np.float32)[:, :, :, ::2]
-    z = net.forward(cp.asarray(x))  # a strided CuPy view
+    x_wide = np.random.default_rng(6).standard_normal((3, 3, 16, 32)).astype(np.float32)
+    x = x_wide[:, :, :, ::2]
+    xv = cp.asarray(x_wide)[:, :, :, ::2]  # a strided CuPy view
+    assert not xv.flags.c_contiguous
+    z = net.forward(xv)
     assert max_rel(cp.asnumpy(z), net.forward(x)) <= 1e-5
     xi = (x * 10).astype(np.int32)
     zi = net.forward(cp.asarray(xi))

@@ -5,7 +5,8 @@ Jacobsen, Smeulders & Oyallon, "i-RevNet: Deep Invertible Networks", ICLR 2018
 (github.com/jhjacobsen/pytorch-i-revnet, models/iRevNet.py): ``state_dict()`` has the same keys and
 shapes as that module, so a trained checkpoint converted to NumPy arrays loads with
 ``load_state_dict(..., strict=True)`` (or through :func:`from_torch`). Batch-norm always runs in inference
-form (running statistics); dropout is the identity.
+form (running statistics); dropout is the identity. GPU arrays (CuPy, ``__cuda_array_interface__``) run on
+their device through arcflow's CUDA kernels (``_cuda_ops``) and come back as CuPy arrays of the same dtype.
 
 Two places where this code deliberately differs from the reference, because the reference inverse is
 wrong there (its forward is unchanged):
