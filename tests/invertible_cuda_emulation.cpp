@@ -131,8 +131,8 @@ void elementwise_cases(unsigned seed) {
     const index_t n = sh[0], c = sh[1], h = sh[2], w = sh[3], hw = h * w;
     const std::size_t total = std::size_t(n * c * hw);
     auto x = randn<T>(total, rng);
-    // psi, b = 2 (and b = 1 where it applies): bit for bit, both directions
-    for (index_t b : {index_t(1), index_t(2)}) {
+    // psi, b = 1, 2 and 4 where the sizes allow: bit for bit, both directions
+    for (index_t b : {index_t(1), index_t(2), index_t(4)}) {
       if (h % b || w % b) continue;
       std::vector<T> ref(total), got(total, T(NAN)), back_ref(total), back(total, T(NAN));
       psi_forward_cpu<T>(x.data(), n, c, h, w, b, ref.data(), 1);
