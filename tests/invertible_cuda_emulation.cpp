@@ -24,7 +24,7 @@
 using namespace arcflow;
 using namespace arcflow::cuda_detail;
 
-static int failures = 0;
+[[maybe_unused]] static int failures = 0;
 
 #define EXPECT(cond, ...)              \
   do {                                 \
@@ -69,6 +69,94 @@ void emulate_conv(const conv_args<T>& g) {
     }
 }
 
+#ifdef ARCFLOW_EMU_SHARED
+// The launchers of invertible_cuda.hpp on HOST pointers, each kernel emulated as above: built as a shared
+// library by tests/test_invertible_cuda.py and called through ctypes in place of the _core CUDA bindings, so that
+// the Python device path (_cuda_ops and the tests' host-copy twin) runs end to end on the kernels' logic.
+namespace {
+template <class T>
+void emu_conv(const conv_args<T>& g) {
+  if (conv_use_wide_tile(g.m))
+    emulate_conv<T, 16, 256>(g);
+  else
+    emulate_conv<T, 64, 64>(g);
+}
+}  // namespace
+
+extern "C" {
+int emu_conv2d(int dbl, const void* x, const void* w, const void* bias, long long n, long long c, long long h,
+               long long wd, long long m, long long kh, long long kw, long long stride, long long pad,
+               const void* in_scale, const void* in_shift, int in_relu, double alpha, const void* addend, void* out) {
+  const Conv2dShape s{n, c, h, wd, m, kh, kw, stride, pad};
+  if (n == 0) return 0;
+  if (dbl)
+    emu_conv(make_conv_args<double>(s, (const double*)x, (const double*)w, (const double*)bias,
+                                    (const double*)in_scale, (const double*)in_shift, in_relu != 0, alpha,
+                                    (const double*)addend, (double*)out));
+  else
+    emu_conv(make_conv_args<float>(s, (const float*)x, (const float*)w, (const float*)bias, (const float*)in_scale,
+                                   (const float*)in_shift, in_relu != 0, float(alpha), (const float*)addend,
+                                   (float*)out));
+  return 0;
+}
+
+#define EMU_EACH(total, ...)                                      \
+  do {                                                            \
+    if (dbl) {                                                    \
+      using T = double;                                           \
+      for (index_t i = 0; i < index_t(total); ++i) __VA_ARGS__;   \
+    } else {                                                      \
+      using T = float;                                            \
+      for (index_t i = 0; i < index_t(total); ++i) __VA_ARGS__;   \
+    }                                                             \
+  } while (0)
+
+int emu_channel_affine(int dbl, const void* x, long long n, long long c, long long hw, const void* scale,
+                       const void* shift, int relu, void* y) {
+  EMU_EACH(n * c * hw, ((T*)y)[i] = channel_affine_value((const T*)x, (const T*)scale, (const T*)shift, relu != 0,
+                                                          i, c, hw));
+  return 0;
+}
+
+int emu_psi(int dbl, int inverse, const void* in, long long n, long long c, long long h, long long w, long long b,
+            void* out) {
+  EMU_EACH(n * c * h * w, {
+    const index_t src = psi_source(i, c, h, w, b);
+    if (inverse)
+      ((T*)out)[src] = ((const T*)in)[i];
+    else
+      ((T*)out)[i] = ((const T*)in)[src];
+  });
+  return 0;
+}
+
+int emu_actnorm(int dbl, const void* x, long long n, long long c, long long hw, const void* loc, const void* scale,
+                int inverse, void* y) {
+  EMU_EACH(n * c * hw, ((T*)y)[i] = actnorm_value((const T*)x, (const T*)loc, (const T*)scale, inverse != 0, i, c,
+                                                  hw));
+  return 0;
+}
+
+int emu_affine_coupling(int dbl, const void* x, const void* net, long long n, long long c1, long long c2,
+                        long long hw, double clamp, int inverse, void* y, void* s_out) {
+  EMU_EACH(n * (c1 + c2) * hw, ((T*)y)[i] = affine_coupling_value((const T*)x, (const T*)net, i, c1, c2, hw, clamp,
+                                                                  inverse != 0, (T*)s_out));
+  return 0;
+}
+
+int emu_channel_copy(int dbl, const void* src, long long n, long long cs, long long s0, void* dst, long long cd,
+                     long long d0, long long count, long long hw) {
+  EMU_EACH(n * count * hw, {
+    index_t a, b;
+    channel_copy_offsets(i, count, hw, cs, s0, cd, d0, a, b);
+    ((T*)dst)[b] = ((const T*)src)[a];
+  });
+  return 0;
+}
+}  // extern "C"
+
+#else  // the stand-alone test program
+
 template <class T>
 double conv_case(index_t n, index_t c, index_t h, index_t w, index_t m, index_t k, index_t stride, index_t pad,
                  int fuse, bool bias, bool addend_mode, bool in_place, double alpha, unsigned seed, bool wide) {
@@ -88,28 +176,10 @@ double conv_case(index_t n, index_t c, index_t h, index_t w, index_t m, index_t 
   std::vector<T> got = ref;
   const T* addp_ref = addend_mode ? (in_place ? ref.data() : add.data()) : nullptr;
   conv2d_cpu<T>(s, x.data(), wt.data(), bias ? b.data() : nullptr, scp, sfp, relu, T(alpha), addp_ref, ref.data(), 1);
-  conv_args<T> g;
-  g.x = x.data();
-  g.wt = wt.data();
-  g.bias = bias ? b.data() : nullptr;
-  g.in_scale = scp;
-  g.in_shift = sfp;
-  g.addend = addend_mode ? (in_place ? got.data() : add.data()) : nullptr;
-  g.out = got.data();
-  g.alpha = T(alpha);
-  g.in_relu = relu;
-  g.n = n;
-  g.c = c;
-  g.h = h;
-  g.w = w;
-  g.m = m;
-  g.ho = ho;
-  g.wo = wo;
-  g.kh = g.kw = int(k);
-  g.stride = int(stride);
-  g.pad = int(pad);
-  g.K = int(c * k * k);
-  g.npix = n * ho * wo;
+  const conv_args<T> g0 = make_conv_args<T>(s, x.data(), wt.data(), bias ? b.data() : nullptr, scp, sfp, relu,
+                                            T(alpha), addend_mode ? (in_place ? got.data() : add.data()) : nullptr,
+                                            got.data());
+  conv_args<T> g = g0;
   if (wide)
     emulate_conv<T, 16, 256>(g);
   else
@@ -273,3 +343,5 @@ int main() {
   std::printf("worst conv f64 %.3e f32 %.3e, %d failure(s)\n", w64, w32, failures);
   return failures ? 1 : 0;
 }
+
+#endif  // ARCFLOW_EMU_SHARED

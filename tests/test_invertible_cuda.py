@@ -584,6 +584,111 @@ def test_gpu_kernels_flows_match_cpu(gpu_twin):
             assert rel_err(inv(blk, y), x) <= 10 * REL[dtype], name
 
 
+# ---- 3c. no GPU: the same GPU tests on the kernels' emulation ---------------------------------------------------
+# tests/invertible_cuda_emulation.cpp built as a shared library provides the launchers of invertible_cuda.hpp on
+# host pointers (every kernel emulated from invertible_tile.cuh, make_conv_args and the tile choice included);
+# ctypes puts them in place of the _core CUDA bindings, with host memory as the "device" buffers. The GPU tests
+# above then run unchanged: the kernels' logic, called with the arguments the real bindings get, end to end
+# through _cuda_ops (IRevNet, the blocks, the flows).
+
+def _build_emulation_library(out_dir: Path) -> Path:
+    root = Path(__file__).resolve().parents[1]
+    src = root / "tests" / "invertible_cuda_emulation.cpp"
+    if not (root / "cpp" / "src" / "cuda" / "invertible_tile.cuh").exists():
+        pytest.skip("the C++ sources are not in this checkout")
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++ to build the kernel emulation")
+    lib = out_dir / "libinvertible_cuda_emulation.so"
+    build = subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-DARCFLOW_EMU_SHARED",
+                            "-Wno-unknown-pragmas", f"-I{root / 'cpp' / 'include'}", str(src), "-o", str(lib)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    return lib
+
+
+@pytest.fixture(scope="module")
+def emulation_library(tmp_path_factory):
+    import ctypes
+
+    lib = ctypes.CDLL(str(_build_emulation_library(tmp_path_factory.mktemp("emu"))))
+    vp, ll, ci, cd = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_double
+    lib.emu_conv2d.argtypes = [ci, vp, vp, vp] + [ll] * 9 + [vp, vp, ci, cd, vp, vp]
+    lib.emu_channel_affine.argtypes = [ci, vp, ll, ll, ll, vp, vp, ci, vp]
+    lib.emu_psi.argtypes = [ci, ci, vp, ll, ll, ll, ll, ll, vp]
+    lib.emu_actnorm.argtypes = [ci, vp, ll, ll, ll, vp, vp, ci, vp]
+    lib.emu_affine_coupling.argtypes = [ci, vp, vp, ll, ll, ll, ll, cd, ci, vp, vp]
+    lib.emu_channel_copy.argtypes = [ci, vp, ll, ll, ll, vp, ll, ll, ll, ll]
+    return lib
+
+
+@pytest.fixture
+def emulated_gpu(emulation_library, monkeypatch):
+    """_core's CUDA launchers and buffer calls replaced by the emulation on host memory; returns _cuda_ops with the
+    host-copy twin (_GpuViaHostOps) as its backend."""
+    import ctypes
+
+    lib = emulation_library
+    buffers = {}
+
+    def alloc(nbytes, device=-1):
+        buf = np.empty(int(nbytes) + 64, np.uint8)
+        buffers[buf.ctypes.data] = buf
+        return buf.ctypes.data
+
+    fns = {
+        "cuda_buffer_alloc": alloc,
+        "cuda_buffer_free": lambda p: buffers.pop(p),
+        "cuda_copy_to_device": lambda dst, src: ctypes.memmove(dst, src.ctypes.data, src.nbytes),
+        "cuda_copy_to_host": lambda dst, src: ctypes.memmove(dst.ctypes.data, src, dst.nbytes),
+    }
+    for sfx, dbl in (("f32", 0), ("f64", 1)):
+        fns[f"conv2d_cuda_{sfx}"] = (lambda *a, dbl=dbl: lib.emu_conv2d(dbl, *a[:18]))
+        fns[f"channel_affine_cuda_{sfx}"] = (lambda *a, dbl=dbl: lib.emu_channel_affine(dbl, *a[:8]))
+        fns[f"psi_cuda_{sfx}"] = (lambda *a, dbl=dbl: lib.emu_psi(dbl, 0, *a[:7]))
+        fns[f"psi_inverse_cuda_{sfx}"] = (lambda *a, dbl=dbl: lib.emu_psi(dbl, 1, *a[:7]))
+        fns[f"actnorm_cuda_{sfx}"] = (lambda *a, dbl=dbl: lib.emu_actnorm(dbl, *a[:8]))
+        fns[f"affine_coupling_cuda_{sfx}"] = (lambda *a, dbl=dbl: lib.emu_affine_coupling(dbl, *a[:10]))
+        fns[f"channel_copy_cuda_{sfx}"] = (lambda *a, dbl=dbl: lib.emu_channel_copy(dbl, *a[:9]))
+    for name, fn in fns.items():
+        monkeypatch.setattr(_core, name, fn, raising=False)
+    monkeypatch.setattr(_cuda_ops, "_backend", lambda: _GpuViaHostOps())
+    yield _cuda_ops
+    assert not buffers, "device buffers leaked"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_emulated_gpu_blocks_match_cpu(emulated_gpu, case, dtype):
+    test_gpu_kernels_blocks_match_cpu(emulated_gpu, case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("case", [(2, 3, 8, 8, 5, 3, 1, 1), (1, 1, 1, 1, 1, 1, 1, 0), (3, 7, 9, 11, 6, 3, 2, 1),
+                                  (2, 4, 7, 5, 9, 1, 1, 0), (2, 12, 8, 8, 70, 3, 2, 1)])
+def test_emulated_gpu_conv2d_and_elementwise_match_cpu(emulated_gpu, case, dtype):
+    test_gpu_kernels_conv2d_and_elementwise_match_cpu(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+def test_emulated_gpu_irevnet_matches_cpu(emulated_gpu, dtype):
+    """The whole network through the emulated kernels: the CPU path's numbers up to rounding (the CPU build may
+    contract to FMA, the emulation does not) and exact inversion."""
+    for net in (small_net(dtype), IRevNet([1, 2], [2, 2], [24, 96], init_ds=2, in_shape=(3, 16, 16), n_classes=5,
+                                          rng=0, dtype=dtype)):
+        randomize_bn(net, np.random.default_rng(1))
+        x = np.random.default_rng(2).standard_normal((2, 3, 16, 16)).astype(dtype)
+        z = emulated_gpu.irevnet_forward(net, x)
+        assert z.dtype == dtype and rel_err(z, net.forward(x)) <= REL[dtype]
+        back = emulated_gpu.irevnet_inverse(net, z)
+        assert rel_err(back, net.inverse(z)) <= REL[dtype] and rel_err(back, x) <= REL[dtype]
+        assert max_rel(emulated_gpu.irevnet_classify(net, z), net.classify(z)) <= 10 * REL[dtype]
+
+
+def test_emulated_gpu_flows_match_cpu(emulated_gpu):
+    test_gpu_kernels_flows_match_cpu(emulated_gpu)
+
+
 # ---- 3b. on a GPU with CuPy: device arrays in and out, the same numbers as the CPU backend -------------------
 
 def _cp():

@@ -132,33 +132,10 @@ void conv2d_cuda(const Conv2dShape& s, const T* x, const T* weight, const T* bia
                 "conv2d_cuda: kernel too large");
   if (s.n == 0) return;
   ARCFLOW_CHECK(x && weight && out, "conv2d_cuda: null pointer");
-  conv_args<T> g;
-  g.x = x;
-  g.wt = weight;
-  g.bias = bias;
-  g.in_scale = in_scale;
-  g.in_shift = in_shift;
-  g.addend = addend;
-  g.out = out;
-  g.alpha = alpha;
-  g.in_relu = in_relu;
-  g.n = s.n;
-  g.c = s.c;
-  g.h = s.h;
-  g.w = s.w;
-  g.m = s.m;
-  g.ho = s.ho();
-  g.wo = s.wo();
-  g.kh = int(s.kh);
-  g.kw = int(s.kw);
-  g.stride = int(s.stride);
-  g.pad = int(s.pad);
-  g.K = int(s.c * s.kh * s.kw);
-  g.npix = s.n * g.ho * g.wo;
+  const conv_args<T> g = make_conv_args<T>(s, x, weight, bias, in_scale, in_shift, in_relu, alpha, addend, out);
   inv_device_guard guard(device);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  // Few output channels (the i-RevNet bottlenecks at CIFAR width have 4 to 64): a wide pixel tile wastes less.
-  if (s.m <= 16)
+  if (conv_use_wide_tile(s.m))
     launch_conv<T, 16, 256>(g, st);
   else
     launch_conv<T, 64, 64>(g, st);

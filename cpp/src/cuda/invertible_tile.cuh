@@ -13,6 +13,7 @@
 #include <cmath>
 
 #include "arcflow/common.hpp"
+#include "arcflow/conv2d.hpp"
 
 namespace arcflow {
 namespace cuda_detail {
@@ -66,6 +67,40 @@ struct conv_args {
   int K;          // c * kh * kw (< 2^31, checked by the launcher)
   index_t npix;   // n * ho * wo
 };
+
+// The kernel arguments of conv2d_cuda (Conv2dShape and the pointers of conv2d.hpp's contract).
+template <class T>
+conv_args<T> make_conv_args(const Conv2dShape& s, const T* x, const T* weight, const T* bias, const T* in_scale,
+                            const T* in_shift, bool in_relu, T alpha, const T* addend, T* out) {
+  conv_args<T> g;
+  g.x = x;
+  g.wt = weight;
+  g.bias = bias;
+  g.in_scale = in_scale;
+  g.in_shift = in_shift;
+  g.addend = addend;
+  g.out = out;
+  g.alpha = alpha;
+  g.in_relu = in_relu;
+  g.n = s.n;
+  g.c = s.c;
+  g.h = s.h;
+  g.w = s.w;
+  g.m = s.m;
+  g.ho = s.ho();
+  g.wo = s.wo();
+  g.kh = int(s.kh);
+  g.kw = int(s.kw);
+  g.stride = int(s.stride);
+  g.pad = int(s.pad);
+  g.K = int(s.c * s.kh * s.kw);
+  g.npix = s.n * g.ho * g.wo;
+  return g;
+}
+
+// Tile shape: few output channels (the i-RevNet bottlenecks at CIFAR width have 4 to 64) take the wide pixel
+// tile (16 x 256), which wastes less; otherwise 64 x 64. The grid is (pixel tiles, channel tiles).
+inline bool conv_use_wide_tile(index_t m) { return m <= 16; }
 
 // The output pixel whose im2col column a thread stages (fixed for the whole K loop, decoded once):
 // its image's offset in x and the top-left input row and column of its receptive field.
