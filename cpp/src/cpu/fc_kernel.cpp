@@ -152,10 +152,21 @@ inline void store_tile(T* out, index_t n2, index_t i0, index_t ti, index_t j0, i
     for (index_t j = jb; j < tj; ++j) o[j] = src[i * TILE + j];
   }
   if (symmetric) {
-    for (index_t j = 0; j < tj; ++j) {
-      T* o = out + (j0 + j) * n2 + i0;
-      const index_t ie = diag_tile ? j : ti;
-      for (index_t i = 0; i < ie; ++i) o[i] = src[i * TILE + j];
+    // The mirror, in strips of one cache line of columns: transpose the strip into a small buffer (each
+    // line of the tile read once), then write its rows. Gathering each column straight from the tile read
+    // 64 lines 512 bytes apart per column, which thrashed L1 and made the mirror cost twice the direct half.
+    constexpr index_t SB = 64 / index_t(sizeof(T));
+    T strip[SB * TILE];
+    for (index_t jb = 0; jb < tj; jb += SB) {
+      const index_t jn = std::min(SB, tj - jb);
+      for (index_t i = 0; i < ti; ++i)
+        for (index_t jj = 0; jj < jn; ++jj) strip[jj * TILE + i] = src[i * TILE + jb + jj];
+      for (index_t jj = 0; jj < jn; ++jj) {
+        const index_t j = jb + jj;
+        T* o = out + (j0 + j) * n2 + i0;
+        const index_t ie = diag_tile ? j : ti;
+        for (index_t i = 0; i < ie; ++i) o[i] = strip[jj * TILE + i];
+      }
     }
   }
 }
