@@ -1,12 +1,17 @@
 """The invertible blocks on the GPU (CuPy arrays) against the CPU backend and NumPy oracles.
 
-Three layers, so that most of it runs without a GPU:
-- host emulation: tests/invertible_cuda_emulation.cpp runs the CUDA kernels' tile and element logic
-  (cpp/src/cuda/invertible_tile.cuh) on the CPU against the CPU ops (g++; runs everywhere);
-- orchestration: python/arcflow/invertible/_cuda_ops.py (what IRevNet and the flow blocks do with device arrays)
-  runs with a NumPy twin of its kernel launcher built on the CPU ops, against the CPU path of the blocks;
-- on a GPU (skipped with the reason otherwise): every op, block and the full CIFAR-10 i-RevNet on CuPy arrays
-  against the CPU NumPy path and the float64 NumPy oracles; float32 within 1e-5, float64 within 1e-12 (relative).
+Layers, so that most of it runs without a GPU:
+1. host emulation: tests/invertible_cuda_emulation.cpp runs the CUDA kernels' tile and element logic
+   (cpp/src/cuda/invertible_tile.cuh) on the CPU against the CPU ops (g++; runs everywhere);
+2. orchestration: python/arcflow/invertible/_cuda_ops.py (what IRevNet and the flow blocks do with device arrays)
+   runs with a NumPy twin of its kernel launcher built on the CPU ops, against the CPU path of the blocks;
+3a. on a GPU without CuPy: the real kernels on host copies (cuda_buffer_* bindings), through _cuda_ops;
+3b. on a GPU with CuPy: every op, block and the full CIFAR-10 i-RevNet on CuPy arrays against the CPU NumPy path;
+3c/3d. without a GPU, the tests of 3a and 3b themselves run on the emulated kernels (the emulation built as a
+   shared library in place of the _core CUDA launchers) and, for 3b, on a NumPy stand-in for CuPy: so the hooks,
+   _CudaOps's calls and the tests' own logic are exercised here, and only CuPy, the bindings' lambdas and the
+   kernels' launch lines are left to a real GPU.
+Tolerances: float32 1e-5, float64 1e-12, relative (GPU tests skip with the reason where they cannot run).
 """
 from __future__ import annotations
 
@@ -622,13 +627,10 @@ def emulation_library(tmp_path_factory):
     return lib
 
 
-@pytest.fixture
-def emulated_gpu(emulation_library, monkeypatch):
-    """_core's CUDA launchers and buffer calls replaced by the emulation on host memory; returns _cuda_ops with the
-    host-copy twin (_GpuViaHostOps) as its backend."""
+def _patch_emulated_core(lib, monkeypatch) -> dict:
+    """_core's CUDA launchers and buffer calls replaced by the emulation on host memory; returns the live buffers."""
     import ctypes
 
-    lib = emulation_library
     buffers = {}
 
     def alloc(nbytes, device=-1):
@@ -652,6 +654,13 @@ def emulated_gpu(emulation_library, monkeypatch):
         fns[f"channel_copy_cuda_{sfx}"] = (lambda *a, dbl=dbl: lib.emu_channel_copy(dbl, *a[:9]))
     for name, fn in fns.items():
         monkeypatch.setattr(_core, name, fn, raising=False)
+    return buffers
+
+
+@pytest.fixture
+def emulated_gpu(emulation_library, monkeypatch):
+    """The emulated _core launchers, and _cuda_ops with the host-copy twin (_GpuViaHostOps) as its backend."""
+    buffers = _patch_emulated_core(emulation_library, monkeypatch)
     monkeypatch.setattr(_cuda_ops, "_backend", lambda: _GpuViaHostOps())
     yield _cuda_ops
     assert not buffers, "device buffers leaked"
@@ -687,6 +696,162 @@ def test_emulated_gpu_irevnet_matches_cpu(emulated_gpu, dtype):
 
 def test_emulated_gpu_flows_match_cpu(emulated_gpu):
     test_gpu_kernels_flows_match_cpu(emulated_gpu)
+
+
+# ---- 3d. no GPU: the CuPy path itself, on a NumPy stand-in for CuPy and the kernels' emulation -------------------
+
+class _FakeCupyArray(np.ndarray):
+    """A NumPy array posing as a CuPy array: __cuda_array_interface__, .data.ptr (its host address, which the
+    emulated launchers read and write), .device.id and .get()."""
+
+    class _Ptr:
+        def __init__(self, ptr):
+            self.ptr = ptr
+
+    class _Device:
+        id = 0
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ctypes.data, False), "version": 3}
+
+    @property
+    def data(self):
+        return self._Ptr(self.ctypes.data)
+
+    @property
+    def device(self):
+        return self._Device()
+
+    def get(self):
+        return np.array(self)
+
+
+class _FakeCupy:
+    """The part of CuPy's API that _cuda_ops and the GPU tests use, on _FakeCupyArray."""
+    ndarray = _FakeCupyArray
+    float32, float64, nan = np.float32, np.float64, np.nan
+
+    class cuda:
+        class _Stream:
+            ptr = 0
+
+            def synchronize(self):
+                pass
+
+        @staticmethod
+        def get_current_stream():
+            return _FakeCupy.cuda._Stream()
+
+        class Device:
+            def __init__(self, device_id=0):
+                self.id = device_id
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def synchronize(self):
+                pass
+
+    @staticmethod
+    def _wrap(a):
+        return np.asarray(a).view(_FakeCupyArray)
+
+    @classmethod
+    def asarray(cls, a, dtype=None):
+        return cls._wrap(np.array(a, dtype=dtype, copy=not isinstance(a, _FakeCupyArray)))
+
+    @classmethod
+    def ascontiguousarray(cls, a, dtype=None):
+        return cls._wrap(np.ascontiguousarray(a, dtype=dtype))
+
+    @classmethod
+    def asnumpy(cls, a):
+        return np.array(a)
+
+    @classmethod
+    def empty(cls, shape, dtype):
+        return cls._wrap(np.empty(shape, dtype))
+
+    @classmethod
+    def empty_like(cls, a):
+        return cls._wrap(np.empty(a.shape, a.dtype))
+
+    @classmethod
+    def zeros(cls, shape, dtype):
+        return cls._wrap(np.zeros(shape, dtype))
+
+    @classmethod
+    def full(cls, shape, value, dtype):
+        return cls._wrap(np.full(shape, value, dtype))
+
+    isfinite, sqrt = staticmethod(np.isfinite), staticmethod(np.sqrt)
+
+
+@pytest.fixture
+def fake_cupy(emulation_library, monkeypatch):
+    """_cuda_ops's real CuPy backend (_CudaOps) on _FakeCupy, the _core launchers emulated: the hooks in irevnet.py
+    and flows.py, _CudaOps's calls and the GPU tests of section 3b run as they would on a GPU."""
+    _patch_emulated_core(emulation_library, monkeypatch)
+    ops = _cuda_ops._CudaOps(_FakeCupy)
+    monkeypatch.setattr(_cuda_ops, "_backend", lambda: ops)
+    monkeypatch.setitem(globals(), "_cp", lambda: _FakeCupy)
+    return _FakeCupy
+
+
+def test_fake_cupy_public_api_returns_device_arrays(fake_cupy):
+    cp = fake_cupy
+    net = small_net(np.float32)
+    randomize_bn(net, np.random.default_rng(0))
+    x = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    z = net.forward(cp.asarray(x))
+    assert type(z) is _FakeCupyArray and z.dtype == np.float32 and rel_err(z, net.forward(x)) <= 1e-5
+    back = net.inverse(z)
+    assert type(back) is _FakeCupyArray and rel_err(back, x) <= 1e-5
+    assert type(net.classify(z)) is _FakeCupyArray and type(net.predict(cp.asarray(x))) is _FakeCupyArray
+    blk = net.stack[0]  # injective, 3 -> 32 channels
+    merged = blk.forward(cp.asarray(x))
+    a, b = blk.forward((cp.asarray(x[:, :1]), cp.asarray(x[:, 1:])))
+    assert type(merged) is _FakeCupyArray and type(a) is _FakeCupyArray and type(b) is _FakeCupyArray
+    assert rel_err(merged, blk.forward(x)) <= 1e-5 and rel_err(blk.inverse(merged), x) <= 1e-5
+    half = np.zeros((2, 16, 16, 16), np.float32)
+    with pytest.raises(TypeError, match="mixing"):
+        net.stack[1].forward((cp.asarray(half), half))
+    seq = Sequential(SpaceToDepth(2), InjectivePad(4), ActNorm(16), InvertibleConv1x1(16, rng=0),
+                     AffineCoupling(16, hidden=8, rng=1, zero_init=False))
+    xs = np.random.default_rng(2).standard_normal((2, 3, 8, 8))
+    y = seq.forward(cp.asarray(xs))
+    assert type(y) is _FakeCupyArray and y.dtype == np.float64
+    assert rel_err(y, seq.forward(xs)) <= 1e-12 and rel_err(seq.inverse(y), xs) <= 1e-12
+    seq2 = Sequential(SpaceToDepth(2), ActNorm(12), InvertibleConv1x1(12, rng=0), IRevNetBlock(12, 6, mult=2, rng=0))
+    y2, ld = seq2.forward(cp.asarray(xs), return_logdet=True)
+    y2_cpu, ld_cpu = seq2.forward(xs, return_logdet=True)
+    assert type(ld) is _FakeCupyArray and max_rel(ld, ld_cpu) <= 1e-12
+    assert type(y2) is _FakeCupyArray and rel_err(y2, y2_cpu) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("case", BLOCK_CASES[:4])
+def test_fake_cupy_gpu_block_tests(fake_cupy, case, dtype):
+    test_gpu_blocks_match_cpu_and_invert(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("variant", ["plain", "bias_relu", "bn_relu_addend", "accumulate_alpha"])
+def test_fake_cupy_gpu_conv2d_tests(fake_cupy, variant, dtype):
+    for case in [(2, 3, 8, 8, 5, 3, 1, 1), (3, 7, 9, 11, 6, 3, 2, 1), (2, 6, 8, 8, 6, 1, 2, 0)]:
+        test_gpu_conv2d_matches_cpu_op(case, dtype, variant)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+def test_fake_cupy_gpu_psi_flows_and_errors(fake_cupy, dtype):
+    test_gpu_psi_and_batchnorm_are_exact(dtype)
+    test_gpu_flows_match_cpu(dtype)
+    if dtype == np.float32:
+        test_gpu_irevnet_noncontiguous_and_integer_input_and_weight_changes()
 
 
 # ---- 3b. on a GPU with CuPy: device arrays in and out, the same numbers as the CPU backend -------------------

@@ -33,7 +33,7 @@ def is_device_array(x) -> bool:
     """True for a GPU array, or a pair containing one."""
     if isinstance(x, (tuple, list)):
         return any(is_device_array(v) for v in x)
-    return x is not None and not isinstance(x, np.ndarray) and hasattr(x, "__cuda_array_interface__")
+    return x is not None and hasattr(x, "__cuda_array_interface__")
 
 
 # ---- the kernels ---------------------------------------------------------------------------------------------
