@@ -225,9 +225,8 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
 
   if (nthreads == 1 || sh.n % nthreads == 0 || sh.n >= 4 * nthreads) {
     // Enough images: one image per task, each thread with its own phase buffer (stays in L2).
-    // Every thread's buffers in one allocation by the calling thread: its malloc arena keeps the pages
-    // from one call to the next, where per-thread allocations of a few hundred KiB were returned to
-    // the kernel and faulted in (and zeroed) again on every call.
+    // Every thread's buffers in one allocation (and one zero-fill) by the calling thread, none inside
+    // the parallel region.
     AlignedBuf<T> bufs(nthreads * (buf_stride + part_stride));
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
