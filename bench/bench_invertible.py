@@ -17,8 +17,10 @@ Interleaved: after one warm-up call of each, every repetition times arcflow, PyT
 each, back to back (the order rotates from one repetition to the next), so all three see the same load
 on a shared machine. Times are medians over the --reps repetitions; every ratio is the median of the
 per-repetition ratios (arcflow/torch < 1: arcflow faster; numpy/arcflow and numpy/torch > 1: faster than
-NumPy). The floor is the convolutions' multiply-adds at the machine's sgemm rate (NumPy float32 matmul
-2048^3 at the same threads). Printed: times, ratios, GFLOP/s, time / floor, and (--breakdown) arcflow's
+NumPy). The floor is the convolutions' multiply-adds at the machine's sgemm rate: a NumPy float32 matmul
+of about the same flop count, timed as one more interleaved program; the floor is its fastest repetition
+(the machine's best rate during the run) and "x floor" is a program's median time over it. The header's
+sgemm rate (2048^3, measured once at the start) is for reference. Printed: times, ratios, GFLOP/s, time / floor, and (--breakdown) arcflow's
 three convolutions of the block timed alone, the rest of the block being the difference.
 """
 from __future__ import annotations
@@ -99,6 +101,15 @@ def interleaved(fns, reps):
 def median_ratio(num, den):
     """Median of the per-repetition ratios num[i] / den[i]."""
     return statistics.median(a / b for a, b in zip(num, den))
+
+
+def sgemm_floor_prog(flops):
+    """(callable, scale): a NumPy float32 matmul of about `flops` multiply-adds x 2, timed interleaved with
+    the programs; its time x scale is the floor of that repetition (the machine's sgemm rate right then)."""
+    n = max(64, int(round((flops / 2) ** (1 / 3) / 64)) * 64)
+    a = np.random.default_rng(1).standard_normal((n, n)).astype(np.float32)
+    out = np.empty_like(a)
+    return (lambda: np.matmul(a, a, out=out)), flops / (2.0 * n ** 3)
 
 
 # ---- plain NumPy implementation of the block --------------------------------------------------------
@@ -233,15 +244,20 @@ def bench_block(name, in_ch, out_ch, stride, results, skip, rate):
         nb = NumpyBlock(blk)
         progs["fwd"]["numpy"] = lambda: nb.forward(x1, x2)
         progs["inv"]["numpy"] = lambda: nb.inverse(a, b)
+    floor_fn, floor_scale = sgemm_floor_prog(row["flops_per_pass"])
+    progs["fwd"]["floor"] = progs["inv"]["floor"] = floor_fn
     ctx = threadpool_limits(THREADS, user_api="blas") if threadpool_limits else None
     try:
         if ctx:
             ctx.__enter__()
         for d in ("fwd", "inv"):
             ts = interleaved(progs[d], ARGS.reps)
+            floor = min(ts.pop("floor")) * floor_scale
+            row[f"floor_{d}"] = floor
             for prog, v in ts.items():
                 row[f"{prog}_{d}"] = statistics.median(v)
                 row[f"{prog}_{d}_reps"] = v
+                row[f"{prog}/floor_{d}"] = statistics.median(v) / floor
             for num, den in (("arcflow", "torch"), ("numpy", "arcflow"), ("numpy", "torch")):
                 if num in ts and den in ts:
                     row[f"{num}/{den}_{d}"] = median_ratio(ts[num], ts[den])
@@ -250,7 +266,6 @@ def bench_block(name, in_ch, out_ch, stride, results, skip, rate):
             ctx.__exit__(None, None, None)
     if ARGS.breakdown:
         row["breakdown"] = conv_breakdown(blk, x2, ARGS.reps)
-    row["floor"] = row["flops_per_pass"] / rate
     results.append(row)
     return row
 
@@ -279,12 +294,17 @@ def bench_full(results, skip, rate):
             with torch.no_grad():
                 tnet.inverse(tnet(tx)[1])
         progs["torch"] = torch_run
+    floor_fn, floor_scale = sgemm_floor_prog(fl)
+    progs["floor"] = floor_fn
     ts = interleaved(progs, ARGS.reps)
+    row["floor"] = min(ts.pop("floor")) * floor_scale
+    row["arcflow/floor"] = statistics.median(ts["arcflow"]) / row["floor"]
+    if "torch" in ts:
+        row["torch/floor"] = statistics.median(ts["torch"]) / row["floor"]
     row["arcflow_fwd_inv"] = statistics.median(ts["arcflow"])
     if "torch" in ts:
         row["torch_fwd_inv"] = statistics.median(ts["torch"])
         row["arcflow/torch"] = median_ratio(ts["arcflow"], ts["torch"])
-    row["floor"] = fl / rate
     results.append(row)
     return row
 
@@ -316,32 +336,36 @@ def main():
         cases.append(("IRevNetBlock(64, 128, stride 2), batch %d, 32x32" % ARGS.batch, 64, 128, 2))
     for name, ci, co, s in cases:
         r = bench_block(name, ci, co, s, results, skip, rate)
-        print(f"\n{name}: {r['flops_per_pass'] / 1e9:.2f} GFLOP per pass (floor {r['floor'] * 1e3:.1f} ms)")
+        print(f"\n{name}: {r['flops_per_pass'] / 1e9:.2f} GFLOP per pass (floor from the interleaved sgemm: "
+              f"{r['floor_fwd'] * 1e3:.1f} ms in the fwd run, {r['floor_inv'] * 1e3:.1f} ms in the inv run)")
         for d in ("fwd", "inv"):
             t = r[f"arcflow_{d}"]
             line = f"  {d}: arcflow {t * 1e3:7.1f} ms ({r['flops_per_pass'] / t / 1e9:4.0f} GFLOP/s, " \
-                   f"{t / r['floor']:.2f}x floor)"
+                   f"{r[f'arcflow/floor_{d}']:.2f}x floor)"
             if f"torch_{d}" in r:
-                line += f" | torch {r[f'torch_{d}'] * 1e3:7.1f} ms | arcflow/torch {r[f'arcflow/torch_{d}']:.2f}"
+                line += f" | torch {r[f'torch_{d}'] * 1e3:7.1f} ms ({r[f'torch/floor_{d}']:.2f}x floor) | " \
+                        f"arcflow/torch {r[f'arcflow/torch_{d}']:.2f}"
             if f"numpy_{d}" in r:
                 line += f" | numpy {r[f'numpy_{d}'] * 1e3:7.1f} ms | numpy/arcflow {r[f'numpy/arcflow_{d}']:4.1f}x"
                 if f"numpy/torch_{d}" in r:
                     line += f"  numpy/torch {r[f'numpy/torch_{d}']:4.1f}x"
-                line += f"  numpy/floor {r[f'numpy_{d}'] / r['floor']:4.1f}x"
+                line += f"  numpy/floor {r[f'numpy/floor_{d}']:4.1f}x"
             print(line)
         if "breakdown" in r:
             tot = 0.0
             for label, t, fl in r["breakdown"]:
                 tot += t
-                print(f"    {label:24s} {t * 1e3:7.2f} ms  {fl / t / 1e9:4.0f} GFLOP/s  ({fl / rate / t * 100:3.0f}% of sgemm)")
+                print(f"    {label:24s} {t * 1e3:7.2f} ms  {fl / t / 1e9:4.0f} GFLOP/s  ({fl / rate / t * 100:3.0f}% of the "
+                      f"header's sgemm rate)")
             print(f"    convolutions {tot * 1e3:.2f} ms, rest of the forward {(r['arcflow_fwd'] - tot) * 1e3:.2f} ms")
     if "full" not in skip:
         r = bench_full(results, skip, rate)
         t = r["arcflow_fwd_inv"]
         line = (f"\n{r['workload']}: arcflow {t * 1e3:.1f} ms ({r['flops_per_pass'] / t / 1e9:.0f} GFLOP/s, "
-                f"{t / r['floor']:.2f}x floor, rel. reconstruction error {r['arcflow_rel_error']:.1e})")
+                f"{r['arcflow/floor']:.2f}x floor, rel. reconstruction error {r['arcflow_rel_error']:.1e})")
         if "torch_fwd_inv" in r:
-            line += f" | torch {r['torch_fwd_inv'] * 1e3:.1f} ms | arcflow/torch {r['arcflow/torch']:.2f}"
+            line += (f" | torch {r['torch_fwd_inv'] * 1e3:.1f} ms ({r['torch/floor']:.2f}x floor) | "
+                     f"arcflow/torch {r['arcflow/torch']:.2f}")
         print(line)
     if ARGS.json:
         with open(ARGS.json, "w") as f:
