@@ -342,7 +342,7 @@ def main():
         cases.append(("IRevNetBlock(64, 128, stride 2), batch %d, 32x32" % ARGS.batch, 64, 128, 2))
     for name, ci, co, s in cases:
         r = bench_block(name, ci, co, s, results, skip, rate)
-        print(f"\n{name}: {r['flops_per_pass'] / 1e9:.2f} GFLOP per pass (floor from the interleaved sgemm: "
+        print(f"\n{name}: {r['flops_per_pass'] / 1e9:.2f} GFLOP per pass (floor at the best sgemm rate of the run: "
               f"{r['floor_fwd'] * 1e3:.1f} ms in the fwd run, {r['floor_inv'] * 1e3:.1f} ms in the inv run)")
         for d in ("fwd", "inv"):
             t = r[f"arcflow_{d}"]
