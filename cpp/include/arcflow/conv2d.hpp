@@ -17,8 +17,10 @@
 // Method: implicit GEMM. The (activated, zero-padded) input is split into stride x stride phases, so
 // every kernel tap is a constant offset into the phase buffer and the GEMM's B operand is read straight
 // from it (no 9x im2col copy); a register-blocked micro-kernel (AVX2+FMA where the CPU has it, chosen
-// at run time) computes blocks of output channels x pixels. OpenMP over images, or over pixel tiles
-// when there are fewer images than threads.
+// at run time) computes blocks of output channels x vectors of pixels of one output row, over blocks
+// of input channels sized for L1, and writes the result (alpha, bias, addend) from its registers.
+// OpenMP over images, or over pixel tiles when there are fewer images than threads. The summation
+// order of an output element depends only on the shapes, never on the batch size or the threads.
 // Throws std::invalid_argument (ARCFLOW_CHECK) on inconsistent sizes; std::bad_alloc on memory.
 // threads: OpenMP threads to use (<= 0: omp_get_max_threads()); small problems run on one thread.
 // Thread-safe: no global state.
