@@ -1,7 +1,7 @@
 """Time the i-RevNet block and network: arcflow vs PyTorch CPU vs plain NumPy, in one run.
 
     python bench/bench_invertible.py [--threads N] [--reps 5] [--batch 64] [--full-batch 16]
-                                     [--skip numpy,torch,full] [--json out.json]
+                                     [--skip numpy,torch,full] [--breakdown] [--alone] [--json out.json]
 
 Workloads (float32, inference-form batch-norm with random running statistics, same weights everywhere):
   1. one IRevNetBlock(in_ch=128, out_ch=64, stride=1): each half of the pair has 64 channels in and out,
@@ -43,6 +43,8 @@ def parse():
     p.add_argument("--full-batch", type=int, default=16)
     p.add_argument("--skip", default="", help="comma list of: numpy, torch, full, stride2")
     p.add_argument("--breakdown", action="store_true", help="also time arcflow's convolutions of each block alone")
+    p.add_argument("--alone", action="store_true",
+                   help="time each program in its own block of repetitions instead of interleaved")
     p.add_argument("--json", default=None)
     return p.parse_args()
 
@@ -86,8 +88,19 @@ def median_time(fn, reps):
 
 def interleaved(fns, reps):
     """{name: callable} -> {name: [seconds per repetition]}: one warm-up call each, then every repetition
-    calls each program once, back to back, in an order that rotates from one repetition to the next."""
+    calls each program once, back to back, in an order that rotates from one repetition to the next.
+    With --alone, each program instead runs its warm-up and all its repetitions in a block of its own (no
+    cache or thread-pool interference from the other programs between its calls; the load may differ)."""
     names = list(fns)
+    if ARGS.alone:
+        ts = {nm: [] for nm in names}
+        for nm in names:
+            fns[nm]()
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fns[nm]()
+                ts[nm].append(time.perf_counter() - t0)
+        return ts
     for nm in names:
         fns[nm]()
     ts = {nm: [] for nm in names}
@@ -333,7 +346,8 @@ def main():
     print(f"machine: {machine['cpu']}, {THREADS} threads, conv2d micro-kernel {machine['conv2d_isa']}, "
           f"NumPy sgemm {rate / 1e9:.0f} GFLOP/s, torch {machine['torch']}, load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"times: medians of {ARGS.reps} interleaved repetitions; ratios: medians of the per-repetition ratios")
+    print(f"times: medians of {ARGS.reps} {'repetitions, each program in its own block (--alone)' if ARGS.alone else 'interleaved repetitions'}; "
+          "ratios: medians of the per-repetition ratios")
     if torch is None:
         print(f"(PyTorch not available: {TORCH_ERR})")
     results = []
