@@ -322,26 +322,18 @@ def block_inverse_pair(ops, blk, a, b):
 
 def _block_input(ops, blk, x, where, inverse):
     """IRevNetBlock._input_pair on device arrays: (x1, x2, merged?)."""
-    if inverse:
-        c1 = c2 = blk.out_ch
-        hw = "H, W"
-    else:
-        c1, c2 = blk.in_ch // 2, blk.in_ch - blk.in_ch // 2
-        hw = "H, W" if blk.stride == 1 else "H, W (even)"
-    even = blk.stride == 2 and not inverse
-    if isinstance(x, (tuple, list)):
-        if len(x) != 2:
-            raise ValueError(f"{where}: expected a pair (x1, x2) of shapes (N, {c1}, {hw}) and "
-                             f"(N, {c2}, {hw}), got {len(x)} arrays")
-        x1 = _dev_array(ops, x[0], where, f"(N, {c1}, {hw}) for x1", c1, even)
-        x2 = _dev_array(ops, x[1], where, f"(N, {c2}, {hw}) for x2", c2, even)
-        if x1.shape[0] != x2.shape[0] or x1.shape[2:] != x2.shape[2:]:
-            raise ValueError(f"{where}: x1 {x1.shape} and x2 {x2.shape} must agree in N, H and W")
+    def check(a, where_, expected, channels, even):
+        return _dev_array(ops, a, where_, expected, channels, even)
+
+    def unify(x1, x2):
         if x1.dtype != x2.dtype:
-            x1, x2 = x1.astype(np.float64), x2.astype(np.float64)
-        return x1, x2, False
-    xa = _dev_array(ops, x, where, f"(N, {c1 + c2}, {hw})", c1 + c2, even)
-    return _gather(ops, [xa], 0, c1), _gather(ops, [xa], c1, c1 + c2), True
+            return x1.astype(np.float64), x2.astype(np.float64)
+        return x1, x2
+
+    def split(xa, c1):
+        return _gather(ops, [xa], 0, c1), _gather(ops, [xa], c1, xa.shape[1])
+
+    return blk._input_pair(x, where, inverse, check=check, unify=unify, split=split)
 
 
 def block_forward(blk, x):
@@ -574,32 +566,6 @@ def coupling_inverse(blk, y):
 
 def sequential_forward(seq, x, return_logdet):
     """Sequential.forward with the log-determinants kept on the device."""
-    from .flows import _FlowBlock, _is_volume_preserving
-
     ops = _backend()
-    xp = ops.xp
-    total = None
     with _scope(ops, x):
-        for i, b in enumerate(seq.blocks):
-            if not return_logdet:
-                x = b.forward(x)
-                continue
-            if isinstance(b, _FlowBlock):
-                x, ld = b.forward(x, return_logdet=True)
-            elif callable(getattr(b, "logdet", None)):
-                ld = xp.asarray(b.logdet(x))
-                x = b.forward(x)
-            elif _is_volume_preserving(b):
-                x = b.forward(x)
-                ld = None
-            else:
-                raise ValueError(f"Sequential: block {i} ({type(b).__name__}) has no logdet and is not "
-                                 "volume-preserving")
-            if ld is not None:
-                total = ld if total is None else total + ld
-        if not return_logdet:
-            return x
-        if total is None:
-            first = xp.asarray(x[0] if isinstance(x, tuple) else x)
-            total = xp.zeros(first.shape[0], dtype=np.float32 if first.dtype == np.float32 else np.float64)
-        return x, total
+        return seq._forward(x, return_logdet, ops.xp)

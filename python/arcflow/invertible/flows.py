@@ -593,6 +593,10 @@ class Sequential(_FlowBlock):
         """y = f_k(... f_1(x)); with return_logdet, also the summed log|det J| per sample."""
         if return_logdet and _cuda_ops.is_device_array(x):
             return _cuda_ops.sequential_forward(self, x, return_logdet)
+        return self._forward(x, return_logdet, np)
+
+    def _forward(self, x, return_logdet: bool, xp):
+        """forward() with the array module of x (NumPy, or CuPy from the CUDA path)."""
         total = None
         for i, b in enumerate(self.blocks):
             if not return_logdet:
@@ -601,7 +605,7 @@ class Sequential(_FlowBlock):
             if isinstance(b, _FlowBlock):
                 x, ld = b.forward(x, return_logdet=True)
             elif callable(getattr(b, "logdet", None)):
-                ld = np.asarray(b.logdet(x))
+                ld = xp.asarray(b.logdet(x))
                 x = b.forward(x)
             elif _is_volume_preserving(b):
                 x = b.forward(x)
@@ -614,8 +618,8 @@ class Sequential(_FlowBlock):
         if not return_logdet:
             return x
         if total is None:
-            first = np.asarray(x[0] if isinstance(x, tuple) else x)
-            total = np.zeros(first.shape[0], dtype=np.float32 if first.dtype == np.float32 else np.float64)
+            first = xp.asarray(x[0] if isinstance(x, tuple) else x)
+            total = xp.zeros(first.shape[0], dtype=np.float32 if first.dtype == np.float32 else np.float64)
         return x, total
 
     def inverse(self, y):

@@ -395,8 +395,10 @@ class IRevNetBlock:
             return np.ascontiguousarray(x[:, :n1]), np.ascontiguousarray(x[:, n1:])
         return x1, x2
 
-    def _input_pair(self, x, where: str, inverse: bool):
-        """Validate a pair or a merged array; returns (x1, x2, merged?)."""
+    def _input_pair(self, x, where: str, inverse: bool, check=_check_array, unify=_pair_dtype, split=None):
+        """Validate a pair or a merged array; returns (x1, x2, merged?). ``check(x, where, expected, channels,
+        even_hw)``, ``unify(x1, x2)`` and ``split(xa, c1)`` are the array backend's (NumPy here; the CUDA path
+        passes its own)."""
         if inverse:
             c1 = c2 = self.out_ch
             hw = "H, W"
@@ -408,13 +410,15 @@ class IRevNetBlock:
             if len(x) != 2:
                 raise ValueError(f"{where}: expected a pair (x1, x2) of shapes (N, {c1}, {hw}) and "
                                  f"(N, {c2}, {hw}), got {len(x)} arrays")
-            x1 = _check_array(x[0], where, f"(N, {c1}, {hw}) for x1", c1, even)
-            x2 = _check_array(x[1], where, f"(N, {c2}, {hw}) for x2", c2, even)
+            x1 = check(x[0], where, f"(N, {c1}, {hw}) for x1", c1, even)
+            x2 = check(x[1], where, f"(N, {c2}, {hw}) for x2", c2, even)
             if x1.shape[0] != x2.shape[0] or x1.shape[2:] != x2.shape[2:]:
                 raise ValueError(f"{where}: x1 {x1.shape} and x2 {x2.shape} must agree in N, H and W")
-            x1, x2 = _pair_dtype(x1, x2)
+            x1, x2 = unify(x1, x2)
             return x1, x2, False
-        xa = _check_array(x, where, f"(N, {c1 + c2}, {hw})", c1 + c2, even)
+        xa = check(x, where, f"(N, {c1 + c2}, {hw})", c1 + c2, even)
+        if split is not None:
+            return split(xa, c1) + (True,)
         return np.ascontiguousarray(xa[:, :c1]), np.ascontiguousarray(xa[:, c1:]), True
 
     def forward(self, x: Union[np.ndarray, Pair], threads: Optional[int] = None):
