@@ -25,6 +25,7 @@ from typing import Optional
 import numpy as np
 
 from .. import _core, _cuda
+from . import _ops
 
 __all__ = ["is_device_array"]
 
@@ -154,25 +155,14 @@ def _backend():
 # ---- input checks (the messages of the CPU path) ----------------------------------------------------------------
 
 def _dev_array(ops, x, where: str, expected: str, channels: Optional[int] = None, even_hw: bool = False,
-               block: Optional[int] = None):
+               block: Optional[int] = None, hw=None):
     """x as a C-contiguous float32/float64 (N, C, H, W) device array with finite entries, or ValueError/TypeError."""
     xp = ops.xp
     if not is_device_array(x) and not isinstance(x, xp.ndarray):
         raise TypeError(f"{where}: mixing host (NumPy) and GPU arrays; got a {type(x).__name__} next to a GPU array")
     xa = xp.asarray(x)
-    if xa.dtype.kind not in "fiub":
-        raise TypeError(f"{where}: expected a real array, got dtype {xa.dtype}")
-    if xa.ndim != 4:
-        raise ValueError(f"{where}: expected input of shape {expected}, got shape {xa.shape} (ndim {xa.ndim})")
-    if channels is not None and xa.shape[1] != channels:
-        raise ValueError(f"{where}: expected input of shape {expected}, got shape {xa.shape} "
-                         f"({xa.shape[1]} channels instead of {channels})")
-    b = block if block is not None else (2 if even_hw else None)
-    if b is not None and (xa.shape[2] % b or xa.shape[3] % b):
-        raise ValueError(f"{where}: expected input of shape {expected} with H and W divisible by {b}, "
-                         f"got shape {xa.shape}")
-    if xa.shape[2] == 0 or xa.shape[3] == 0:
-        raise ValueError(f"{where}: expected input of shape {expected}, got an empty image {xa.shape}")
+    _ops.check_nchw_shape(xa, where, expected, channels, block if block is not None else (2 if even_hw else None),
+                          hw=hw)
     dt = np.float32 if xa.dtype == np.float32 else np.float64
     xa = xp.ascontiguousarray(xa, dtype=dt)
     if xa.size and not bool(xp.isfinite(xa).all()):
@@ -368,9 +358,7 @@ def irevnet_forward(net, x):
     ops = _backend()
     c, h, w = net.in_shape
     with _scope(ops, x):
-        xa = _dev_array(ops, x, "IRevNet.forward", f"(N, {c}, {h}, {w})", c)
-        if xa.shape[2:] != (h, w):
-            raise ValueError(f"IRevNet.forward: expected input of shape (N, {c}, {h}, {w}), got shape {xa.shape}")
+        xa = _dev_array(ops, x, "IRevNet.forward", f"(N, {c}, {h}, {w})", c, hw=(h, w))
         if net.init_ds:
             xa = ops.psi(xa, net.init_ds)
         n = net.in_ch // 2
@@ -384,9 +372,7 @@ def irevnet_inverse(net, z):
     ops = _backend()
     c, h, w = net.out_shape
     with _scope(ops, z):
-        za = _dev_array(ops, z, "IRevNet.inverse", f"(N, {c}, {h}, {w})", c)
-        if za.shape[2:] != (h, w):
-            raise ValueError(f"IRevNet.inverse: expected input of shape (N, {c}, {h}, {w}), got shape {za.shape}")
+        za = _dev_array(ops, z, "IRevNet.inverse", f"(N, {c}, {h}, {w})", c, hw=(h, w))
         half = za.shape[1] // 2
         pair = (_gather(ops, [za], 0, half), _gather(ops, [za], half, za.shape[1]))
         for blk in reversed(net.stack):
@@ -400,7 +386,6 @@ def irevnet_inverse(net, z):
 def irevnet_classify(net, z):
     """Logits = linear(avg_pool(relu(bn1(z)))): BN+ReLU and the linear layer (a 1x1 convolution of the pooled
     features) run as arcflow kernels, the pooling as a CuPy mean; no cuBLAS needed."""
-    from ._ops import batchnorm_scale_shift
     from .irevnet import _BN_EPS
 
     ops = _backend()
@@ -423,8 +408,8 @@ def irevnet_classify(net, z):
         keys = ("bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "linear.weight", "linear.bias")
 
         def fresh():
-            scale, shift = batchnorm_scale_shift(p["bn1.weight"], p["bn1.bias"], p["bn1.running_mean"],
-                                                 p["bn1.running_var"], _BN_EPS, dtype=dt)
+            scale, shift = _ops.batchnorm_scale_shift(p["bn1.weight"], p["bn1.bias"], p["bn1.running_mean"],
+                                                      p["bn1.running_var"], _BN_EPS, dtype=dt)
             wl = p["linear.weight"].astype(dt)
             return (ops.upload(scale, dt), ops.upload(shift, dt),
                     ops.upload(wl.reshape(wl.shape[0], wl.shape[1], 1, 1), dt), ops.upload(p["linear.bias"], dt))

@@ -24,6 +24,27 @@ __all__ = ["conv2d", "batchnorm_inference", "batchnorm_scale_shift", "relu", "ps
            "result_dtype"]
 
 
+def check_nchw_shape(xa, where: str, expected: str, channels: Optional[int] = None, block: Optional[int] = None,
+                     block_why: str = "", hw: Optional[Tuple[int, int]] = None, kinds: str = "fiub") -> None:
+    """The dtype kind and (N, C, H, W) shape checks of the blocks' inputs, on any array type (NumPy or CuPy):
+    TypeError / ValueError naming ``where`` and the ``expected`` shape. ``block``: H and W must be divisible
+    by it (``block_why`` is appended to that message); ``hw``: H and W must equal it."""
+    if xa.dtype.kind not in kinds:
+        raise TypeError(f"{where}: expected a real array, got dtype {xa.dtype}")
+    if xa.ndim != 4:
+        raise ValueError(f"{where}: expected input of shape {expected}, got shape {xa.shape} (ndim {xa.ndim})")
+    if channels is not None and xa.shape[1] != channels:
+        raise ValueError(f"{where}: expected input of shape {expected}, got shape {xa.shape} "
+                         f"({xa.shape[1]} channels instead of {channels})")
+    if block is not None and (xa.shape[2] % block or xa.shape[3] % block):
+        raise ValueError(f"{where}: expected input of shape {expected} with H and W divisible by {block}"
+                         f"{block_why}, got shape {xa.shape}")
+    if xa.shape[2] == 0 or xa.shape[3] == 0:
+        raise ValueError(f"{where}: expected input of shape {expected}, got an empty image {xa.shape}")
+    if hw is not None and tuple(xa.shape[2:]) != tuple(hw):
+        raise ValueError(f"{where}: expected input of shape {expected}, got shape {xa.shape}")
+
+
 def result_dtype(*arrays, dtype=None) -> np.dtype:
     """``dtype`` if given (float32 or float64), else float32 if every array is float32, else float64."""
     if dtype is not None:

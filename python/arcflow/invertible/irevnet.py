@@ -44,21 +44,11 @@ def _param_dtype(dtype) -> np.dtype:
 
 
 def _check_array(x, where: str, expected: str, channels: Optional[int] = None, even_hw: bool = False,
-                 allow_int: bool = True) -> np.ndarray:
+                 allow_int: bool = True, hw: Optional[Tuple[int, int]] = None) -> np.ndarray:
     """Shape and finiteness checks shared by the blocks; returns a C-contiguous float32/float64 array."""
     xa = np.asarray(x)
-    if xa.dtype.kind not in ("fiub" if allow_int else "f"):
-        raise TypeError(f"{where}: expected a real array, got dtype {xa.dtype}")
-    if xa.ndim != 4:
-        raise ValueError(f"{where}: expected input of shape {expected}, got shape {xa.shape} (ndim {xa.ndim})")
-    if channels is not None and xa.shape[1] != channels:
-        raise ValueError(f"{where}: expected input of shape {expected}, got shape {xa.shape} "
-                         f"({xa.shape[1]} channels instead of {channels})")
-    if even_hw and (xa.shape[2] % 2 or xa.shape[3] % 2):
-        raise ValueError(f"{where}: expected input of shape {expected} with H and W divisible by 2 "
-                         f"(stride 2), got shape {xa.shape}")
-    if xa.shape[2] == 0 or xa.shape[3] == 0:
-        raise ValueError(f"{where}: expected input of shape {expected}, got an empty image {xa.shape}")
+    _ops.check_nchw_shape(xa, where, expected, channels, 2 if even_hw else None, " (stride 2)", hw,
+                          "fiub" if allow_int else "f")
     dt = _ops.result_dtype(xa)
     xa = np.ascontiguousarray(xa, dtype=dt)
     if not _ops.all_finite(xa):
@@ -586,9 +576,7 @@ class IRevNet:
         if _cuda_ops.is_device_array(x):
             return _cuda_ops.irevnet_forward(self, x)
         c, h, w = self.in_shape
-        x = _check_array(x, "IRevNet.forward", f"(N, {c}, {h}, {w})", c)
-        if x.shape[2:] != (h, w):
-            raise ValueError(f"IRevNet.forward: expected input of shape (N, {c}, {h}, {w}), got shape {x.shape}")
+        x = _check_array(x, "IRevNet.forward", f"(N, {c}, {h}, {w})", c, hw=(h, w))
         return self._run(self._forward_chunk, x, threads)
 
     __call__ = forward
@@ -598,9 +586,7 @@ class IRevNet:
         if _cuda_ops.is_device_array(z):
             return _cuda_ops.irevnet_inverse(self, z)
         c, h, w = self.out_shape
-        z = _check_array(z, "IRevNet.inverse", f"(N, {c}, {h}, {w})", c)
-        if z.shape[2:] != (h, w):
-            raise ValueError(f"IRevNet.inverse: expected input of shape (N, {c}, {h}, {w}), got shape {z.shape}")
+        z = _check_array(z, "IRevNet.inverse", f"(N, {c}, {h}, {w})", c, hw=(h, w))
         return self._run(self._inverse_chunk, z, threads)
 
     def logdet(self, x) -> np.ndarray:
