@@ -13,6 +13,7 @@
 // - diag(...) computes k(x, x) for the rows of x1 in O(n1 (d + depth)).
 // - Throws std::invalid_argument on inconsistent arguments; never throws inside the parallel region.
 //   Thread-safety: const methods may run concurrently on one engine.
+#include <cmath>
 #include <memory>
 #include <vector>
 
@@ -63,6 +64,32 @@ class fc_engine {
   fc_params p_;
   row_table tab1_, tab2_;
 };
+
+// Row i of the per-row tables from nx2 = |x_i|^2, computed in double whatever T is. data is laid out
+// [layer][field][row] with the fields r, ir, pa, pb, t of activations.hpp, np rows per field, layers
+// 0..layers-1; norm and inv_norm get |x_i| and 1/|x_i| (0 for a zero row). One definition for the CPU
+// engine's tables and the CUDA backend's (which gets |x|^2 from the device).
+template <class T, class Act>
+inline void fill_row_table(double nx2, const fc_params& p, int layers, index_t np, index_t i, T* data, T* norm,
+                           T* inv_norm) {
+  const double nx = std::sqrt(nx2);
+  norm[i] = T(nx);
+  inv_norm[i] = nx > 0 ? T(1.0 / nx) : T(0);
+  double s = p.gram_scale * nx2 + p.b_var;
+  for (int l = 0; l < layers; ++l) {
+    const double r = std::sqrt(s);
+    double pa = 0, pb = 0;
+    Act::row(p.act, s, r, pa, pb);
+    const double t11 = Act::diag_t(p.act, s);
+    T* base = data + index_t(l) * 5 * np;
+    base[0 * np + i] = T(r);
+    base[1 * np + i] = r > 0 ? T(1.0 / r) : T(0);
+    base[2 * np + i] = T(pa);
+    base[3 * np + i] = T(pb);
+    base[4 * np + i] = T(std::sqrt(t11));
+    s = p.w_var * t11 + p.b_var;
+  }
+}
 
 // Vectorised-arcsine throughput of this build on one core (elements per second), for the roofline.
 double asin_throughput(bool single_precision, double seconds);

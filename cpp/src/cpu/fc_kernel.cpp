@@ -41,23 +41,7 @@ void fill_table(const T* x, index_t n, index_t d, const fc_params& p, typename f
     double nx2 = 0.0;
     const T* xi = x + i * d;
     for (index_t k = 0; k < d; ++k) nx2 += double(xi[k]) * double(xi[k]);
-    const double nx = std::sqrt(nx2);
-    tab.norm[i] = T(nx);
-    tab.inv_norm[i] = nx > 0 ? T(1.0 / nx) : T(0);
-    double s = p.gram_scale * nx2 + p.b_var;
-    for (int l = 0; l < tab.layers; ++l) {
-      const double r = std::sqrt(s);
-      double pa = 0, pb = 0;
-      Act::row(p.act, s, r, pa, pb);
-      const double t11 = Act::diag_t(p.act, s);
-      T* base = tab.data.data() + size_t(l) * 5 * size_t(np);
-      base[0 * np + i] = T(r);
-      base[1 * np + i] = r > 0 ? T(1.0 / r) : T(0);
-      base[2 * np + i] = T(pa);
-      base[3 * np + i] = T(pb);
-      base[4 * np + i] = T(std::sqrt(t11));
-      s = p.w_var * t11 + p.b_var;
-    }
+    fill_row_table<T, Act>(nx2, p, tab.layers, np, i, tab.data.data(), tab.norm.data(), tab.inv_norm.data());
   }
 }
 

@@ -303,7 +303,7 @@ __global__ void fc_diag_kernel(const T* tab, index_t np, index_t n, int depth, i
 
 // ---- host side ----------------------------------------------------------------------------------------
 
-// The per-row tables of the CPU engine (fill_table in cpp/src/cpu/fc_kernel.cpp), from |x|^2, in double.
+// The per-row tables of the CPU engine (fill_row_table in fc_kernel.hpp), from |x|^2, in double.
 template <class T, class Act>
 std::vector<T> build_table(const std::vector<double>& norm2, index_t n, index_t np, const fc_params& p) {
   const int layers = p.depth + 1;
@@ -312,23 +312,7 @@ std::vector<T> build_table(const std::vector<double>& norm2, index_t n, index_t 
   T* inv = nrm + np;
   for (index_t i = 0; i < np; ++i) {
     const double nx2 = i < n ? norm2[std::size_t(i)] : 0.0;  // padding rows: a zero row, finite everywhere
-    const double nx = std::sqrt(nx2);
-    nrm[i] = T(nx);
-    inv[i] = nx > 0 ? T(1.0 / nx) : T(0);
-    double s = p.gram_scale * nx2 + p.b_var;
-    for (int l = 0; l < layers; ++l) {
-      const double r = std::sqrt(s);
-      double pa = 0, pb = 0;
-      Act::row(p.act, s, r, pa, pb);
-      const double t11 = Act::diag_t(p.act, s);
-      T* base = tab.data() + std::size_t(l) * 5 * std::size_t(np);
-      base[0 * np + i] = T(r);
-      base[1 * np + i] = r > 0 ? T(1.0 / r) : T(0);
-      base[2 * np + i] = T(pa);
-      base[3 * np + i] = T(pb);
-      base[4 * np + i] = T(std::sqrt(t11));
-      s = p.w_var * t11 + p.b_var;
-    }
+    fill_row_table<T, Act>(nx2, p, layers, np, i, tab.data(), nrm, inv);
   }
   return tab;
 }
