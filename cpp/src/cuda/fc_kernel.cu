@@ -68,26 +68,6 @@ struct device_buffer {
   }
 };
 
-// Selects a device for the duration of a call and restores the previous one.
-struct device_guard {
-  int prev = -1;
-  explicit device_guard(int device) {
-    int count = 0;
-    const cudaError_t e = cudaGetDeviceCount(&count);
-    if (e != cudaSuccess || count == 0) {
-      cudaGetLastError();  // clear the error state
-      throw std::runtime_error(std::string("arcflow: no CUDA device (cudaGetDeviceCount: ") +
-                               (e != cudaSuccess ? cudaGetErrorString(e) : "0 devices") + ")");
-    }
-    ARCFLOW_CUDA_CHECK(cudaGetDevice(&prev));
-    if (device >= 0 && device != prev) ARCFLOW_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~device_guard() {
-    int cur = -1;
-    if (prev >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
-  }
-};
-
 void check_params(index_t n1, index_t n2, index_t d, const fc_params& p, bool symmetric) {
   ARCFLOW_CHECK(n1 >= 0 && n2 >= 0 && d >= 0, "negative shape");
   ARCFLOW_CHECK(p.depth >= 0, "depth must be >= 0");
@@ -184,15 +164,8 @@ void fc_kernels_cuda_host(const T* x1, const T* x2, index_t n1, index_t n2, inde
   if (n1 == 0 || n2 == 0 || (!nngp && !ntk)) return;
   ARCFLOW_CHECK(d >= 1, "the CUDA backend needs d >= 1");
   device_guard guard(device);
-  cudaStream_t st = nullptr;
-  ARCFLOW_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  struct stream_owner {
-    cudaStream_t s;
-    ~stream_owner() {
-      cudaStreamSynchronize(s);  // buffers are freed in stream order before the stream goes
-      cudaStreamDestroy(s);
-    }
-  } owner{st};
+  owned_stream owner;
+  const cudaStream_t st = owner.s;
   const std::size_t in1 = std::size_t(n1) * std::size_t(d) * sizeof(T);
   const std::size_t in2 = symmetric ? 0 : std::size_t(n2) * std::size_t(d) * sizeof(T);
   const std::size_t out = std::size_t(n1) * std::size_t(n2) * sizeof(T);
@@ -243,15 +216,8 @@ void fc_kernels_cuda_diag_host(const T* x1, index_t n1, index_t d, const fc_para
   if (n1 == 0 || (!nngp && !ntk)) return;
   ARCFLOW_CHECK(d >= 1, "the CUDA backend needs d >= 1");
   device_guard guard(device);
-  cudaStream_t st = nullptr;
-  ARCFLOW_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  struct stream_owner {
-    cudaStream_t s;
-    ~stream_owner() {
-      cudaStreamSynchronize(s);
-      cudaStreamDestroy(s);
-    }
-  } owner{st};
+  owned_stream owner;
+  const cudaStream_t st = owner.s;
   const std::size_t in = std::size_t(n1) * std::size_t(d) * sizeof(T), out = std::size_t(n1) * sizeof(T);
   device_buffer dx(in, st), dn(nngp ? out : 0, st), dt(ntk ? out : 0, st);
   ARCFLOW_CUDA_CHECK(cudaMemcpyAsync(dx.ptr, x1, in, cudaMemcpyHostToDevice, st));

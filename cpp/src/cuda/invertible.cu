@@ -13,28 +13,6 @@ namespace arcflow {
 namespace cuda_detail {
 namespace {
 
-// Selects a device for the duration of a call and restores the previous one.
-struct inv_device_guard {
-  int prev = -1;
-  explicit inv_device_guard(int device) {
-    int count = 0;
-    const cudaError_t e = cudaGetDeviceCount(&count);
-    if (e != cudaSuccess || count == 0) {
-      cudaGetLastError();
-      throw std::runtime_error(std::string("arcflow: no CUDA device (cudaGetDeviceCount: ") +
-                               (e != cudaSuccess ? cudaGetErrorString(e) : "0 devices") + ")");
-    }
-    ARCFLOW_CUDA_CHECK(cudaGetDevice(&prev));
-    if (device >= 0 && device != prev) ARCFLOW_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~inv_device_guard() {
-    int cur = -1;
-    if (prev >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
-  }
-  inv_device_guard(const inv_device_guard&) = delete;
-  inv_device_guard& operator=(const inv_device_guard&) = delete;
-};
-
 // A launch error (bad configuration, no kernel image for this GPU, ...) names the op.
 void check_launch(const char* what) { check_cuda(cudaGetLastError(), what, __FILE__, __LINE__); }
 
@@ -133,7 +111,7 @@ void conv2d_cuda(const Conv2dShape& s, const T* x, const T* weight, const T* bia
   if (s.n == 0) return;
   ARCFLOW_CHECK(x && weight && out, "conv2d_cuda: null pointer");
   const conv_args<T> g = make_conv_args<T>(s, x, weight, bias, in_scale, in_shift, in_relu, alpha, addend, out);
-  inv_device_guard guard(device);
+  device_guard guard(device);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   if (conv_use_wide_tile(s.m))
     launch_conv<T, 16, 256>(g, st);
@@ -148,7 +126,7 @@ void channel_affine_cuda(const T* x, index_t n, index_t c, index_t hw, const T* 
   ARCFLOW_CHECK(n >= 0 && c >= 0 && hw >= 0, "channel_affine_cuda: negative shape");
   const index_t total = n * c * hw;
   if (total == 0) return;
-  inv_device_guard guard(device);
+  device_guard guard(device);
   channel_affine_kernel<T><<<elementwise_blocks(total), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
       x, total, c, hw, scale, shift, relu, y);
   check_launch("channel_affine_cuda kernel launch");
@@ -161,7 +139,7 @@ void psi_forward_cuda(const T* x, index_t n, index_t c, index_t h, index_t w, in
   ARCFLOW_CHECK(b >= 1 && h % b == 0 && w % b == 0, "psi: h and w must be divisible by the block size");
   const index_t total = n * c * h * w;
   if (total == 0) return;
-  inv_device_guard guard(device);
+  device_guard guard(device);
   psi_kernel<T, false><<<elementwise_blocks(total), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
       x, total, c, h, w, b, y);
   check_launch("psi_forward_cuda kernel launch");
@@ -174,7 +152,7 @@ void psi_inverse_cuda(const T* y, index_t n, index_t c, index_t h, index_t w, in
   ARCFLOW_CHECK(b >= 1 && h % b == 0 && w % b == 0, "psi_inverse: h and w must be divisible by the block size");
   const index_t total = n * c * h * w;
   if (total == 0) return;
-  inv_device_guard guard(device);
+  device_guard guard(device);
   psi_kernel<T, true><<<elementwise_blocks(total), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
       y, total, c, h, w, b, x);
   check_launch("psi_inverse_cuda kernel launch");
@@ -187,7 +165,7 @@ void actnorm_cuda(const T* x, index_t n, index_t c, index_t hw, const T* loc, co
   ARCFLOW_CHECK(n >= 0 && c >= 0 && hw >= 0, "actnorm_cuda: negative shape");
   const index_t total = n * c * hw;
   if (total == 0) return;
-  inv_device_guard guard(device);
+  device_guard guard(device);
   actnorm_kernel<T><<<elementwise_blocks(total), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
       x, total, c, hw, loc, scale, inverse, y);
   check_launch("actnorm_cuda kernel launch");
@@ -200,7 +178,7 @@ void affine_coupling_cuda(const T* x, const T* net, index_t n, index_t c1, index
   ARCFLOW_CHECK(n >= 0 && c1 >= 0 && c2 >= 0 && hw >= 0, "affine_coupling_cuda: negative shape");
   const index_t total = n * (c1 + c2) * hw;
   if (total == 0) return;
-  inv_device_guard guard(device);
+  device_guard guard(device);
   affine_coupling_kernel<T><<<elementwise_blocks(total), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
       x, net, total, c1, c2, hw, clamp, inverse, y, s_out);
   check_launch("affine_coupling_cuda kernel launch");
@@ -214,14 +192,14 @@ void channel_copy_cuda(const T* src, index_t n, index_t cs, index_t s0, T* dst, 
                 "channel_copy_cuda: channel range out of bounds");
   const index_t total = n * count * hw;
   if (total == 0) return;
-  inv_device_guard guard(device);
+  device_guard guard(device);
   channel_copy_kernel<T><<<elementwise_blocks(total), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
       src, total, cs, s0, dst, cd, d0, count, hw);
   check_launch("channel_copy_cuda kernel launch");
 }
 
 std::uintptr_t cuda_buffer_alloc(std::size_t bytes, int device) {
-  cuda_detail::inv_device_guard guard(device);
+  cuda_detail::device_guard guard(device);
   void* p = nullptr;
   ARCFLOW_CUDA_CHECK(cudaMalloc(&p, bytes));
   return reinterpret_cast<std::uintptr_t>(p);
