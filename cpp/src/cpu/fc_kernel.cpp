@@ -72,15 +72,13 @@ struct tile_ctx {
   bool stream;  // non-temporal stores: the outputs are too large to stay in cache anyway
 };
 
-// G rows [i, i+R) = a (R x d) times bt (d x TILE), R rows x 2 vectors of 32 bytes at a time (GCC vector
-// extensions). Sized for AVX2's 16 registers: 2R accumulators + 2 loads; on AVX-512 the same code runs with
-// half-filled registers, on SSE2 each vector splits in two. bt is packed in panels of PANEL columns, each
-// panel d x PANEL contiguous (pack_panels), so the micro-kernel streams through memory: with a plain
-// k-major d x TILE layout its loads strode by 512 bytes, all into a few L1 sets.
+// The Gram tile's x2 side is packed in panels of panel_width() columns (one cache line of values), each
+// panel d x panel_width() contiguous, so the micro-kernel below streams through memory: with a plain k-major
+// d x TILE layout its loads strode by 512 bytes, all into a few L1 sets.
 template <class T>
 constexpr int panel_width() { return 64 / int(sizeof(T)); }
 
-// bt[panel p][k][jj] = x2[j0 + p PANEL + jj][k], zero beyond tj.
+// bt[panel p][k][jj] = x2[p * panel_width() + jj][k] (x2 at the tile's first column), zero beyond tj.
 template <class T>
 inline void pack_panels(const T* x2, index_t d, index_t tj, T* bt) {
   constexpr index_t PW = panel_width<T>();
@@ -95,6 +93,9 @@ inline void pack_panels(const T* x2, index_t d, index_t tj, T* bt) {
   }
 }
 
+// G rows [i, i+R) = a (R x d) times the packed bt, R rows x 2 vectors of 32 bytes (one panel) at a time
+// (GCC vector extensions). Sized for AVX2's 16 registers: 2R accumulators + 2 loads; on AVX-512 the same
+// code runs with half-filled registers, on SSE2 each vector splits in two.
 template <class T, int R>
 inline __attribute__((always_inline)) void gram_rows(const T* a, index_t d, const T* bt, T* g) {
   typedef T V __attribute__((vector_size(32)));
@@ -160,7 +161,6 @@ inline void store_fence() {
   _mm_sfence();
 #endif
 }
-
 
 // Writes a tile (ti x tj, leading dimension TILE) into a row-major n1 x n2 output; in the symmetric case
 // also its mirror, and on a diagonal tile only the upper triangle (so both halves hold identical bits).
