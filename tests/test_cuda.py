@@ -19,6 +19,7 @@ import pytest
 
 import arcflow
 from arcflow import _core, _cuda
+from arcflow._kernels import _act_numbers  # the (a, b, n) the bindings take, as the public API passes them
 from arcflow.activations import ABReLU, Abs, Erf, Identity, LeakyReLU, RectifiedMonomial, ReLU, Sign, Step
 
 HAVE_GPU = _cuda.available()
@@ -51,14 +52,6 @@ SHAPES = {"1x1_d1": (1, 1, 1), "130x70_d21": (130, 70, 21), "sym_150_d13": (150,
           "sym_5_d3": (5, None, 3)}
 _KIND = {"abrelu": 0, "monomial": 1, "sign": 2, "erf": 3}
 
-
-def _act_numbers(act):
-    if act.kind == "abrelu":
-        a, b = act.params()
-        return float(a), float(b), 1
-    if act.kind == "monomial":
-        return 0.0, 1.0, int(act.params()[0])
-    return 0.0, 1.0, 1
 
 
 def _data(n1, n2, d, seed=0):
