@@ -10,6 +10,9 @@
 // absolute units, T = E[phi phi], Tdot = E[phi' phi'] and its own gaps sqrt(T11 T22) -/+ T computed
 // from formulas that do not cancel.
 //
+// Every activation takes an output scale w (the layer's weight variance): T, Tdot and the gaps come out
+// multiplied by w, folded into the activation's constants so that the hot loops do not multiply again.
+//
 // Per row and layer the kernels precompute s = Sigma(x,x), r = sqrt(s), ir = 1/r (0 when r = 0), and
 // two activation factors pa, pb (see row()), and t = sqrt(T11) where T11 = E[phi(u)^2], u ~ N(0, s).
 #include <cmath>
@@ -50,29 +53,39 @@ struct angle {
 //
 // x = min(theta, pi - theta) and sin(theta) from the squared half-angle sines: x / 2 = atan2(min, max) =
 // atan(sqrt(lo hi) / hi), one square root and one division; sin(theta) = 2 sig kap = 2 sqrt(lo hi).
+// In two halves, so that the CPU kernel can run them as loops of their own (each half's dependency chain is
+// short enough for the out-of-order window to overlap many pairs): angle_reduce() takes the square root and
+// the division, and angle_finish() evaluates the arctangent polynomial. angle_core() is the two in a row.
+// The reduction: with t = q / hi = tan(x / 2) in [0, 1], x / 2 = k pi/4 + atan((t - k) / (1 + k t)), k = 1 where
+// t > tan(pi/8), so |z| <= tan(pi/8); z = (q - k hi) / (hi + k q) is that in one division.
 template <class T>
-ARCFLOW_HD void angle_core(T sig2, T kap2, T& x, T& sin_t) {
+ARCFLOW_HD void angle_reduce(T sig2, T kap2, T& z, T& base, T& sin_t) {
   const T lo = sig2 < kap2 ? sig2 : kap2;
   const T hi = sig2 < kap2 ? kap2 : sig2;  // >= 1/2 up to rounding
   const T q = std::sqrt(lo * hi);
-  x = T(2) * fm::atan_qm(q, hi);
+  const T k = q > T(0.41421356237309504880) * hi ? T(1) : T(0);
+  z = (q - k * hi) / (hi + k * q);
+  base = k * fm::consts<T>::half_pi;
   sin_t = T(2) * q;
 }
 
 template <class T>
-ARCFLOW_HD void angle_half(T gm, T gp, T h, T& sig2, T& kap2, T& x, T& sin_t) {
+ARCFLOW_HD T angle_finish(T z, T base) {
+  return base + T(2) * fm::atan_small(z);
+}
+
+template <class T>
+ARCFLOW_HD void angle_core(T sig2, T kap2, T& x, T& sin_t) {
+  T z, base;
+  angle_reduce(sig2, kap2, z, base, sin_t);
+  x = angle_finish(z, base);
+}
+
+template <class T>
+ARCFLOW_HD void half_sines(T gm, T gp, T h, T& sig2, T& kap2) {
   const bool zero = !(h > T(0));
   sig2 = zero ? T(0.5) : gm * h;
   kap2 = zero ? T(0.5) : gp * h;
-  angle_core(sig2, kap2, x, sin_t);
-}
-
-// angle_half() where h > 0 is known (no zero-variance row in the pair): no selects for the convention.
-template <class T>
-ARCFLOW_HD void angle_half_nonzero(T gm, T gp, T h, T& sig2, T& kap2, T& x, T& sin_t) {
-  sig2 = gm * h;
-  kap2 = gp * h;
-  angle_core(sig2, kap2, x, sin_t);
 }
 
 template <class T>
@@ -90,7 +103,8 @@ ARCFLOW_HD angle<T> angle_from(T sig2, T kap2, T x, T sin_t) {
 template <class T>
 ARCFLOW_HD angle<T> make_angle(T gm, T gp, T h) {
   T sig2, kap2, x, sin_t;
-  angle_half(gm, gp, h, sig2, kap2, x, sin_t);
+  half_sines(gm, gp, h, sig2, kap2);
+  angle_core(sig2, kap2, x, sin_t);
   return angle_from(sig2, kap2, x, sin_t);
 }
 
@@ -100,12 +114,12 @@ ARCFLOW_HD angle<T> make_angle(T gm, T gp, T h) {
 // kd = (a+b)^2 / 2, so that Abs at antiparallel inputs stays exact.
 template <class T>
 struct abrelu_act {
-  T k1, k2, kd, ab;
-  explicit abrelu_act(const act_params& p)
-      : k1(T((p.a - p.b) * (p.a - p.b) / (2.0 * 3.14159265358979323846))),
-        k2(T((p.a * p.a + p.b * p.b) / 2.0)),
-        kd(T((p.a + p.b) * (p.a + p.b) / 2.0)),
-        ab(T(p.a * p.b)) {}
+  T k1, k2, kd, ab;  // times w
+  explicit abrelu_act(const act_params& p, double w = 1.0)
+      : k1(T(w * (p.a - p.b) * (p.a - p.b) / (2.0 * 3.14159265358979323846))),
+        k2(T(w * (p.a * p.a + p.b * p.b) / 2.0)),
+        kd(T(w * (p.a + p.b) * (p.a + p.b) / 2.0)),
+        ab(T(w * p.a * p.b)) {}
   static double diag_t(const act_params& p, double s) { return (p.a * p.a + p.b * p.b) / 2.0 * s; }
   static void row(const act_params&, double, double r, double& pa, double& pb) { pa = r; pb = 1.0; }
   static constexpr bool angle_based = true;
@@ -139,7 +153,9 @@ struct abrelu_act {
 template <class T, int N = -1>
 struct monomial_act {
   int n_rt;
-  explicit monomial_act(const act_params& p) : n_rt(p.n) {}
+  T w, c;  // c = w / 2pi
+  explicit monomial_act(const act_params& p, double w_ = 1.0)
+      : n_rt(p.n), w(T(w_)), c(T(w_ / (2.0 * 3.14159265358979323846))) {}
   ARCFLOW_HD int order() const { return N >= 0 ? N : n_rt; }
   static double j0_at_zero(int n) {
     double j = 3.14159265358979323846;
@@ -187,7 +203,6 @@ struct monomial_act {
         j0_cur = kk * j0_cur;
       }
     }
-    const T c = fm::consts<T>::inv_two_pi;
     const T pn = pa1 * pa2;
     pair_out<T> o;
     o.t = pn * j_cur * c;
@@ -199,8 +214,8 @@ struct monomial_act {
       // Step next to a zero-variance row: theta = pi/2 so T = 1/4 exactly, and T11 is 1/4 there, so the
       // gaps come from sqrt(T11 T22) directly.
       const bool zero = !(h > T(0));
-      o.t = zero ? T(0.25) : o.t;
-      const T tt = t1 * t2, m = tt - o.t;
+      o.t = zero ? T(0.25) * w : o.t;
+      const T tt = w * t1 * t2, m = tt - o.t;
       o.gm = zero ? (m > T(0) ? m : T(0)) : o.gm;
       o.gp = zero ? tt + o.t : o.gp;
     }
@@ -211,7 +226,8 @@ struct monomial_act {
 // phi(x) = sign(x): T = 1 - 2 theta / pi (NNGP only).
 template <class T>
 struct sign_act {
-  explicit sign_act(const act_params&) {}
+  T w;
+  explicit sign_act(const act_params&, double w_ = 1.0) : w(T(w_)) {}
   static double diag_t(const act_params&, double s) { return s > 0 ? 1.0 : 0.0; }  // pi/2 convention at s = 0
   static void row(const act_params&, double, double, double& pa, double& pb) { pa = 1.0; pb = 0.0; }
   static constexpr bool angle_based = true;
@@ -223,12 +239,12 @@ struct sign_act {
     (void)s12; (void)P; (void)pa1; (void)pb1; (void)pa2; (void)pb2;
     const T u = T(2) * g.theta * fm::consts<T>::inv_pi;
     const bool zero = !(h > T(0));  // next to a zero-variance row T11 = 0: gaps from sqrt(T11 T22) directly
-    const T tt = t1 * t2;
+    const T tt = w * t1 * t2;
     pair_out<T> o;
-    o.t = zero ? T(0) : T(1) - u;
+    o.t = zero ? T(0) : w * (T(1) - u);
     o.tdot = T(0);
-    o.gm = zero ? (tt - o.t > T(0) ? tt - o.t : T(0)) : u;
-    o.gp = zero ? tt + o.t : T(2) - u;
+    o.gm = zero ? (tt - o.t > T(0) ? tt - o.t : T(0)) : w * u;
+    o.gp = zero ? tt + o.t : w * (T(2) - u);
     return o;
   }
 };
@@ -238,7 +254,9 @@ struct sign_act {
 // 1 -/+ z = [(u1 + u2 - 1) / (sqrt(u1 u2) + 2P) + 2 gm/gp] / sqrt(u1 u2). Row factors: pa = u, pb = sqrt(u).
 template <class T>
 struct erf_act {
-  explicit erf_act(const act_params&) {}
+  T w, c_t, c_d;  // c_t = 2w / pi, c_d = 4w / pi
+  explicit erf_act(const act_params&, double w_ = 1.0)
+      : w(T(w_)), c_t(T(2.0 * w_ / 3.14159265358979323846)), c_d(T(4.0 * w_ / 3.14159265358979323846)) {}
   static constexpr bool angle_based = false;
   static double diag_t(const act_params&, double s) {
     return 2.0 / 3.14159265358979323846 * std::asin(2.0 * s / (1.0 + 2.0 * s));
@@ -258,9 +276,9 @@ struct erf_act {
     const T om = (base + T(2) * (neg ? gp : gm)) * iU;  // 1 - |z|
     const T as = fm::asin_pos(az, om);
     pair_out<T> o;
-    o.t = T(2) * fm::consts<T>::inv_pi * (neg ? -as : as);
-    o.tdot = T(4) * fm::consts<T>::inv_pi / std::sqrt(pa1 + pa2 - T(1) + T(4) * gm * gp);
-    const T tt = t1 * t2;
+    o.t = c_t * (neg ? -as : as);
+    o.tdot = c_d / std::sqrt(pa1 + pa2 - T(1) + T(4) * gm * gp);
+    const T tt = w * t1 * t2;
     const T m = tt - o.t, p = tt + o.t;
     o.gm = m > T(0) ? m : T(0);
     o.gp = p > T(0) ? p : T(0);

@@ -60,16 +60,6 @@ ARCFLOW_HD T atan_small(T x) {
   return x - x * (s1 + s2);
 }
 
-// atan2(m, M) for 0 <= m <= M, M > 0, given q = m M and hi = M^2 instead: the ratio m / M = q / hi, so the
-// reduction above folds into one division, (q - k hi) / (hi + k q). The angle code uses it to take one
-// square root per pair, q = sqrt(lo hi), where atan_ratio needs two.
-template <class T>
-ARCFLOW_HD T atan_qm(T q, T hi) {
-  const T k = q > T(0.41421356237309504880) * hi ? T(1) : T(0);
-  const T z = (q - k * hi) / (hi + k * q);
-  return k * T(0.78539816339744830962) + atan_small(z);
-}
-
 template <class T>
 ARCFLOW_HD T clamp01(T v) {
   return v < T(0) ? T(0) : (v > T(1) ? T(1) : v);

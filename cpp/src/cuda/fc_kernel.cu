@@ -118,7 +118,7 @@ void fc_kernels_cuda(const T* x1, const T* x2, index_t n1, index_t n2, index_t d
   device_buffer tab1(per_row * std::size_t(np1) * sizeof(T), st);
   device_buffer tab2(symmetric ? 0 : per_row * std::size_t(np2) * sizeof(T), st);
 
-  by_activation<T>(p.act, [&](auto act) {
+  by_activation<T>(p, [&](auto act) {
     using Act = decltype(act);
     {
       const std::vector<T> h = build_table<T, Act>(nrm1, n1, np1, p);
@@ -144,7 +144,6 @@ void fc_kernels_cuda(const T* x1, const T* x2, index_t n1, index_t n2, index_t d
     a.depth = p.depth;
     a.fix_dep = p.fix_dep;
     a.symmetric = symmetric ? 1 : 0;
-    a.wv = T(p.w_var);
     a.bv = T(p.b_var);
     a.gs = T(p.gram_scale);
     a.sq_gs = T(std::sqrt(p.gram_scale));
@@ -196,14 +195,14 @@ void fc_kernels_cuda_diag(const T* x1, index_t n1, index_t d, const fc_params& p
   norms_to_host(x1, n1, d, st, nrm);
   const index_t np = round_up(n1, TABLE_PAD);
   device_buffer tab(std::size_t(p.depth + 1) * 5 * std::size_t(np) * sizeof(T) + 2 * std::size_t(np) * sizeof(T), st);
-  by_activation<T>(p.act, [&](auto act) {
+  by_activation<T>(p, [&](auto act) {
     using Act = decltype(act);
     {
       const std::vector<T> h = build_table<T, Act>(nrm, n1, np, p);
       ARCFLOW_CUDA_CHECK(cudaMemcpyAsync(tab.ptr, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice, st));
     }
     const unsigned blocks = unsigned((n1 + 255) / 256);
-    fc_diag_kernel<T, Act><<<blocks, 256, 0, st>>>(tab.as<T>(), np, n1, p.depth, p.fix_dep, T(p.w_var), T(p.b_var),
+    fc_diag_kernel<T, Act><<<blocks, 256, 0, st>>>(tab.as<T>(), np, n1, p.depth, p.fix_dep, T(p.b_var),
                                                    nngp, ntk, act);
     ARCFLOW_CUDA_CHECK(cudaGetLastError());
   });

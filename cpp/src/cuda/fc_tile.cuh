@@ -64,7 +64,7 @@ struct tile_args {
   T* ntk;   // n1 x n2 or nullptr
   int depth, fix_dep;
   int symmetric;
-  T wv, bv, gs, sq_gs, w_sd;
+  T bv, gs, sq_gs, w_sd;  // w_var itself is folded into the activation (activations.hpp)
 };
 
 // |u + sgn v|^2 for the unit vectors u = x a_inv, v = y b_inv, in double, every product and sum rounded on
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(NTHREADS, ARCFLOW_CUDA_MIN_BLOCKS)
   const T* inv2 = nrm2 + np2;
   const T tau = sizeof(T) == 4 ? T(1e-2) : T(1e-3);
   const bool bias = g.bv > T(0);
-  const T wv = g.wv, bv = g.bv, gs = g.gs;
+  const T bv = g.bv, gs = g.gs;
   const T mask0 = 1 > g.fix_dep ? T(1) : T(0);
 
   __shared__ T mir_nngp[BN][GR + 1];
@@ -240,11 +240,11 @@ __global__ void __launch_bounds__(NTHREADS, ARCFLOW_CUDA_MIN_BLOCKS)
             const T dq = qa - qb;
             bterm = bv * dq * dq / (rna * L2[5 * np2 + n] + qa * qb + bv);
           }
-          const T sv = wv * o.t + bv;
+          const T sv = o.t + bv;
           s[n] = sv;
-          gm[n] = bterm + wv * o.gm;
-          gp[n] = bterm + T(2) * bv + wv * o.gp;
-          nt[n] = mask * sv + (wv * o.tdot) * nt[n];
+          gm[n] = bterm + o.gm;
+          gp[n] = bterm + T(2) * bv + o.gp;
+          nt[n] = mask * sv + o.tdot * nt[n];
         }
       }
 
@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(NTHREADS, ARCFLOW_CUDA_MIN_BLOCKS)
 // k(x, x) for the rows of x1: the CPU engine's diag recursion (pairs (x, x), P = s, h = 1 / 2s), one thread
 // per row, from the per-row table alone.
 template <class T, class Act>
-__global__ void fc_diag_kernel(const T* tab, index_t np, index_t n, int depth, int fix_dep, T wv, T bv, T* nngp,
+__global__ void fc_diag_kernel(const T* tab, index_t np, index_t n, int depth, int fix_dep, T bv, T* nngp,
                                T* ntk, const Act act) {
   const index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
@@ -292,10 +292,10 @@ __global__ void fc_diag_kernel(const T* tab, index_t np, index_t n, int depth, i
     const T* L = tab + index_t(l) * 5 * np + i;
     const T r = L[0], ir = L[np], pa = L[2 * np], pb = L[3 * np], t = L[4 * np];
     const pair_out<T> o = act.pair(s, gm, gp, r * r, T(0.5) * ir * ir, pa, pb, t, pa, pb, t);
-    s = wv * o.t + bv;
-    gm = wv * o.gm;
-    gp = T(2) * bv + wv * o.gp;
-    th = ((l + 2) > fix_dep ? s : T(0)) + wv * o.tdot * th;
+    s = o.t + bv;
+    gm = o.gm;
+    gp = T(2) * bv + o.gp;
+    th = ((l + 2) > fix_dep ? s : T(0)) + o.tdot * th;
   }
   if (nngp) nngp[i] = s;
   if (ntk) ntk[i] = th;
@@ -318,12 +318,14 @@ std::vector<T> build_table(const std::vector<double>& norm2, index_t n, index_t 
 }
 
 template <class T, class F>
-void by_activation(const act_params& p, F&& f) {
+void by_activation(const fc_params& fp, F&& f) {
+  const act_params& p = fp.act;
+  const double w = fp.w_var;  // the activations' output scale
   switch (p.kind) {
-    case act_kind::abrelu: f(abrelu_act<T>(p)); break;
-    case act_kind::monomial: f(monomial_act<T>(p)); break;  // order at run time: a scalar loop on the GPU
-    case act_kind::sign: f(sign_act<T>(p)); break;
-    case act_kind::erf: f(erf_act<T>(p)); break;
+    case act_kind::abrelu: f(abrelu_act<T>(p, w)); break;
+    case act_kind::monomial: f(monomial_act<T>(p, w)); break;  // order at run time: a scalar loop on the GPU
+    case act_kind::sign: f(sign_act<T>(p, w)); break;
+    case act_kind::erf: f(erf_act<T>(p, w)); break;
     default: throw std::invalid_argument("arcflow: unknown activation kind");
   }
 }
