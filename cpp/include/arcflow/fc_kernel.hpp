@@ -63,6 +63,7 @@ class fc_engine {
   bool symmetric_;
   fc_params p_;
   row_table tab1_, tab2_;
+  std::vector<T> panels2_;  // x2 packed for the Gram micro-kernel, once (fc_kernel.cpp, pack_panels)
 };
 
 // Row i of the per-row tables from nx2 = |x_i|^2, computed in double whatever T is. data is laid out
