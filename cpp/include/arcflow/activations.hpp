@@ -132,13 +132,15 @@ struct abrelu_act {
     const T s_theta = g.sin_t - g.theta * g.cos_t;
     const T abs_cos = std::fabs(g.cos_t);
     const T s_x = g.sin_t - g.x * abs_cos;
-    const T gm_r = g.big() ? kd - T(2) * ab * g.kap2 - k1 * s_x : T(2) * k2 * g.sig2 - k1 * s_x;
+    const T gm_r = (g.big() ? kd - T(2) * ab * g.kap2 : T(2) * k2 * g.sig2) - k1 * s_x;
+    // gp_r >= 0 needs no clamp: k1, k2, kap2 >= 0, and S(theta) >= 0 can round below 0 only near theta = 0,
+    // where 2 k2 kap2 ~ 2 k2 dominates (k2 = 0 only with k1 = 0, phi = 0).
     const T gp_r = T(2) * k2 * g.kap2 + k1 * s_theta;
     pair_out<T> o;
     o.t = P * (k1 * s_theta + k2 * g.cos_t);
     o.tdot = k2 - k1 * g.theta;
     o.gm = P * (gm_r > T(0) ? gm_r : T(0));
-    o.gp = P * (gp_r > T(0) ? gp_r : T(0));
+    o.gp = P * gp_r;
     return o;
   }
 };
