@@ -447,6 +447,23 @@ def test_x2_equal_to_x1_matches_the_symmetric_oracle(name, dtype):
             assert_close(getattr(got, field), getattr(want, field), dtype, f"{field} depth {depth}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_same_object_as_x2_takes_the_symmetric_path_with_the_same_bits(name, dtype):
+    """kernels(x, x) runs the symmetric path (one triangle, mirrored); the oracle is the full n1 x n2
+    computation of a copy, which computes (i, j) and (j, i) separately: they must agree bit for bit, over
+    several tiles (n > 64, a mirrored off-diagonal tile) and with duplicate rows."""
+    act, w_std, b_std = ACTIVATIONS[name]
+    x, _ = _data(150, None, 6, seed=21)
+    x[100] = x[3]
+    x = x.astype(dtype)
+    kw = dict(depth=3, activation=act, w_std=w_std, b_std=b_std, get=_get(act))
+    same = arcflow.kernels(x, x, **kw)
+    full = arcflow.kernels(x, x.copy(), **kw)
+    for field in _get(act):
+        assert np.array_equal(getattr(same, field), getattr(full, field)), field
+
+
 def test_kernels_out_dict_and_sequence():
     x1, x2 = _data(6, 5, 3, seed=21)
     want = arcflow.kernels(x1, x2, depth=2)

@@ -111,7 +111,9 @@ def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu",
     Parameters
     ----------
     x1, x2 : (n1, d) and (n2, d) arrays. ``x2=None`` computes the symmetric matrix of x1 (one triangle,
-        mirrored). float32 in gives float32 out; float64, integer, bool and lists give float64.
+        mirrored), and so does passing the same array object twice (``kernels(x, x)``): the entries (i, j) and
+        (j, i) of the full computation hold the same bits (the Gram products are summed in the same order),
+        so the mirror changes nothing but the time. A copy of x1 as x2 is computed in full. float32 in gives float32 out; float64, integer, bool and lists give float64.
     depth : number of hidden activations (0 gives the linear kernel).
     fix_dep : the first ``fix_dep`` layers are frozen and add nothing to Theta (0 <= fix_dep <= depth).
     diag : only k(x, x) for the rows of x1, shape (n1,), in O(n1 (d + depth)).
@@ -153,6 +155,8 @@ def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu",
         raise ValueError(f"{where}: {act!r} has no NTK: its derivative is a Dirac delta, so E[phi'(u) phi'(v)] "
                          f"is infinite; ask for get=('nngp',) only")
     threads = dp.check_threads(threads, where)
+    if x2 is x1:  # kernels(x, x): the symmetric path, half the work and the same bits (see the docstring)
+        x2 = None
     use_cuda = _choose_device(device, x1, x2, where)
     if use_cuda is None:  # GPU arrays in: the CUDA path, no host copy
         return _kernels_on_gpu_arrays(x1, x2, act, depth, w, b, fix_dep, diag, want_ntk, "nngp" in get, out, where)

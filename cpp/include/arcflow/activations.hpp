@@ -13,6 +13,9 @@
 // Every activation takes an output scale w (the layer's weight variance): T, Tdot and the gaps come out
 // multiplied by w, folded into the activation's constants so that the hot loops do not multiply again.
 //
+// The pair's two sides enter every formula symmetrically, products of the two rows' factors first
+// ((t1 t2), (pb1 pb2)): k(x, y) and k(y, x) then hold the same bits, which kernels(x, x) relies on.
+//
 // Per row and layer the kernels precompute s = Sigma(x,x), r = sqrt(s), ir = 1/r (0 when r = 0), and
 // two activation factors pa, pb (see row()), and t = sqrt(T11) where T11 = E[phi(u)^2], u ~ N(0, s).
 #include <cmath>
@@ -208,7 +211,7 @@ struct monomial_act {
     const T pn = pa1 * pa2;
     pair_out<T> o;
     o.t = pn * j_cur * c;
-    o.tdot = n >= 1 ? T(n) * T(n) * pb1 * pb2 * j_before * c : T(0);
+    o.tdot = n >= 1 ? T(n) * T(n) * (pb1 * pb2) * j_before * c : T(0);
     const T dm = d_cur > T(0) ? d_cur : T(0);
     o.gm = pn * dm * c;
     o.gp = pn * (T(2) * j0_cur - dm) * c;
@@ -217,7 +220,7 @@ struct monomial_act {
       // gaps come from sqrt(T11 T22) directly.
       const bool zero = !(h > T(0));
       o.t = zero ? T(0.25) * w : o.t;
-      const T tt = w * t1 * t2, m = tt - o.t;
+      const T tt = w * (t1 * t2), m = tt - o.t;
       o.gm = zero ? (m > T(0) ? m : T(0)) : o.gm;
       o.gp = zero ? tt + o.t : o.gp;
     }
@@ -241,7 +244,7 @@ struct sign_act {
     (void)s12; (void)P; (void)pa1; (void)pb1; (void)pa2; (void)pb2;
     const T u = T(2) * g.theta * fm::consts<T>::inv_pi;
     const bool zero = !(h > T(0));  // next to a zero-variance row T11 = 0: gaps from sqrt(T11 T22) directly
-    const T tt = w * t1 * t2;
+    const T tt = w * (t1 * t2);
     pair_out<T> o;
     o.t = zero ? T(0) : w * (T(1) - u);
     o.tdot = T(0);
@@ -280,7 +283,7 @@ struct erf_act {
     pair_out<T> o;
     o.t = c_t * (neg ? -as : as);
     o.tdot = c_d / std::sqrt(pa1 + pa2 - T(1) + T(4) * gm * gp);
-    const T tt = w * t1 * t2;
+    const T tt = w * (t1 * t2);
     const T m = tt - o.t, p = tt + o.t;
     o.gm = m > T(0) ? m : T(0);
     o.gp = p > T(0) ? p : T(0);
