@@ -331,7 +331,10 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
         // long, and in one loop with the rest the out-of-order window held too few pairs to hide it.
         // Measured (1 thread, process time, 2048 x 2048, ReLU): one angle loop in front of the pair loop
         // 5.83 -> 5.06 ns per pair-layer; the angle split again in two (angle_reduce, angle_finish)
-        // 4.26 -> 3.93 ns in float64, 1.98 -> 1.67 ns in float32.
+        // 4.26 -> 3.93 ns in float64, 1.98 -> 1.67 ns in float32. Tried and slower: the three stages
+        // software-pipelined across rows in one loop (reduce row i+2, finish row i+1, pair row i; 3.45 ->
+        // 4.4 ns), and the float64 division replaced by Newton steps (3.56 -> 4.27 ns): the FP pipes, not
+        // the divider, bound these loops.
         const T ha = T(0.5) * ira;
         if (ha > T(0) && cols_nonzero) {  // no zero-variance row: no selects for the pi/2 convention
 #pragma omp simd
