@@ -26,6 +26,7 @@ from arcflow import _core, _cuda
 from arcflow.invertible import (ActNorm, AffineCoupling, InjectivePad, IRevNet, IRevNetBlock, InvertibleConv1x1,
                                 Sequential, SpaceToDepth, _cuda_ops, _ops)
 from arcflow.invertible.flows import soft_clamp
+from test_irevnet import BLOCK_CASES, randomize_bn  # the block cases and BN randomization of the CPU tests
 
 
 def _gpu_skip_reason() -> str:
@@ -61,26 +62,13 @@ def max_rel(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
-def randomize_bn(model, rng):
-    """Non-trivial running statistics and affine parameters (torch's init makes BN the identity)."""
-    sd = model.state_dict()
-    for k, v in sd.items():
-        if k.endswith("running_mean") or k.endswith(".bias"):
-            sd[k] = rng.standard_normal(v.shape).astype(v.dtype) * 0.1
-        elif k.endswith("running_var") or (k.endswith(".weight") and v.ndim == 1):
-            sd[k] = rng.uniform(0.5, 1.5, v.shape).astype(v.dtype)
-    model.load_state_dict(sd)
-
-
-BLOCK_CASES = [
-    # in_ch, out_ch, stride, first, mult, affine_bn, h (as tests/test_irevnet.py)
-    (32, 16, 1, False, 4, True, 8),
-    (32, 16, 1, True, 4, True, 6),
-    (16, 32, 2, False, 4, True, 8),
-    (3, 16, 1, True, 4, True, 8),
-    (12, 16, 1, False, 2, False, 5),
-    (8, 16, 2, True, 8, False, 4),
-]
+def random_block(case, dtype):
+    """An IRevNetBlock of one BLOCK_CASES case with randomized BN, and an input batch of 2 for it."""
+    in_ch, out_ch, stride, first, mult, affine, h = case
+    rng = np.random.default_rng(sum(case[:3]) + h)
+    blk = IRevNetBlock(in_ch, out_ch, stride, first, mult, affine, rng=rng, dtype=dtype)
+    randomize_bn(blk, rng)
+    return blk, rng.standard_normal((2, in_ch, h, h)).astype(dtype)
 
 
 def small_net(dtype, rng=0):
@@ -183,19 +171,15 @@ def host_twin(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
 @pytest.mark.parametrize("case", BLOCK_CASES)
 def test_orchestration_blocks_match_cpu_path(host_twin, case, dtype):
-    in_ch, out_ch, stride, first, mult, affine, h = case
-    rng = np.random.default_rng(sum(case[:3]) + h)
-    blk = IRevNetBlock(in_ch, out_ch, stride, first, mult, affine, rng=rng, dtype=dtype)
-    randomize_bn(blk, rng)
-    x = rng.standard_normal((2, in_ch, h, h)).astype(dtype)
+    blk, x = random_block(case, dtype)
     y = host_twin.block_forward(blk, x)
     np.testing.assert_array_equal(y, blk.forward(x))
     np.testing.assert_array_equal(host_twin.block_inverse(blk, y), blk.inverse(y))
-    pair = (x[:, : in_ch // 2], x[:, in_ch // 2:])
+    pair = (x[:, : blk.in_ch // 2], x[:, blk.in_ch // 2:])
     for got, want in zip(host_twin.block_forward(blk, pair), blk.forward(pair)):
         np.testing.assert_array_equal(got, want)
     if not blk.injective:
-        f_in = x[:, in_ch // 2:]
+        f_in = x[:, blk.in_ch // 2:]
         np.testing.assert_array_equal(host_twin.block_bottleneck(blk, f_in), blk.bottleneck(f_in))
 
 
@@ -513,11 +497,7 @@ def test_gpu_via_host_ops_pass_the_launchers_their_arguments(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
 @pytest.mark.parametrize("case", BLOCK_CASES)
 def test_gpu_kernels_blocks_match_cpu(gpu_twin, case, dtype):
-    in_ch, out_ch, stride, first, mult, affine, h = case
-    rng = np.random.default_rng(sum(case[:3]) + h)
-    blk = IRevNetBlock(in_ch, out_ch, stride, first, mult, affine, rng=rng, dtype=dtype)
-    randomize_bn(blk, rng)
-    x = rng.standard_normal((2, in_ch, h, h)).astype(dtype)
+    blk, x = random_block(case, dtype)
     y = gpu_twin.block_forward(blk, x)
     assert y.dtype == dtype and max_rel(y, blk.forward(x)) <= REL[dtype]
     assert rel_err(gpu_twin.block_inverse(blk, y), x) <= REL[dtype]
@@ -931,18 +911,14 @@ def test_gpu_psi_and_batchnorm_are_exact(dtype):
 @pytest.mark.parametrize("case", BLOCK_CASES)
 def test_gpu_blocks_match_cpu_and_invert(case, dtype):
     cp = _cp()
-    in_ch, out_ch, stride, first, mult, affine, h = case
-    rng = np.random.default_rng(sum(case[:3]) + h)
-    blk = IRevNetBlock(in_ch, out_ch, stride, first, mult, affine, rng=rng, dtype=dtype)
-    randomize_bn(blk, rng)
-    x = rng.standard_normal((2, in_ch, h, h)).astype(dtype)
+    blk, x = random_block(case, dtype)
     y = blk.forward(cp.asarray(x))
     assert isinstance(y, cp.ndarray) and y.dtype == dtype
     assert max_rel(cp.asnumpy(y), blk.forward(x)) <= REL[dtype]
     back = blk.inverse(y)
     assert rel_err(cp.asnumpy(back), x) <= REL[dtype]
-    a, b = blk.forward((cp.asarray(x[:, : in_ch // 2]), cp.asarray(x[:, in_ch // 2:])))
-    a_cpu, b_cpu = blk.forward((x[:, : in_ch // 2], x[:, in_ch // 2:]))
+    a, b = blk.forward((cp.asarray(x[:, : blk.in_ch // 2]), cp.asarray(x[:, blk.in_ch // 2:])))
+    a_cpu, b_cpu = blk.forward((x[:, : blk.in_ch // 2], x[:, blk.in_ch // 2:]))
     assert max_rel(cp.asnumpy(a), a_cpu) <= REL[dtype] and max_rel(cp.asnumpy(b), b_cpu) <= REL[dtype]
 
 
