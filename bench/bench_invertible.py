@@ -1,7 +1,8 @@
 """Time the i-RevNet block and network: arcflow vs PyTorch CPU vs plain NumPy, in one run.
 
     python bench/bench_invertible.py [--threads N] [--reps 5] [--batch 64] [--full-batch 16]
-                                     [--skip numpy,torch,full] [--breakdown] [--alone] [--json out.json]
+                                     [--skip numpy,torch,full] [--breakdown] [--alone] [--openblas-timeout 4|keep]
+                                     [--json out.json]
 
 Workloads (float32, inference-form batch-norm with random running statistics, same weights everywhere):
   1. one IRevNetBlock(in_ch=128, out_ch=64, stride=1): each half of the pair has 64 channels in and out,
@@ -45,6 +46,9 @@ def parse():
     p.add_argument("--breakdown", action="store_true", help="also time arcflow's convolutions of each block alone")
     p.add_argument("--alone", action="store_true",
                    help="time each program in its own block of repetitions instead of interleaved")
+    p.add_argument("--openblas-timeout", default="4",
+                   help="OPENBLAS_THREAD_TIMEOUT for NumPy's BLAS (default 4: idle threads sleep at once); "
+                        "'keep' leaves the environment as it is")
     p.add_argument("--json", default=None)
     return p.parse_args()
 
@@ -54,6 +58,12 @@ THREADS = ARGS.threads or len(os.sched_getaffinity(0))
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):  # NumPy at its best (BENCHMARKS.md)
     os.environ.pop(var, None)
+# OpenBLAS's idle threads spin for about 2^28 cycles (0.1 s here) after each BLAS call before they sleep.
+# Interleaved, that spin runs on the cores during the next program's turn (arcflow's 30 ms block took up
+# to 1.6x longer right after a NumPy call). 2^4 cycles lets them sleep at once; NumPy's own time did not
+# change with it (296 / 312 ms against 286-336 ms, fwd / inv, 2 threads). --openblas-timeout keep: as set.
+if ARGS.openblas_timeout != "keep":
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = ARGS.openblas_timeout
 
 import numpy as np  # noqa: E402
 
@@ -337,14 +347,16 @@ def main():
         rate = sgemm_rate()
     machine = {"cpu": platform.processor() or platform.machine(), "threads": THREADS,
                "conv2d_isa": _core.conv2d_cpu_isa(), "numpy": np.__version__, "arcflow": arcflow.__version__,
-               "torch": torch.__version__ if torch is not None else None, "sgemm_GFLOPs": rate / 1e9}
+               "torch": torch.__version__ if torch is not None else None, "sgemm_GFLOPs": rate / 1e9,
+               "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT")}
     try:
         with open("/proc/cpuinfo") as f:
             machine["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     print(f"machine: {machine['cpu']}, {THREADS} threads, conv2d micro-kernel {machine['conv2d_isa']}, "
-          f"NumPy sgemm {rate / 1e9:.0f} GFLOP/s, torch {machine['torch']}, load average "
+          f"NumPy sgemm {rate / 1e9:.0f} GFLOP/s, OPENBLAS_THREAD_TIMEOUT="
+          f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset')}, torch {machine['torch']}, load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"times: medians of {ARGS.reps} {'repetitions, each program in its own block (--alone)' if ARGS.alone else 'interleaved repetitions'}; "
           "ratios: medians of the per-repetition ratios")
