@@ -115,7 +115,9 @@ ARCFLOW_HD angle<T> make_angle(T gm, T gp, T h) {
 // T = P [k1 S(theta) + k2 cos(theta)], S(t) = sin t - t cos t, k1 = (a-b)^2 / 2pi, k2 = (a^2+b^2) / 2;
 // Tdot = k2 - k1 theta. The gap near theta = pi uses x = pi - theta: k2 P - T = P [kd - 2ab kap^2 - k1 S(x)],
 // kd = (a+b)^2 / 2, so that Abs at antiparallel inputs stays exact.
-template <class T>
+// ZeroAB: a b = 0 (ReLU, and phi = a min(x, 0)), so the 2 ab kap^2 term of the gap vanishes (the CPU
+// kernels pick it at run time; the same bits as the general formula, two vector operations fewer).
+template <class T, bool ZeroAB = false>
 struct abrelu_act {
   T k1, k2, kd, ab;  // times w
   explicit abrelu_act(const act_params& p, double w = 1.0)
@@ -135,7 +137,7 @@ struct abrelu_act {
     const T s_theta = g.sin_t - g.theta * g.cos_t;
     const T abs_cos = std::fabs(g.cos_t);
     const T s_x = g.sin_t - g.x * abs_cos;
-    const T gm_r = (g.big() ? kd - T(2) * ab * g.kap2 : T(2) * k2 * g.sig2) - k1 * s_x;
+    const T gm_r = (g.big() ? (ZeroAB ? kd : kd - T(2) * ab * g.kap2) : T(2) * k2 * g.sig2) - k1 * s_x;
     // gp_r >= 0 needs no clamp: k1, k2, kap2 >= 0, and S(theta) >= 0 can round below 0 only near theta = 0,
     // where 2 k2 kap2 ~ 2 k2 dominates (k2 = 0 only with k1 = 0, phi = 0).
     const T gp_r = T(2) * k2 * g.kap2 + k1 * s_theta;

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #ifdef ARCFLOW_HAVE_OPENMP
@@ -359,31 +360,44 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
 #pragma omp simd
         for (index_t j = 0; j < TILE; ++j) a_x[j] = angle_finish(a_z[j], a_base[j]);
       }
+      // The pair loop twice over, for mask = 1 and mask = 0, and without the bias adds when b_var = 0:
+      // no multiply by a run-time 1 and no add of a run-time 0 (x + 0 does not fold: -0), the same bits.
+      auto pair_loop = [&](auto masked) __attribute__((always_inline)) {
+        constexpr bool M = decltype(masked)::value;
 #pragma omp simd
-      for (index_t j = 0; j < TILE; ++j) {
-        const index_t e = i * TILE + j;
-        const T P = ra * r2[j];
-        const T h = T(0.5) * ira * ir2[j];
-        pair_out<T> o;
-        if constexpr (Act::angle_based)
-          o = act.pair_angle(angle_from(a_sig2[j], a_kap2[j], a_x[j], a_sin[j]), s12[e], P, h, paa, pba, ta,
-                             pa2[j], pb2[j], t2[j]);
-        else
-          o = act.pair(s12[e], gm[e], gp[e], P, h, paa, pba, ta, pa2[j], pb2[j], t2[j]);
-        T bterm = T(0);
-        if (Bias) {
-          const T qb = w_sd * t2[j];
-          const T dq = qa - qb;
-          bterm = bv * dq * dq / (rna * rn2[j] + qa * qb + bv);
+        for (index_t j = 0; j < TILE; ++j) {
+          const index_t e = i * TILE + j;
+          const T P = ra * r2[j];
+          const T h = T(0.5) * ira * ir2[j];
+          pair_out<T> o;
+          if constexpr (Act::angle_based)
+            o = act.pair_angle(angle_from(a_sig2[j], a_kap2[j], a_x[j], a_sin[j]), s12[e], P, h, paa, pba, ta,
+                               pa2[j], pb2[j], t2[j]);
+          else
+            o = act.pair(s12[e], gm[e], gp[e], P, h, paa, pba, ta, pa2[j], pb2[j], t2[j]);
+          T s;
+          if constexpr (Bias) {
+            const T qb = w_sd * t2[j];
+            const T dq = qa - qb;
+            const T bterm = bv * dq * dq / (rna * rn2[j] + qa * qb + bv);
+            s = o.t + bv;
+            gm[e] = bterm + o.gm;
+            gp[e] = bterm + T(2) * bv + o.gp;
+          } else {
+            s = o.t;
+            gm[e] = o.gm;
+            gp[e] = o.gp;
+          }
+          s12[e] = s;
+          const T tdot = o.tdot;
+          if (n_all) td[e] = tdot;
+          ntk[e] = M ? s + tdot * ntk[e] : tdot * ntk[e];
         }
-        const T s = o.t + bv;
-        s12[e] = s;
-        gm[e] = bterm + o.gm;
-        gp[e] = bterm + T(2) * bv + o.gp;
-        const T tdot = o.tdot;
-        if (n_all) td[e] = tdot;
-        ntk[e] = mask * s + tdot * ntk[e];
-      }
+      };
+      if (mask != T(0))
+        pair_loop(std::true_type{});
+      else
+        pair_loop(std::false_type{});
     }
     if (n_all) {
       for (int k = 0; k <= l + 1; ++k) {
@@ -465,7 +479,12 @@ void by_activation(const fc_params& fp, F&& f) {
   const act_params& p = fp.act;
   const double w = fp.w_var;
   switch (p.kind) {
-    case act_kind::abrelu: f(abrelu_act<T>(p, w)); break;
+    case act_kind::abrelu:
+      if (p.a * p.b == 0.0)
+        f(abrelu_act<T, true>(p, w));
+      else
+        f(abrelu_act<T>(p, w));
+      break;
     case act_kind::monomial:
       switch (p.n) {
         case 0: f(monomial_act<T, 0>(p, w)); break;
