@@ -127,6 +127,9 @@ template <class T>
 inline __attribute__((always_inline)) void gram_tile(const T* a, index_t ti, index_t d, const T* bt, T* g) {
   index_t i = 0;
   for (; i + 6 <= ti; i += 6) gram_rows<T, 6>(a + i * d, d, bt, g + i * TILE);
+  // 64 = 10 * 6 + 4: the last four rows in one block of 4 (8 accumulators, two FMAs in flight per cycle)
+  // rather than two blocks of 2 (4 accumulators: the FMA latency bounds them to half rate).
+  for (; i + 4 <= ti; i += 4) gram_rows<T, 4>(a + i * d, d, bt, g + i * TILE);
   for (; i + 2 <= ti; i += 2) gram_rows<T, 2>(a + i * d, d, bt, g + i * TILE);
   for (; i < ti; ++i) gram_rows<T, 1>(a + i * d, d, bt, g + i * TILE);
 }
@@ -233,20 +236,37 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
   // 1. Gram tile.
   gram_tile<T>(c.x1 + i0 * d, ti, d, c.panels2 + j0 * d, g);
 
-  // 2. First layer: s12 = gs G + b, gaps |x||y| -/+ G, refined where they cancel.
+  // 2. First layer: s12 = gs G + b, gaps |x||y| -/+ G, refined where they cancel. One pass over the tile
+  // (the gaps scaled and clamped as they are made); the rare pairs whose raw gap falls below tau |x||y| are
+  // redone afterwards from the refined gap, with the same expressions, so the bits are those of two passes.
   const T* nrm1 = c.tab1->norm.data() + i0;
   const T* nrm2 = c.tab2->norm.data() + j0;
+  const T* r1_0 = c.tab1->field(0, 0) + i0;
+  const T* r2_0 = c.tab2->field(0, 0) + j0;
   const T tau = sizeof(T) == 4 ? T(1e-2) : T(1e-3);
+  const T mask0 = 1 > fix ? T(1) : T(0);
+  // The bias's share of the first gaps: b (q1 - q2)^2 / (r1 r2 + q1 q2 + b), q = sqrt(gs) |x|.
+  auto bias_gap = [=](T q1, T q2, T ra, T rb) __attribute__((always_inline)) {
+    const T dq = q1 - q2;
+    return bv * dq * dq / (ra * rb + q1 * q2 + bv);
+  };
   int near = 0;
   for (index_t i = 0; i < ti; ++i) {
-    const T n1 = nrm1[i];
+    const T n1 = nrm1[i], q1 = sq_gs * n1, ra = r1_0[i];
 #pragma omp simd reduction(| : near)
     for (index_t j = 0; j < TILE; ++j) {
+      const index_t e = i * TILE + j;
       const T nn = n1 * nrm2[j];
-      const T m = nn - g[i * TILE + j], pl = nn + g[i * TILE + j];
-      gm[i * TILE + j] = m;
-      gp[i * TILE + j] = pl;
-      near |= int(m < tau * nn) | int(pl < tau * nn);
+      const T gme = nn - g[e], gpe = nn + g[e];
+      near |= int(gme < tau * nn) | int(gpe < tau * nn);
+      const T bterm = Bias ? bias_gap(q1, sq_gs * nrm2[j], ra, r2_0[j]) : T(0);
+      const T s = gs * g[e] + bv;
+      s12[e] = s;
+      // The gaps are >= 0 in exact arithmetic; clamp once here so that make_angle need not.
+      const T m = bterm + gs * gme, pl = bterm + T(2) * bv + gs * gpe;
+      gm[e] = m > T(0) ? m : T(0);
+      gp[e] = pl > T(0) ? pl : T(0);
+      ntk[e] = mask0 * s;
     }
   }
   if (near) {
@@ -256,39 +276,19 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
       for (index_t j = 0; j < tj; ++j) {
         const index_t e = i * TILE + j;
         const T nn = nrm1[i] * nrm2[j];
-        const bool near_m = gm[e] < tau * nn, near_p = gp[e] < tau * nn;
+        const T gme = nn - g[e], gpe = nn + g[e];
+        const bool near_m = gme < tau * nn, near_p = gpe < tau * nn;
         if (!(nn > T(0)) || !(near_m || near_p)) continue;
         const T v = T(double(nn) * 0.5 *
                       unit_dist2(c.x1 + (i0 + i) * d, c.x2 + (j0 + j) * d, d, inv1[i], inv2[j], near_m ? -1.0 : 1.0));
-        if (near_m)
-          gm[e] = v;
-        else
-          gp[e] = v;
-      }
-    }
-  }
-  {
-    const T* r1 = c.tab1->field(0, 0) + i0;
-    const T* r2 = c.tab2->field(0, 0) + j0;
-    const T mask = 1 > fix ? T(1) : T(0);
-    for (index_t i = 0; i < ti; ++i) {
-      const T q1 = sq_gs * nrm1[i], ra = r1[i];
-#pragma omp simd
-      for (index_t j = 0; j < TILE; ++j) {
-        const index_t e = i * TILE + j;
-        T bterm = T(0);
-        if (Bias) {
-          const T q2 = sq_gs * nrm2[j];
-          const T dq = q1 - q2;
-          bterm = bv * dq * dq / (ra * r2[j] + q1 * q2 + bv);
+        const T bterm = Bias ? bias_gap(sq_gs * nrm1[i], sq_gs * nrm2[j], r1_0[i], r2_0[j]) : T(0);
+        if (near_m) {
+          const T m = bterm + gs * v;
+          gm[e] = m > T(0) ? m : T(0);
+        } else {
+          const T pl = bterm + T(2) * bv + gs * v;
+          gp[e] = pl > T(0) ? pl : T(0);
         }
-        const T s = gs * g[e] + bv;
-        s12[e] = s;
-        // The gaps are >= 0 in exact arithmetic; clamp once here so that make_angle need not.
-        const T m = bterm + gs * gm[e], pl = bterm + T(2) * bv + gs * gp[e];
-        gm[e] = m > T(0) ? m : T(0);
-        gp[e] = pl > T(0) ? pl : T(0);
-        ntk[e] = mask * s;
       }
     }
   }
