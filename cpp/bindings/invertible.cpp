@@ -35,11 +35,13 @@ const T* opt_ptr(const std::optional<carr<T>>& a, index_t size, const char* what
   return a->data();
 }
 
+// Returns the fused NaN/Inf test's result (conv2d.hpp, Conv2dFinite): bit 0 x, bit 1 the addend (out's
+// old values with accumulate); 0 for an input not asked for.
 template <typename T>
-void conv2d(const carr<T>& x, const carr<T>& w, const std::optional<carr<T>>& bias, index_t stride,
-            index_t pad, const std::optional<carr<T>>& in_scale, const std::optional<carr<T>>& in_shift,
-            bool in_relu, double alpha, bool accumulate, const std::optional<carr<T>>& addend, carr<T>& out,
-            int threads) {
+int conv2d(const carr<T>& x, const carr<T>& w, const std::optional<carr<T>>& bias, index_t stride,
+           index_t pad, const std::optional<carr<T>>& in_scale, const std::optional<carr<T>>& in_shift,
+           bool in_relu, double alpha, bool accumulate, const std::optional<carr<T>>& addend, carr<T>& out,
+           int threads, bool check_x, bool check_addend) {
   need_ndim(x, 4, "conv2d input");
   need_ndim(w, 4, "conv2d weight");
   need_ndim(out, 4, "conv2d output");
@@ -60,8 +62,14 @@ void conv2d(const carr<T>& x, const carr<T>& w, const std::optional<carr<T>>& bi
     ARCFLOW_CHECK(add == nullptr, "conv2d: accumulate and addend exclude each other");
     add = op;
   }
-  py::gil_scoped_release release;
-  conv2d_cpu<T>(s, xp, wp, b, sc, sf, in_relu, static_cast<T>(alpha), add, op, threads);
+  Conv2dFinite finite;
+  finite.check_x = check_x;
+  finite.check_addend = check_addend;
+  {
+    py::gil_scoped_release release;
+    conv2d_cpu<T>(s, xp, wp, b, sc, sf, in_relu, static_cast<T>(alpha), add, op, threads, &finite);
+  }
+  return (finite.x_bad ? 1 : 0) | (finite.addend_bad ? 2 : 0);
 }
 
 template <typename T>
@@ -126,9 +134,10 @@ void register_dtype(py::module_& m, const std::string& sfx) {
         py::arg("bias").noconvert().none(true), py::arg("stride"), py::arg("pad"),
         py::arg("in_scale").noconvert().none(true), py::arg("in_shift").noconvert().none(true),
         py::arg("in_relu"), py::arg("alpha"), py::arg("accumulate"), py::arg("addend").noconvert().none(true),
-        py::arg("out").noconvert(), py::arg("threads") = 0,
+        py::arg("out").noconvert(), py::arg("threads") = 0, py::arg("check_x") = false,
+        py::arg("check_addend") = false,
         "out = [out or addend +] (alpha * conv2d(act(x), w) + bias); NCHW / OIHW, act = optional per-channel "
-        "affine + ReLU");
+        "affine + ReLU. Returns the NaN/Inf flags of the inputs asked for: 1 x (raw values), 2 the addend.");
   m.def(("channel_affine_cpu_" + sfx).c_str(), &channel_affine<T>, py::arg("x").noconvert(),
         py::arg("scale").noconvert(), py::arg("shift").noconvert(), py::arg("relu"), py::arg("out").noconvert(), py::arg("threads") = 0,
         "out = [relu](x * scale[c] + shift[c]) (inference batch-norm); out may be x");

@@ -23,6 +23,10 @@
 // order of an output element depends only on the shapes, never on the batch size or the threads.
 // Throws std::invalid_argument (ARCFLOW_CHECK) on inconsistent sizes; std::bad_alloc on memory.
 // threads: OpenMP threads to use (<= 0: omp_get_max_threads()); small problems run on one thread.
+// finite: nullptr, or the NaN/Inf test of the inputs, fused into the passes that read them anyway: the
+//   phase-buffer build reads every raw x value (tested before act, whose ReLU would turn NaN into 0), the
+//   epilogue reads every addend value once (with addend == out, out's old values). The convolution runs
+//   to the end either way; the caller decides what to do with the flags.
 // Thread-safe: no global state.
 #include "arcflow/common.hpp"
 
@@ -36,9 +40,17 @@ struct Conv2dShape {
   index_t wo() const { return (w + 2 * pad - kw) / stride + 1; }
 };
 
+struct Conv2dFinite {
+  bool check_x = false;       // in: test x
+  bool check_addend = false;  // in: test addend (ignored without one)
+  bool x_bad = false;         // out: x holds a NaN or +-Inf
+  bool addend_bad = false;    // out: addend holds a NaN or +-Inf
+};
+
 template <typename T>
 void conv2d_cpu(const Conv2dShape& s, const T* x, const T* weight, const T* bias, const T* in_scale,
-                const T* in_shift, bool in_relu, T alpha, const T* addend, T* out, int threads = 0);
+                const T* in_shift, bool in_relu, T alpha, const T* addend, T* out, int threads = 0,
+                Conv2dFinite* finite = nullptr);
 
 // The name of the micro-kernel the CPU dispatch picked ("avx2" or "generic"), for benchmarks.
 const char* conv2d_cpu_isa();

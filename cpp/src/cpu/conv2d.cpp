@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #ifdef ARCFLOW_HAVE_OPENMP
@@ -112,8 +113,9 @@ namespace isa_avx2 {
 // padding (channels rounded up to MR, slots rounded up to NV).
 template <typename T>
 struct Kernel {
-  void (*tiles)(const TileArgs<T>&, const T*, T*, const T*, T*, index_t, index_t);
-  void (*build)(const Conv2dShape&, const Geometry&, const T*, const T*, const T*, bool, index_t, index_t, T*);
+  bool (*tiles)(const TileArgs<T>&, const T*, T*, const T*, T*, index_t, index_t, bool);
+  bool (*build)(const Conv2dShape&, const Geometry&, const T*, const T*, const T*, bool, bool, index_t, index_t,
+                T*);
   index_t mr;  // output channels per panel
   index_t nv;  // vectors (slots) per tile
   index_t vw;  // pixels per vector
@@ -185,7 +187,8 @@ const char* conv2d_cpu_isa() { return cpu_has_avx2() ? "avx2" : "generic"; }
 
 template <typename T>
 void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bias, const T* in_scale,
-                const T* in_shift, bool in_relu, T alpha, const T* addend, T* out, int threads) {
+                const T* in_shift, bool in_relu, T alpha, const T* addend, T* out, int threads,
+                Conv2dFinite* finite) {
   ARCFLOW_CHECK(sh.n >= 0 && sh.c > 0 && sh.h > 0 && sh.w > 0, "conv2d: bad input shape");
   ARCFLOW_CHECK(sh.m > 0 && sh.kh > 0 && sh.kw > 0, "conv2d: bad weight shape");
   ARCFLOW_CHECK(sh.stride >= 1 && sh.pad >= 0, "conv2d: stride must be >= 1 and padding >= 0");
@@ -193,6 +196,7 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
                 "conv2d: kernel larger than the padded input");
   ARCFLOW_CHECK((in_scale == nullptr) == (in_shift == nullptr),
                 "conv2d: in_scale and in_shift go together");
+  if (finite) finite->x_bad = finite->addend_bad = false;
   if (sh.n == 0) return;
 
   const Kernel<T> kern = pick_kernel<T>(sh.m, sh.ho(), sh.wo());
@@ -222,6 +226,9 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
   // on an oversubscribed machine, where the team's threads wait for a core).
   const bool par = static_cast<double>(sh.n) * sh.m * g.K * g.ho * g.wo > 4e6;
   const int nthreads = par ? (threads > 0 ? threads : max_threads()) : 1;
+  const bool check_x = finite && finite->check_x;
+  const bool check_add = finite && finite->check_addend && addend;
+  int x_bad = 0, add_bad = 0;  // OpenMP | reductions over the tasks
 
   if (nthreads == 1 || sh.n % nthreads == 0 || sh.n >= 4 * nthreads) {
     // Enough images: one image per task, each thread with its own phase buffer (stays in L2).
@@ -232,11 +239,11 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
     {
       T* buf = bufs.ptr + thread_id() * (buf_stride + part_stride);
       T* part = buf + buf_stride;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) reduction(| : x_bad, add_bad)
       for (index_t img = 0; img < sh.n; ++img) {
-        kern.build(sh, g, x + img * in_img, in_scale, in_shift, in_relu, 0, sh.c, buf);
-        kern.tiles(args, buf, out + img * out_img, addend ? addend + img * out_img : nullptr, part, 0,
-                   ntiles);
+        x_bad |= kern.build(sh, g, x + img * in_img, in_scale, in_shift, in_relu, check_x, 0, sh.c, buf);
+        add_bad |= kern.tiles(args, buf, out + img * out_img, addend ? addend + img * out_img : nullptr, part,
+                              0, ntiles, check_add);
       }
     }
   } else {
@@ -247,24 +254,29 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
 #pragma omp parallel num_threads(nthreads)
       {
         T* part = buf + buf_stride + thread_id() * part_stride;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) reduction(| : x_bad)
         for (index_t ci = 0; ci < sh.c; ++ci)
-          kern.build(sh, g, x + img * in_img, in_scale, in_shift, in_relu, ci, ci + 1, buf);
+          x_bad |= kern.build(sh, g, x + img * in_img, in_scale, in_shift, in_relu, check_x, ci, ci + 1, buf);
         // implicit barrier
         const index_t chunk = 4;
         const index_t nchunks = (ntiles + chunk - 1) / chunk;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) reduction(| : add_bad)
         for (index_t ch = 0; ch < nchunks; ++ch)
-          kern.tiles(args, buf, out + img * out_img, addend ? addend + img * out_img : nullptr, part,
-                     ch * chunk, std::min(ntiles, ch * chunk + chunk));
+          add_bad |= kern.tiles(args, buf, out + img * out_img, addend ? addend + img * out_img : nullptr, part,
+                                ch * chunk, std::min(ntiles, ch * chunk + chunk), check_add);
       }
     }
+  }
+  if (finite) {
+    finite->x_bad = x_bad != 0;
+    finite->addend_bad = add_bad != 0;
   }
 }
 
 template void conv2d_cpu<float>(const Conv2dShape&, const float*, const float*, const float*, const float*,
-                                const float*, bool, float, const float*, float*, int);
+                                const float*, bool, float, const float*, float*, int, Conv2dFinite*);
 template void conv2d_cpu<double>(const Conv2dShape&, const double*, const double*, const double*,
-                                 const double*, const double*, bool, double, const double*, double*, int);
+                                 const double*, const double*, bool, double, const double*, double*, int,
+                                 Conv2dFinite*);
 
 }  // namespace arcflow

@@ -97,8 +97,8 @@ def _as(a, dt, name: str, where: str, ndim: Optional[int] = None, check_finite: 
 
 def conv2d(x, w, b=None, stride: int = 1, padding: int = 0, *, dtype=None, out: Optional[np.ndarray] = None,
            accumulate: bool = False, addend: Optional[np.ndarray] = None, alpha: float = 1.0, in_scale=None,
-           in_shift=None, in_relu: bool = False, check_finite: bool = True, threads: Optional[int] = None
-           ) -> np.ndarray:
+           in_shift=None, in_relu: bool = False, check_finite: bool = True, fused_finite: Tuple[str, ...] = (),
+           where: str = "conv2d", threads: Optional[int] = None) -> np.ndarray:
     """2-D cross-correlation, as ``torch.nn.functional.conv2d``: NCHW input, OIHW weight, symmetric zero padding.
 
     ``y[n, o, i, j] = b[o] + sum_{c, u, v} w[o, c, u, v] * xp[n, c, i*stride + u, j*stride + v]``
@@ -110,10 +110,19 @@ def conv2d(x, w, b=None, stride: int = 1, padding: int = 0, *, dtype=None, out: 
       ``out``: write into this C-contiguous array of the right shape and dtype; with ``accumulate=True``
       the result is added to it: ``out += alpha * conv + b``; with ``addend=a`` (same shape):
       ``out = a + (alpha * conv + b)`` (``a`` may be ``out``).
+      ``fused_finite``: inputs among ``"x"`` and ``"addend"`` to test for NaN/Inf inside the C++ passes that
+      read them anyway (``x``: its raw values, before ``in_scale``/``in_shift``/``in_relu``, while the
+      padded input is built; ``addend``: in the output epilogue, ``out``'s old values with
+      ``accumulate=True``), instead of the separate pass of ``check_finite``. A hit raises
+      ``ValueError(f"{where}: input contains NaN or Inf")`` after the convolution ran: ``out`` then holds
+      the result computed from those values (with ``accumulate`` or ``addend=out``, its old content is gone).
+      ``where`` starts every error message.
 
     Example: ``conv2d(np.ones((1, 3, 8, 8), np.float32), np.ones((4, 3, 3, 3), np.float32), padding=1)``.
     """
-    where = "conv2d"
+    fused = set(fused_finite)
+    if not fused <= {"x", "addend"}:
+        raise ValueError(f"{where}: fused_finite names inputs among 'x' and 'addend', got {tuple(fused_finite)}")
     dt = result_dtype(x, dtype=dtype if dtype is not None else (out.dtype if out is not None else None))
     x = _as(x, dt, "x", where, 4, check_finite)
     w = _as(w, dt, "w", where, 4, check_finite)
@@ -161,9 +170,12 @@ def conv2d(x, w, b=None, stride: int = 1, padding: int = 0, *, dtype=None, out: 
             raise ValueError(f"{where}: addend must be a C-contiguous {dt} array of shape {(n, o, ho, wo)}")
         if np.may_share_memory(addend, x):
             raise ValueError(f"{where}: addend must not overlap x")
-    getattr(_core, "conv2d_cpu_" + _suffix(dt))(x, w, b, stride, padding, in_scale, in_shift, bool(in_relu),
-                                                 float(alpha), bool(accumulate), addend, out,
-                                                 check_threads(threads, where))
+    bad = getattr(_core, "conv2d_cpu_" + _suffix(dt))(x, w, b, stride, padding, in_scale, in_shift,
+                                                       bool(in_relu), float(alpha), bool(accumulate), addend, out,
+                                                       check_threads(threads, where), check_x="x" in fused,
+                                                       check_addend="addend" in fused)
+    if bad:
+        raise ValueError(f"{where}: input contains NaN or Inf")
     return out
 
 

@@ -44,16 +44,22 @@ def _param_dtype(dtype) -> np.dtype:
 
 
 def _check_array(x, where: str, expected: str, channels: Optional[int] = None, even_hw: bool = False,
-                 allow_int: bool = True, hw: Optional[Tuple[int, int]] = None) -> np.ndarray:
-    """Shape and finiteness checks shared by the blocks; returns a C-contiguous float32/float64 array."""
+                 allow_int: bool = True, hw: Optional[Tuple[int, int]] = None, finite: bool = True) -> np.ndarray:
+    """Shape and finiteness checks shared by the blocks; returns a C-contiguous float32/float64 array.
+    ``finite=False`` leaves the NaN/Inf test to the caller (IRevNetBlock fuses it into its convolutions)."""
     xa = np.asarray(x)
     _ops.check_nchw_shape(xa, where, expected, channels, 2 if even_hw else None, " (stride 2)", hw,
                           "fiub" if allow_int else "f")
     dt = _ops.result_dtype(xa)
     xa = np.ascontiguousarray(xa, dtype=dt)
-    if not _ops.all_finite(xa):
+    if finite and not _ops.all_finite(xa):
         raise ValueError(f"{where}: input contains NaN or Inf")
     return xa
+
+
+def _check_shape(x, where: str, expected: str, channels: Optional[int] = None, even_hw: bool = False) -> np.ndarray:
+    """_check_array without the NaN/Inf pass."""
+    return _check_array(x, where, expected, channels, even_hw, finite=False)
 
 
 def _pair_dtype(x1: np.ndarray, x2: np.ndarray) -> Pair:
@@ -331,14 +337,22 @@ class IRevNetBlock:
 
     # ---- the bottleneck and the coupling --------------------------------------------------------
     def _residual(self, x2: np.ndarray, out: np.ndarray, alpha: float, addend: Optional[np.ndarray] = None,
-                  threads: Optional[int] = None) -> None:
-        """out = addend + alpha * F(x2) (addend None: out += alpha * F(x2)), F run with fused (BN, ReLU) -> conv."""
+                  threads: Optional[int] = None, where: Optional[str] = None) -> None:
+        """out = addend + alpha * F(x2) (addend None: out += alpha * F(x2)), F run with fused (BN, ReLU) -> conv.
+        ``where``: ValueError(f"{where}: input contains NaN or Inf") when x2 or the addend (``out``'s old values
+        when None) holds one, tested in the passes that read them: the first conv's input pass reads every
+        x2 value and the last conv's epilogue every addend value once. Raised after that conv, so ``out``
+        must be the caller's own buffer."""
         layers = self._compute(x2.dtype)
         h = x2
         last = len(layers) - 1
         for i, (bn, w) in enumerate(layers):
             stride = self.stride if i == 0 else 1
             kw = dict(in_scale=bn[0], in_shift=bn[1], in_relu=True) if bn is not None else {}
+            fused = ()
+            if where is not None:
+                fused = (("x",) if i == 0 else ()) + (("addend",) if i == last else ())
+            kw.update(fused_finite=fused, where=where or "conv2d")
             if i < last:
                 h = _ops.conv2d(h, w, None, stride, 1, check_finite=False, threads=threads, **kw)
             else:
@@ -355,7 +369,10 @@ class IRevNetBlock:
         self._residual(x2, out, 1.0)
         return out
 
-    def _forward_pair(self, x1: np.ndarray, x2: np.ndarray, threads: Optional[int] = None) -> Pair:
+    def _forward_pair(self, x1: np.ndarray, x2: np.ndarray, threads: Optional[int] = None,
+                      where: Optional[str] = None) -> Pair:
+        """``where``: test x1 and x2 for NaN/Inf in the convolutions (see _residual): x2 (padded) is the first
+        conv's input, x1 (padded; psi(x1) at stride 2) the last conv's addend, so every value is read."""
         if self.injective:
             n, _, h, w = x1.shape
             x = np.zeros((n, 2 * self.out_ch, h, w), dtype=x1.dtype)
@@ -367,17 +384,20 @@ class IRevNetBlock:
         if self.stride == 2:
             y1 = _ops.psi(x1, 2, threads=threads)
             a = _ops.psi(x2, 2, threads=threads)
-            self._residual(x2, y1, 1.0, threads=threads)
+            self._residual(x2, y1, 1.0, threads=threads, where=where)
         else:
             y1 = np.empty(x1.shape, x1.dtype)
             a = x2
-            self._residual(x2, y1, 1.0, addend=np.ascontiguousarray(x1), threads=threads)
+            self._residual(x2, y1, 1.0, addend=np.ascontiguousarray(x1), threads=threads, where=where)
         return a, y1
 
-    def _inverse_pair(self, a: np.ndarray, b: np.ndarray, threads: Optional[int] = None) -> Pair:
+    def _inverse_pair(self, a: np.ndarray, b: np.ndarray, threads: Optional[int] = None,
+                      where: Optional[str] = None) -> Pair:
+        """``where``: test a and b for NaN/Inf in the convolutions (see _residual): x2 = psi_s^-1(a) is the
+        first conv's input, b the last conv's addend."""
         x2 = _ops.psi_inverse(a, 2, threads=threads) if self.stride == 2 else a
         t = np.empty(b.shape, b.dtype)
-        self._residual(x2, t, -1.0, addend=np.ascontiguousarray(b), threads=threads)
+        self._residual(x2, t, -1.0, addend=np.ascontiguousarray(b), threads=threads, where=where)
         x1 = _ops.psi_inverse(t, 2, threads=threads) if self.stride == 2 else t
         if self.injective:
             x = np.concatenate([x1, x2], axis=1)[:, : self.in_ch]
@@ -417,8 +437,9 @@ class IRevNetBlock:
         on their device and come back as GPU arrays (``threads`` is then ignored)."""
         if _cuda_ops.is_device_array(x):
             return _cuda_ops.block_forward(self, x)
-        x1, x2, merged = self._input_pair(x, repr(self), inverse=False)
-        a, b = self._forward_pair(x1, x2, threads=check_threads(threads, repr(self)))
+        where = repr(self)
+        x1, x2, merged = self._input_pair(x, where, inverse=False, check=_check_shape)
+        a, b = self._forward_pair(x1, x2, threads=check_threads(threads, where), where=where)
         return np.concatenate([a, b], axis=1) if merged else (a, b)
 
     __call__ = forward
@@ -427,8 +448,9 @@ class IRevNetBlock:
         """(a, b) -> (psi_s^-1(b - F(x2)), x2) with x2 = psi_s^-1(a) (undoing the injective padding)."""
         if _cuda_ops.is_device_array(y):
             return _cuda_ops.block_inverse(self, y)
-        a, b, merged = self._input_pair(y, f"{self!r}.inverse", inverse=True)
-        x1, x2 = self._inverse_pair(a, b, threads=check_threads(threads, repr(self)))
+        where = f"{self!r}.inverse"
+        a, b, merged = self._input_pair(y, where, inverse=True, check=_check_shape)
+        x1, x2 = self._inverse_pair(a, b, threads=check_threads(threads, repr(self)), where=where)
         return np.concatenate([x1, x2], axis=1) if merged else (x1, x2)
 
     def logdet(self, x) -> np.ndarray:
