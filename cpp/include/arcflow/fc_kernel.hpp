@@ -15,6 +15,7 @@
 //   Thread-safety: const methods may run concurrently on one engine.
 #include <cmath>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "arcflow/activations.hpp"
@@ -63,7 +64,11 @@ class fc_engine {
   bool symmetric_;
   fc_params p_;
   row_table tab1_, tab2_;
-  std::vector<T> panels2_;  // x2 packed for the Gram micro-kernel, once (fc_kernel.cpp, pack_panels)
+  // x2 packed for the Gram micro-kernel (fc_kernel.cpp, pack_panels), on the first rows() call: diag() needs
+  // no Gram and so no copy of x2.
+  mutable std::vector<T> panels2_;
+  mutable std::once_flag packed_;
+  const T* panels2() const;
 };
 
 // Row i of the per-row tables from nx2 = |x_i|^2, computed in double whatever T is. data is laid out

@@ -518,11 +518,18 @@ fc_engine<T>::fc_engine(const T* x1, index_t n1, const T* x2, index_t n2, index_
     fill_table<T, A>(x1, n1, d, p, tab1_);
     if (!symmetric) fill_table<T, A>(x2, n2, d, p, tab2_);
   });
-  // The Gram micro-kernel reads x2 in panels; packing it once here, not per tile, saved the 2.4% of the
-  // kernel's time that the per-tile packing took (perf, N = 4000, depth 5, 1 thread).
-  panels2_.assign(size_t(round_up(std::max<index_t>(n2, 1), TILE)) * size_t(std::max<index_t>(d, 1)), T(0));
-  for (index_t j0 = 0; j0 < n2; j0 += TILE)
-    pack_panels(x2 + j0 * d, d, std::min(TILE, n2 - j0), panels2_.data() + j0 * d);
+}
+
+// The Gram micro-kernel reads x2 in panels; packing it once per engine, not per tile, saved the 2.4% of the
+// kernel's time that the per-tile packing took (perf, N = 4000, depth 5, 1 thread).
+template <class T>
+const T* fc_engine<T>::panels2() const {
+  std::call_once(packed_, [this] {
+    panels2_.assign(size_t(round_up(std::max<index_t>(n2_, 1), TILE)) * size_t(std::max<index_t>(d_, 1)), T(0));
+    for (index_t j0 = 0; j0 < n2_; j0 += TILE)
+      pack_panels(x2_ + j0 * d_, d_, std::min(TILE, n2_ - j0), panels2_.data() + j0 * d_);
+  });
+  return panels2_.data();
 }
 
 template <class T>
@@ -533,7 +540,7 @@ void fc_engine<T>::rows(index_t r0, index_t r1, T* nngp, T* ntk, T* ntk_all, int
   // Stream the outputs past the caches when one output matrix exceeds 8 MB (more than a core's L2 and a
   // good part of L3): below that the caller reads a warm result.
   const bool stream = double(n1_) * double(n2_) * double(sizeof(T)) > 8.0 * (1 << 20);
-  tile_ctx<T> c{x1_,  x2_,   panels2_.data(), n1_, n2_, d_, symmetric_, &p_, &tab1_, symmetric_ ? &tab1_ : &tab2_,
+  tile_ctx<T> c{x1_,  x2_,   panels2(), n1_, n2_, d_, symmetric_, &p_, &tab1_, symmetric_ ? &tab1_ : &tab2_,
                 nngp, ntk, ntk_all,         stream};
   threads = std::max(1, threads);
   by_activation<T>(p_, [&](const auto& a) { run_rows_dispatch<T>(c, a, r0, r1, threads); });
