@@ -20,7 +20,8 @@ import pytest
 import arcflow
 from arcflow import _core, _cuda
 from arcflow._kernels import _act_numbers  # the (a, b, n) the bindings take, as the public API passes them
-from arcflow.activations import ABReLU, Abs, Erf, Identity, LeakyReLU, RectifiedMonomial, ReLU, Sign, Step
+from arcflow.activations import ReLU
+from test_properties import ACTIVATIONS as PROPERTY_ACTIVATIONS
 
 HAVE_GPU = _cuda.available()
 if not _cuda.built():
@@ -32,21 +33,8 @@ else:
 
 RTOL = {np.float32: 1e-5, np.float64: 1e-12}
 DTYPES = (np.float32, np.float64)
-ACTIVATIONS = {
-    "relu": (ReLU(), 1.3, 0.4),
-    "relu_nobias": (ReLU(), 1.4, 0.0),
-    "leaky_relu_0.2": (LeakyReLU(0.2), 1.3, 0.4),
-    "abrelu_-0.3_1.7": (ABReLU(-0.3, 1.7), 0.9, 0.2),
-    "abs": (Abs(), 1.1, 0.3),
-    "monomial_0": (RectifiedMonomial(0), 1.3, 0.4),
-    "monomial_1": (RectifiedMonomial(1), 1.3, 0.4),
-    "monomial_2": (RectifiedMonomial(2), 0.5, 0.4),
-    "monomial_3": (RectifiedMonomial(3), 0.3, 0.4),
-    "step": (Step(), 1.3, 0.4),
-    "sign": (Sign(), 1.3, 0.4),
-    "erf": (Erf(), 1.5, 0.2),
-    "identity": (Identity(), 1.1, 0.3),
-}
+# The CPU property tests' activations (test_properties.py) and ReLU without bias (the kernels' Bias = false path).
+ACTIVATIONS = {"relu_nobias": (ReLU(), 1.4, 0.0), **PROPERTY_ACTIVATIONS}
 # (n1, n2 or None for the symmetric case, d): several tiles, ragged edges, d not a multiple of 8.
 SHAPES = {"1x1_d1": (1, 1, 1), "130x70_d21": (130, 70, 21), "sym_150_d13": (150, None, 13),
           "sym_5_d3": (5, None, 3)}

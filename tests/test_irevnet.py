@@ -4,6 +4,7 @@ import pytest
 
 from arcflow.invertible import InjectivePad, IRevNet, IRevNetBlock, SpaceToDepth, from_torch
 from arcflow.invertible import _ops
+from test_invertible_ops import conv2d_oracle  # direct float64 cross-correlation: a sum over shifted slices
 
 REL = {np.float32: 1e-5, np.float64: 1e-12}
 
@@ -13,20 +14,6 @@ def rel_err(a, b):
 
 
 # ---- an independent float64 NumPy oracle of the reference block -----------------------------------
-def conv2d_oracle(x, w, b=None, stride=1, padding=0):
-    x = np.asarray(x, np.float64)
-    w = np.asarray(w, np.float64)
-    n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    ho = (h + 2 * padding - kh) // stride + 1
-    wo = (wd + 2 * padding - kw) // stride + 1
-    y = np.zeros((n, o, ho, wo))
-    for u in range(kh):
-        for v in range(kw):
-            patch = xp[:, :, u:u + stride * (ho - 1) + 1:stride, v:v + stride * (wo - 1) + 1:stride]
-            y += np.einsum("nchw,oc->nohw", patch, w[:, :, u, v])
-    return y
 
 
 def psi_np(x, b=2):
