@@ -335,7 +335,11 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
         // 4.26 -> 3.93 ns in float64, 1.98 -> 1.67 ns in float32. Tried and slower: the three stages
         // software-pipelined across rows in one loop (reduce row i+2, finish row i+1, pair row i; 3.45 ->
         // 4.4 ns), and the float64 division replaced by Newton steps (3.56 -> 4.27 ns): the FP pipes, not
-        // the divider, bound these loops.
+        // the divider, bound these loops. Per stage on one tile (float64, 1 thread): the square root and
+        // division loop 1.28-1.44 ns per pair (the divider alone: 13.5 cycles per 4 pairs), the arctangent
+        // 0.85-0.95, the pair loop 1.2-1.5. Also tried and slower: reduce(i+1) with finish(i) in one loop
+        // (3.10 -> 3.28), finish with the pair loop (-> 3.63), reduce(i+1) with pair(i) (-> 3.51), an Estrin
+        // arctangent (finish 0.85 -> 1.05); no gain: q = h sqrt(gm gp), off the sqrt's dependency chain.
         const T ha = T(0.5) * ira;
         if (ha > T(0) && cols_nonzero) {  // no zero-variance row: no selects for the pi/2 convention
 #pragma omp simd
