@@ -56,6 +56,59 @@ def test_streamed_output_matches_reference(dtype, tol, symmetric, aligned):
     assert err.max() <= tol * scale
 
 
+def _at_line_offset(shape, dtype, k):
+    """A C-contiguous array whose data starts k elements past a 64-byte (cache-line) boundary."""
+    dt = np.dtype(dtype)
+    n = int(np.prod(shape))
+    per_line = 64 // dt.itemsize
+    raw = np.empty(n + 2 * per_line, dtype=dt)
+    start = (-(raw.ctypes.data % 64) // dt.itemsize) % per_line + k
+    out = raw[start:start + n].reshape(shape)
+    assert out.ctypes.data % 64 == k * dt.itemsize and out.flags.c_contiguous
+    return out
+
+
+_REF_CACHE = {}
+
+
+def _ref_rows(dtype, symmetric, rows):
+    key = (np.dtype(dtype).name, symmetric)
+    if key not in _REF_CACHE:
+        n = N if dtype == np.float64 else N32
+        x1 = _x(n, 5, seed=4, dtype=dtype)
+        x2 = None if symmetric else _x(n + 3, 5, seed=5, dtype=dtype)
+        ref = reference.kernels(x1[rows].astype(np.float64), (x1 if x2 is None else x2).astype(np.float64), depth=2)
+        _REF_CACHE[key] = (x1, x2, ref)
+    return _REF_CACHE[key]
+
+
+# Only whole cache lines are streamed; a row's first and last line take plain stores (stream_row). Every
+# offset of the output within a line, for both outputs, both paths (the mirror writes rows too): a lost or
+# doubled value at a line's edge shows as a NaN left from the fill or as a mismatch with the reference.
+@pytest.mark.parametrize("dtype,tol,k", [(np.float64, 1e-12, k) for k in range(8)]
+                         + [(np.float32, 2e-5, k) for k in (1, 4, 9, 15)],
+                         ids=[f"f64-{k}" for k in range(8)] + [f"f32-{k}" for k in (1, 4, 9, 15)])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "x2"])
+def test_streamed_rows_at_every_offset_in_a_cache_line(dtype, tol, k, symmetric):
+    n = N if dtype == np.float64 else N32
+    rows = np.r_[0:2, 64:66, n // 2, n - 3:n]
+    x1, x2, ref = _ref_rows(dtype, symmetric, rows)
+    shape = (n, n if symmetric else n + 3)
+    outs = [_at_line_offset(shape, dtype, k), _at_line_offset(shape, dtype, (k + 3) % (64 // np.dtype(dtype).itemsize))]
+    for o in outs:
+        o.fill(np.nan)
+    got = arcflow.kernels(x1, x2, depth=2, out=outs)
+    assert got.nngp is outs[0] and got.ntk is outs[1]
+    for name, o in (("nngp", outs[0]), ("ntk", outs[1])):
+        assert np.isfinite(o).all(), name
+        want = getattr(ref, name)
+        err = np.abs(o[rows] - want)
+        if symmetric:
+            err[np.arange(len(rows)), rows] = 0  # collinear pairs: see the test above
+            assert np.array_equal(o, o.T), name
+        assert err.max() <= tol * np.abs(want).max(), name
+
+
 def test_streamed_kernel_value_batch_matches_original():
     x = _x(N, 6, seed=3)
     K = compat.kernel_value_batch(x, 3)
