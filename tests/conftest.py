@@ -127,3 +127,15 @@ def rel_err(got, want) -> float:
         return 0.0
     scale = float(np.max(np.abs(want)))
     return float(np.max(np.abs(got - want))) / (scale if scale > 0 else 1.0)
+
+
+@pytest.fixture(params=[0, 1], ids=["three-loops", "fused"])
+def fc_layout(request):
+    """Runs a test with each layout of the CPU kernel's layer loops (fc_kernel.cpp, run_tile): three loops
+    with the arctangent angle, and one fused loop with the division-free arcsine (the default on AVX-512
+    CPUs). Both are compiled into every build, so both are tested on any CPU."""
+    from arcflow import _core
+
+    prev = _core._set_fc_layout(request.param)
+    yield request.param
+    _core._set_fc_layout(prev)

@@ -11,6 +11,9 @@ import pytest
 
 import arcflow
 
+# Every test here runs with both layouts of the CPU layer loops (conftest.fc_layout).
+pytestmark = pytest.mark.usefixtures("fc_layout")
+
 if not hasattr(arcflow, "kernels"):
     pytest.skip("arcflow.kernels is not implemented yet (issue 2)", allow_module_level=True)
 reference = pytest.importorskip("arcflow.reference", reason="arcflow.reference (the oracle) is not written yet")

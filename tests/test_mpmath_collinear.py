@@ -19,8 +19,8 @@ from arcflow import activations as acts
 
 TOL = 1e-10
 
-pytestmark = pytest.mark.skipif(not hasattr(arcflow, "kernels"),
-                                reason="arcflow.kernels is not implemented yet (issue 2)")
+# Every test here runs with both layouts of the CPU layer loops (conftest.fc_layout).
+pytestmark = pytest.mark.usefixtures("fc_layout")
 
 ACTIVATIONS = [acts.ReLU(), acts.LeakyReLU(0.1), acts.Abs(), acts.RectifiedMonomial(2), acts.Step(),
                acts.Sign(), acts.Erf()]

@@ -7,6 +7,9 @@ import pytest
 import arcflow
 from arcflow import compat, reference
 
+# Every test here runs with both layouts of the CPU layer loops (conftest.fc_layout).
+pytestmark = pytest.mark.usefixtures("fc_layout")
+
 N = 1100  # 1100^2 float64 = 9.7 MB per matrix: above the streaming threshold; 1100 = 17 tiles + 12 rows
 N32 = 1612  # float32: 1612^2 * 4 = 10.4 MB; 1612 = 25 tiles + 12 rows
 

@@ -19,6 +19,9 @@ import arcflow
 from arcflow import activations as acts
 from arcflow import reference
 
+# Every test here runs with both layouts of the CPU layer loops (conftest.fc_layout).
+pytestmark = pytest.mark.usefixtures("fc_layout")
+
 TOL = 1e-10
 GOLDEN = Path(__file__).resolve().parent / "data" / "nt_golden.npz"
 

@@ -91,6 +91,8 @@ void register_fc_kernel(py::module_& m) {
       },
       py::arg("single_precision"), py::arg("seconds") = 0.2,
       "Vectorised arcsine throughput of this build on one core, elements per second (for the roofline).");
+  m.def("_set_fc_layout", &set_fc_layout, py::arg("layout"),
+        "Tests only: the CPU layer loops' layout, -1 by the CPU, 0 three loops, 1 fused; returns the previous.");
 }
 
 }  // namespace arcflow::bind

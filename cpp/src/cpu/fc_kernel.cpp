@@ -5,6 +5,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -27,6 +30,21 @@ namespace {
 
 constexpr index_t TILE = fc_engine<double>::tile;
 
+int fc_layout = -1;  // set_fc_layout
+
+// Whether the layers run as one fused loop (see run_tile): by default where this CPU runs the x86-64-v4
+// (AVX-512) clones. Read once per tile.
+bool fused_layout() {
+  if (fc_layout >= 0) return fc_layout == 1;
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  return avx512;
+#else
+  return false;
+#endif
+}
+
 index_t round_up(index_t n, index_t m) { return (n + m - 1) / m * m; }
 
 // Per-row tables, computed in double whatever T is (O(n (d + depth)), negligible).
@@ -46,18 +64,32 @@ void fill_table(const T* x, index_t n, index_t d, const fc_params& p, typename f
   }
 }
 
+// One thread's tile buffers, each aligned to 64 bytes: the loops load and store whole vectors of the tile,
+// and a vector that straddles two cache lines costs two accesses (std::vector's 16-byte alignment did that to
+// every AVX-512 access and to half the AVX2 ones).
 template <class T>
 struct workspace {
-  std::vector<T> g, s12, gm, gp, ntk, td, h, angle;
-  workspace(index_t d, int n_all) : angle(6 * TILE) {
-    const size_t t2 = size_t(TILE) * TILE;
-    g.resize(t2);
-    s12.resize(t2);
-    gm.resize(t2);
-    gp.resize(t2);
-    ntk.resize(t2);
-    td.resize(t2);
-    h.resize(t2 * size_t(n_all));
+  struct free_deleter {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T[], free_deleter> buf;
+  T *g, *s12, *gm, *gp, *ntk, *td, *h, *angle;
+  workspace(index_t d, int n_all) {
+    (void)d;
+    const size_t t2 = size_t(TILE) * TILE;  // a multiple of 64 bytes, as is 6 TILE values
+    const size_t n = t2 * (6 + size_t(n_all)) + 6 * size_t(TILE);
+    T* p = static_cast<T*>(std::aligned_alloc(64, n * sizeof(T)));
+    if (p == nullptr) throw std::bad_alloc();
+    std::fill_n(p, n, T(0));
+    buf.reset(p);
+    g = p;
+    s12 = g + t2;
+    gm = s12 + t2;
+    gp = gm + t2;
+    ntk = gp + t2;
+    td = ntk + t2;
+    angle = td + t2;
+    h = angle + 6 * TILE;
   }
 };
 
@@ -250,13 +282,13 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
   const T sq_gs = T(std::sqrt(p.gram_scale));
   const T w_sd = T(std::sqrt(p.w_var));
   const int fix = p.fix_dep;
-  T* __restrict g = ws.g.data();
-  T* __restrict s12 = ws.s12.data();
-  T* __restrict gm = ws.gm.data();
-  T* __restrict gp = ws.gp.data();
-  T* __restrict ntk = ws.ntk.data();
-  T* __restrict td = ws.td.data();
-  T* __restrict a_sig2 = ws.angle.data();
+  T* __restrict g = ws.g;
+  T* __restrict s12 = ws.s12;
+  T* __restrict gm = ws.gm;
+  T* __restrict gp = ws.gp;
+  T* __restrict ntk = ws.ntk;
+  T* __restrict td = ws.td;
+  T* __restrict a_sig2 = ws.angle;
   T* __restrict a_kap2 = a_sig2 + TILE;
   T* __restrict a_x = a_sig2 + 2 * TILE;
   T* __restrict a_sin = a_sig2 + 3 * TILE;
@@ -333,17 +365,99 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
     // ntk_all[layer][k] for k <= layer; H_k lives in ws.h.
     for (int k = 0; k <= layer; ++k)
       store_tile(c.ntk_all + (index_t(layer) * n_all + k) * plane, c.n2, i0, ti, j0, tj, c.symmetric,
-                 ws.h.data() + size_t(k) * TILE * TILE, c.stream);
+                 ws.h + size_t(k) * TILE * TILE, c.stream);
   };
   if (n_all) {
-    T* h0 = ws.h.data();
+    T* h0 = ws.h;
     for (index_t e = 0; e < TILE * TILE; ++e) h0[e] = s12[e];
-    for (int k = 1; k < n_all; ++k) std::fill_n(ws.h.data() + size_t(k) * TILE * TILE, TILE * TILE, T(0));
+    for (int k = 1; k < n_all; ++k) std::fill_n(ws.h + size_t(k) * TILE * TILE, TILE * TILE, T(0));
     store_all(0);
   }
 
   // 3. Layers: Sigma^(l+1) -> Sigma^(l+2) and Theta alongside.
-  for (int l = 0; l < depth; ++l) {
+  // 3a. Scale-free activations without a bias (ReLU and its relatives, b_var = 0): the layers in units of P
+  // (abrelu_act::pair_scaled). gm and gp carry sig2 and kap2, s12 the correlation and ntk Theta / P; after the
+  // last layer one multiply by P = r1 r2 of that layer. Tiles with a zero row (P = 0: the pi/2 convention)
+  // and the per-layer outputs of kernel_value_batch take the general loop below. Padding columns (j >= tj)
+  // have ir2 = 0: half_sines gives them the convention's finite values, never stored.
+  bool scaled = false;
+  if constexpr (Act::angle_based && Act::scale_free && !Bias) {
+    const T* ir1_0 = c.tab1->field(0, 1) + i0;
+    const T* ir2_0 = c.tab2->field(0, 1) + j0;
+    scaled = depth > 0 && n_all == 0 && act.k2 > T(0);
+    for (index_t i = 0; i < ti; ++i) scaled &= ir1_0[i] > T(0);
+    for (index_t j = 0; j < tj; ++j) scaled &= ir2_0[j] > T(0);
+    if (scaled) {
+      const bool fused = fused_layout();
+      for (int l = 0; l < depth; ++l) {
+        const bool M = (l + 2) > fix;
+        for (index_t i = 0; i < ti; ++i) {
+          const T ha = T(0.5) * ir1_0[i];
+          // Layer 0 turns the first layer's gaps and Theta into units of P.
+          auto to_units = [&](index_t j) __attribute__((always_inline)) {
+            const index_t e = i * TILE + j;
+            const T hh = ha * ir2_0[j];
+            T s2, k2;
+            half_sines(gm[e], gp[e], hh, s2, k2);
+            gm[e] = s2;
+            gp[e] = k2;
+            ntk[e] = ntk[e] * (T(2) * hh);  // Theta / P
+          };
+          auto pair = [&](index_t j, const angle<T>& g, auto masked) __attribute__((always_inline)) {
+            const index_t e = i * TILE + j;
+            const pair_out<T> o = act.pair_scaled(g);
+            gm[e] = o.gm;
+            gp[e] = o.gp;
+            s12[e] = o.t;
+            ntk[e] = decltype(masked)::value ? o.t + o.tdot * ntk[e] : o.tdot * ntk[e];
+          };
+          if (fused) {
+            // AVX-512: the whole layer in one loop, the angle without a division (angle_direct).
+            auto loop = [&](auto masked, auto first) __attribute__((always_inline)) {
+#pragma omp simd
+              for (index_t j = 0; j < TILE; ++j) {
+                if constexpr (decltype(first)::value) to_units(j);
+                pair(j, angle_direct(gm[i * TILE + j], gp[i * TILE + j]), masked);
+              }
+            };
+            if (l == 0)
+              M ? loop(std::true_type{}, std::true_type{}) : loop(std::false_type{}, std::true_type{});
+            else
+              M ? loop(std::true_type{}, std::false_type{}) : loop(std::false_type{}, std::false_type{});
+            continue;
+          }
+          // Otherwise three loops, as in the general path below (the square root and division, the arctangent,
+          // the pair formulas).
+#pragma omp simd
+          for (index_t j = 0; j < TILE; ++j) {
+            if (l == 0) to_units(j);
+            angle_reduce(gm[i * TILE + j], gp[i * TILE + j], a_z[j], a_base[j], a_sin[j]);
+          }
+#pragma omp simd
+          for (index_t j = 0; j < TILE; ++j) a_x[j] = angle_finish(a_z[j], a_base[j]);
+          auto loop = [&](auto masked) __attribute__((always_inline)) {
+#pragma omp simd
+            for (index_t j = 0; j < TILE; ++j)
+              pair(j, angle_from(gm[i * TILE + j], gp[i * TILE + j], a_x[j], a_sin[j]), masked);
+          };
+          M ? loop(std::true_type{}) : loop(std::false_type{});
+        }
+      }
+      const T* rl1 = c.tab1->field(depth, 0) + i0;
+      const T* rl2 = c.tab2->field(depth, 0) + j0;
+      for (index_t i = 0; i < ti; ++i) {
+        const T ra = rl1[i];
+#pragma omp simd
+        for (index_t j = 0; j < TILE; ++j) {
+          const index_t e = i * TILE + j;
+          const T P = ra * rl2[j];
+          s12[e] = P * s12[e];
+          ntk[e] = P * ntk[e];
+        }
+      }
+    }
+  }
+  for (int l = 0; l < (scaled ? 0 : depth); ++l) {
     const T* r1 = c.tab1->field(l, 0) + i0;
     const T* ir1 = c.tab1->field(l, 1) + i0;
     const T* pa1 = c.tab1->field(l, 2) + i0;
@@ -442,7 +556,7 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
     }
     if (n_all) {
       for (int k = 0; k <= l + 1; ++k) {
-        T* hk = ws.h.data() + size_t(k) * TILE * TILE;
+        T* hk = ws.h + size_t(k) * TILE * TILE;
         const T mk = (l + 2) > k ? T(1) : T(0);
 #pragma omp simd
         for (index_t e = 0; e < TILE * TILE; ++e) hk[e] = mk * s12[e] + td[e] * hk[e];
@@ -608,6 +722,12 @@ ARCFLOW_CLONES index_t asin_loop(T* __restrict a, T* __restrict b, index_t reps)
   return reps * 1024;
 }
 }  // namespace
+
+int set_fc_layout(int layout) {
+  const int prev = fc_layout;
+  fc_layout = layout < 0 ? -1 : (layout > 0 ? 1 : 0);
+  return prev;
+}
 
 double asin_throughput(bool single_precision, double seconds) {
   auto run = [&](auto tag) {
