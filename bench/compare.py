@@ -276,15 +276,15 @@ def work_roofline(job):
 
     ta = statistics.median(_time_reps(loop, reps))
     res["numpy_acos_per_core"] = a.size * inner / ta
-    # arcflow's own vectorised asin (one core), where this build exposes it
+    # arcflow's own vectorised arccos (one core), where this build exposes it
     try:
         from arcflow import _core
-        fn = getattr(_core, "asin_throughput")
+        fn = getattr(_core, "acos_throughput")
     except (ImportError, AttributeError):
         fn = None
     if fn is not None:
         rates = [fn(dtype == "float32", 0.2) for _ in range(reps)]
-        res["arcflow_asin_per_core"] = statistics.median(rates)
+        res["arcflow_acos_per_core"] = statistics.median(rates)
 
     # (c) writing the two outputs (NNGP and NTK) once: fresh np.empty + fill (page faults included,
     # as for a fresh result array), and refilling an existing buffer (bandwidth only)
@@ -721,18 +721,18 @@ def report(results, args, machine, dtypes, nt_python):
             if m:
                 say(f"  {label:<24} time / floor = {m / floor:.2f}")
                 f[f"ratio_{key.split('/')[0]}"] = m / floor
-        if "arcflow_asin_per_core" in r:
-            b2 = ops / (r["arcflow_asin_per_core"] * T)
+        if "arcflow_acos_per_core" in r:
+            b2 = ops / (r["arcflow_acos_per_core"] * T)
             floor2 = a + b2 + cw
-            say(f"  with arcflow's own vectorised asin ({r['arcflow_asin_per_core'] / 1e9:.3f} G/s "
-                f"per core, _core.asin_throughput): (b) = {b2:.3f} s, floor = {floor2:.3f} s")
-            f.update(arcflow_asin_per_core=r["arcflow_asin_per_core"], floor_arcflow_asin_s=floor2)
+            say(f"  with arcflow's own vectorised arccos ({r['arcflow_acos_per_core'] / 1e9:.3f} G/s "
+                f"per core, _core.acos_throughput): (b) = {b2:.3f} s, floor = {floor2:.3f} s")
+            f.update(arcflow_acos_per_core=r["arcflow_acos_per_core"], floor_arcflow_acos_s=floor2)
             for label, key in (("arcflow (x2 = x1, full)", f"arcflow_full/{dt}"),
                                ("arcflow (x2 = None)", f"arcflow/{dt}")):
                 m = med(key)
                 if m:
                     say(f"  {label:<24} time / that floor = {m / floor2:.2f}")
-                    f[f"ratio_asin_{key.split('/')[0]}"] = m / floor2
+                    f[f"ratio_acos_{key.split('/')[0]}"] = m / floor2
             # The kernel alone: the full matrix into touched out= buffers, against the floor whose (c) is the
             # refill of an existing buffer (no page faults on either side; on a VM their cost varies a lot).
             m = med(f"arcflow_full_out/{dt}")
@@ -740,7 +740,7 @@ def report(results, args, machine, dtypes, nt_python):
                 floor3 = a + b2 + r["write_refill_s"]
                 say(f"  {'arcflow (full, out=)':<24} time / that floor with (c) = refill ({floor3:.3f} s) = "
                     f"{m / floor3:.2f}")
-                f.update(floor_arcflow_asin_refill_s=floor3, ratio_asin_refill_arcflow_full_out=m / floor3)
+                f.update(floor_arcflow_acos_refill_s=floor3, ratio_acos_refill_arcflow_full_out=m / floor3)
         summary["floor"][dt] = f
     say("")
     say("note: the machine is a shared VM (other jobs may run at the same time); compare the ratios, "

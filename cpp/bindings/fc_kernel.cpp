@@ -77,6 +77,15 @@ void bind_engine(py::module_& m, const char* name) {
       .def("diag", &py_engine<T>::diag, py::arg("nngp"), py::arg("ntk"), py::arg("threads"));
 }
 
+template <class T>
+carray<T> acos_poly_array(const carray<T>& x) {
+  carray<T> y(x.size());
+  const T* a = x.data();
+  T* b = y.mutable_data();
+  for (py::ssize_t i = 0; i < x.size(); ++i) b[i] = fm::acos_poly(a[i]);
+  return y;
+}
+
 }  // namespace
 
 void register_fc_kernel(py::module_& m) {
@@ -84,13 +93,17 @@ void register_fc_kernel(py::module_& m) {
   bind_engine<double>(m, "FcEngineF64");
   m.attr("fc_tile") = py::int_(fc_engine<double>::tile);
   m.def(
-      "asin_throughput",
+      "acos_throughput",
       [](bool single, double seconds) {
         py::gil_scoped_release nogil;
-        return asin_throughput(single, seconds);
+        return acos_throughput(single, seconds);
       },
       py::arg("single_precision"), py::arg("seconds") = 0.2,
-      "Vectorised arcsine throughput of this build on one core, elements per second (for the roofline).");
+      "Vectorised arccos throughput of this build on one core (one square root and a polynomial per value, on\n"
+      "[-1, 1]), elements per second (for the roofline).");
+  // The roofline's arccos, on an array (tests compare it with NumPy and mpmath).
+  m.def("_acos_poly", [](carray<double> x) { return acos_poly_array<double>(x); }, py::arg("x"));
+  m.def("_acos_poly", [](carray<float> x) { return acos_poly_array<float>(x); }, py::arg("x"));
   m.def("_set_fc_layout", &set_fc_layout, py::arg("layout"),
         "Tests only: the CPU layer loops' layout, -1 by the CPU, 0 three loops, 1 fused; returns the previous.");
 }

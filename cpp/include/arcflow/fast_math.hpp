@@ -114,6 +114,18 @@ ARCFLOW_HD float asin_poly<float>(float u) {
   return u + u * (z * (a + z * b));
 }
 
+// arccos(x) for -1 <= x <= 1 with one square root and asin_poly, no division: the fastest vectorised arccos
+// of this library (the roofline's arccos rate, acos_throughput). x = cos(t), 0 <= t <= pi.
+template <class T>
+ARCFLOW_HD T acos_poly(T x) {
+  const T a = std::fabs(x);
+  const T s = std::sqrt((T(1) - a) * (T(1) + a));  // sin(t)
+  const bool small = s <= a;                        // acos(|x|) <= pi/4
+  const T as = asin_poly(small ? s : a);
+  const T t = small ? as : consts<T>::half_pi - as;
+  return x < T(0) ? consts<T>::pi - t : t;
+}
+
 template <class T>
 ARCFLOW_HD T clamp01(T v) {
   return v < T(0) ? T(0) : (v > T(1) ? T(1) : v);

@@ -97,8 +97,9 @@ inline void fill_row_table(double nx2, const fc_params& p, int layers, index_t n
   }
 }
 
-// Vectorised-arcsine throughput of this build on one core (elements per second), for the roofline.
-double asin_throughput(bool single_precision, double seconds);
+// Vectorised-arccos throughput of this build on one core (fm::acos_poly on [-1, 1], elements per second), for
+// the roofline.
+double acos_throughput(bool single_precision, double seconds);
 
 // The layer loops' layout (fc_kernel.cpp, run_tile): -1 = by the CPU (one fused loop with the division-free
 // angle on AVX-512, three loops otherwise), 0 = three loops, 1 = fused. For tests, which run both layouts on
