@@ -367,6 +367,15 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
       store_tile(c.ntk_all + (index_t(layer) * n_all + k) * plane, c.n2, i0, ti, j0, tj, c.symmetric,
                  ws.h + size_t(k) * TILE * TILE, c.stream);
   };
+  // H_k = [layer + 2 > k] Sigma + Tdot H_k for k <= layer + 1: kernel_value_batch's NTK with every fix_dep.
+  auto update_all = [&](int l, const T* __restrict sig) {
+    for (int k = 0; k <= l + 1; ++k) {
+      T* hk = ws.h + size_t(k) * TILE * TILE;
+      const T mk = (l + 2) > k ? T(1) : T(0);
+#pragma omp simd
+      for (index_t e = 0; e < TILE * TILE; ++e) hk[e] = mk * sig[e] + td[e] * hk[e];
+    }
+  };
   if (n_all) {
     T* h0 = ws.h;
     for (index_t e = 0; e < TILE * TILE; ++e) h0[e] = s12[e];
@@ -377,14 +386,14 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
   // 3. Layers: Sigma^(l+1) -> Sigma^(l+2) and Theta alongside.
   // 3a. Scale-free activations without a bias (ReLU and its relatives, b_var = 0): the layers in units of P
   // (abrelu_act::pair_scaled). gm and gp carry sig2 and kap2, s12 the correlation and ntk Theta / P; after the
-  // last layer one multiply by P = r1 r2 of that layer. Tiles with a zero row (P = 0: the pi/2 convention)
-  // and the per-layer outputs of kernel_value_batch take the general loop below. Padding columns (j >= tj)
+  // last layer one multiply by P = r1 r2 of that layer (kernel_value_batch's H_k: once per layer). Tiles with
+  // a zero row (P = 0: the pi/2 convention) take the general loop below. Padding columns (j >= tj)
   // have ir2 = 0: half_sines gives them the convention's finite values, never stored.
   bool scaled = false;
   if constexpr (Act::angle_based && Act::scale_free && !Bias) {
     const T* ir1_0 = c.tab1->field(0, 1) + i0;
     const T* ir2_0 = c.tab2->field(0, 1) + j0;
-    scaled = depth > 0 && n_all == 0 && act.k2 > T(0);
+    scaled = depth > 0 && act.k2 > T(0);
     for (index_t i = 0; i < ti; ++i) scaled &= ir1_0[i] > T(0);
     for (index_t j = 0; j < tj; ++j) scaled &= ir2_0[j] > T(0);
     if (scaled) {
@@ -409,6 +418,7 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
             gm[e] = o.gm;
             gp[e] = o.gp;
             s12[e] = o.t;
+            if (n_all) td[e] = o.tdot;
             ntk[e] = decltype(masked)::value ? o.t + o.tdot * ntk[e] : o.tdot * ntk[e];
           };
           if (fused) {
@@ -441,6 +451,22 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
               pair(j, angle_from(gm[i * TILE + j], gp[i * TILE + j], a_x[j], a_sin[j]), masked);
           };
           M ? loop(std::true_type{}) : loop(std::false_type{});
+        }
+        if (n_all) {
+          // kernel_value_batch's H_k stay in absolute units: Sigma = P rho into the Gram tile's buffer (no
+          // longer needed), Tdot = k2 (Tdot / k2). One pass per layer, not one per stored plane.
+          const T* ra = c.tab1->field(l + 1, 0) + i0;
+          const T* rb = c.tab2->field(l + 1, 0) + j0;
+          for (index_t i = 0; i < ti; ++i) {
+#pragma omp simd
+            for (index_t j = 0; j < TILE; ++j) {
+              const index_t e = i * TILE + j;
+              g[e] = (ra[i] * rb[j]) * s12[e];
+              td[e] = act.k2 * td[e];
+            }
+          }
+          update_all(l, g);
+          store_all(l + 1);
         }
       }
       const T* rl1 = c.tab1->field(depth, 0) + i0;
@@ -559,12 +585,7 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
         pair_loop(std::false_type{});
     }
     if (n_all) {
-      for (int k = 0; k <= l + 1; ++k) {
-        T* hk = ws.h + size_t(k) * TILE * TILE;
-        const T mk = (l + 2) > k ? T(1) : T(0);
-#pragma omp simd
-        for (index_t e = 0; e < TILE * TILE; ++e) hk[e] = mk * s12[e] + td[e] * hk[e];
-      }
+      update_all(l, s12);
       store_all(l + 1);
     }
   }
