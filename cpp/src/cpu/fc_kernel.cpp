@@ -33,7 +33,7 @@ constexpr index_t TILE = fc_engine<double>::tile;
 int fc_layout = -1;  // set_fc_layout
 
 // Whether the layers run as one fused loop (see run_tile) and the Gram tile uses 64-byte vectors
-// (gram_rows_wide): by default where this CPU runs the x86-64-v4 (AVX-512) clones. Read once per tile.
+// (gram_rows<T, R, 64>): by default where this CPU runs the x86-64-v4 (AVX-512) clones. Read once per tile.
 bool fused_layout() {
   if (fc_layout >= 0) return fc_layout == 1;
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -126,22 +126,27 @@ inline void pack_panels(const T* x2, index_t d, index_t tj, T* bt) {
   }
 }
 
-// G rows [i, i+R) = a (R x d) times the packed bt, R rows x 2 vectors of 32 bytes (one panel) at a time
-// (GCC vector extensions). Sized for AVX2's 16 registers: 2R accumulators + 2 loads; on AVX-512 the same
-// code runs with half-filled registers, on SSE2 each vector splits in two.
-template <class T, int R>
+// G rows [i, i+R) = a (R x d) times the packed bt, R rows x 2 vectors of VB bytes at a time (GCC vector
+// extensions), 2R accumulators. VB = 32, sized for AVX2's 16 registers: the two vectors are the halves of one
+// panel row; on SSE2 each vector splits in two. VB = 64 (AVX-512, 32 registers, R = 8): one vector per panel
+// row and the same row of two panels; gram_rows<.., 32> left half of each AVX-512 FMA unused (depth 0,
+// float64, 1 thread: 4.0 -> 2.75 ns per pair). Either way each element sums the same products in the same
+// order, so the bits are the same.
+template <class T, int R, int VB>
 inline __attribute__((always_inline)) void gram_rows(const T* a, index_t d, const T* bt, T* g) {
-  typedef T V __attribute__((vector_size(32)));
-  constexpr int W = 32 / int(sizeof(T));
-  static_assert(2 * W == panel_width<T>(), "one panel per pair of vectors");
+  typedef T V __attribute__((vector_size(VB)));
+  constexpr int W = VB / int(sizeof(T));
+  constexpr int PW = panel_width<T>();
+  static_assert(W == PW || 2 * W == PW, "a vector is a panel row or half of one");
+  const index_t off1 = W == PW ? index_t(PW) * d : W;  // the second vector: the next panel, or the row's half
   for (int j0 = 0; j0 < TILE; j0 += 2 * W) {
     V c0[R], c1[R];
     for (int r = 0; r < R; ++r) c0[r] = c1[r] = V{};
     const T* b = bt + j0 * d;
-    for (index_t k = 0; k < d; ++k, b += 2 * W) {
+    for (index_t k = 0; k < d; ++k, b += PW) {
       V b0, b1;
       __builtin_memcpy(&b0, b, sizeof(V));
-      __builtin_memcpy(&b1, b + W, sizeof(V));
+      __builtin_memcpy(&b1, b + off1, sizeof(V));
       for (int r = 0; r < R; ++r) {
         const T v = a[r * d + k];
         c0[r] += v * b0;
@@ -155,49 +160,19 @@ inline __attribute__((always_inline)) void gram_rows(const T* a, index_t d, cons
   }
 }
 
-// AVX-512: R rows x two panels, one 64-byte vector per panel row (a zmm register), 2R accumulators. The same
-// multiply-adds in the same order per element as gram_rows, so the same bits; twice the width per
-// instruction. gram_rows' 32-byte vectors left half of each AVX-512 FMA unused.
-template <class T, int R>
-inline __attribute__((always_inline)) void gram_rows_wide(const T* a, index_t d, const T* bt, T* g) {
-  typedef T V __attribute__((vector_size(64)));
-  constexpr int PW = panel_width<T>();
-  static_assert(int(sizeof(V)) == PW * int(sizeof(T)), "one panel row per vector");
-  for (int j0 = 0; j0 < TILE; j0 += 2 * PW) {
-    V c0[R], c1[R];
-    for (int r = 0; r < R; ++r) c0[r] = c1[r] = V{};
-    const T* b0 = bt + j0 * d;
-    const T* b1 = b0 + PW * d;
-    for (index_t k = 0; k < d; ++k) {
-      V v0, v1;
-      __builtin_memcpy(&v0, b0 + k * PW, sizeof(V));
-      __builtin_memcpy(&v1, b1 + k * PW, sizeof(V));
-      for (int r = 0; r < R; ++r) {
-        const T v = a[r * d + k];
-        c0[r] += v * v0;
-        c1[r] += v * v1;
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      __builtin_memcpy(g + r * TILE + j0, &c0[r], sizeof(V));
-      __builtin_memcpy(g + r * TILE + j0 + PW, &c1[r], sizeof(V));
-    }
-  }
-}
-
 template <class T>
 inline __attribute__((always_inline)) void gram_tile(const T* a, index_t ti, index_t d, const T* bt, T* g) {
   index_t i = 0;
   if (fused_layout()) {  // AVX-512
-    for (; i + 8 <= ti; i += 8) gram_rows_wide<T, 8>(a + i * d, d, bt, g + i * TILE);
-    for (; i + 4 <= ti; i += 4) gram_rows_wide<T, 4>(a + i * d, d, bt, g + i * TILE);
+    for (; i + 8 <= ti; i += 8) gram_rows<T, 8, 64>(a + i * d, d, bt, g + i * TILE);
+    for (; i + 4 <= ti; i += 4) gram_rows<T, 4, 64>(a + i * d, d, bt, g + i * TILE);
   }
-  for (; i + 6 <= ti; i += 6) gram_rows<T, 6>(a + i * d, d, bt, g + i * TILE);
+  for (; i + 6 <= ti; i += 6) gram_rows<T, 6, 32>(a + i * d, d, bt, g + i * TILE);
   // 64 = 10 * 6 + 4: the last four rows in one block of 4 (8 accumulators, two FMAs in flight per cycle)
   // rather than two blocks of 2 (4 accumulators: the FMA latency bounds them to half rate).
-  for (; i + 4 <= ti; i += 4) gram_rows<T, 4>(a + i * d, d, bt, g + i * TILE);
-  for (; i + 2 <= ti; i += 2) gram_rows<T, 2>(a + i * d, d, bt, g + i * TILE);
-  for (; i < ti; ++i) gram_rows<T, 1>(a + i * d, d, bt, g + i * TILE);
+  for (; i + 4 <= ti; i += 4) gram_rows<T, 4, 32>(a + i * d, d, bt, g + i * TILE);
+  for (; i + 2 <= ti; i += 2) gram_rows<T, 2, 32>(a + i * d, d, bt, g + i * TILE);
+  for (; i < ti; ++i) gram_rows<T, 1, 32>(a + i * d, d, bt, g + i * TILE);
 }
 
 // Copies n contiguous values to dst. With stream, non-temporal stores where dst is 16-byte aligned: a large
