@@ -304,8 +304,70 @@ def work_roofline(job):
     return res
 
 
+def work_roofline_paired(job):
+    """The roofline ratio measured rep by rep in one process: each repetition times the full matrix (fresh
+    results, then into touched out= buffers that start on a cache line, as arcflow's own results do), the
+    GEMM, arcflow's arccos rate and the two writes back to back, and takes the ratio of that repetition; the
+    median of the per-rep ratios is the acceptance's "median of ratios measured in one run". The separate
+    workers above measure the kernel and the floor minutes apart, under whatever load each one met."""
+    import numpy as np
+
+    import arcflow
+    from arcflow import _core, _dispatch
+
+    _limit_blas(job["threads"])
+    n = job["n"]
+    d, dtype, threads, reps, depth = job["d"], job["dtype"], job["threads"], job["reps"], job["depth"]
+    x1 = _inputs(n, d, dtype)
+    x2 = x1.copy()
+    ops = depth * n * n
+    single = dtype == "float32"
+    c = np.empty((n, n), dtype=dtype)
+    outs = {k: _dispatch.allocate((n, n), np.dtype(dtype), "compare") for k in ("nngp", "ntk")}
+    for o in outs.values():
+        o.fill(0.0)
+    refill = np.empty((2, n, n), dtype=dtype)
+    refill.fill(0.0)
+
+    def kernel_fresh():
+        return arcflow.kernels(x1, x2, depth=depth, activation="relu", threads=threads)
+
+    def kernel_out():
+        return arcflow.kernels(x1, x2, depth=depth, activation="relu", threads=threads, out=outs)
+
+    def fresh_write():
+        buf = np.empty((2, n, n), dtype=dtype)
+        buf.fill(1.0)
+        return buf
+
+    def once(fn):
+        t0 = time.perf_counter()
+        r = fn()
+        t = time.perf_counter() - t0
+        del r
+        return t
+
+    for fn in (kernel_fresh, kernel_out, lambda: np.matmul(x1, x2.T, out=c), fresh_write):
+        once(fn)  # warm-up
+    rows = []
+    for _ in range(reps):
+        k_fresh = once(kernel_fresh)
+        k_out = once(kernel_out)
+        a = once(lambda: np.matmul(x1, x2.T, out=c))
+        b = ops / (_core.acos_throughput(single, 0.1) * threads)
+        c_fresh = once(fresh_write)
+        c_refill = once(lambda: refill.fill(2.0))
+        rows.append({"kernel_fresh_s": k_fresh, "kernel_out_s": k_out, "gemm_s": a, "acos_s": b,
+                     "write_fresh_s": c_fresh, "write_refill_s": c_refill,
+                     "ratio_fresh": k_fresh / (a + b + c_fresh), "ratio_out": k_out / (a + b + c_refill)})
+    return {"reps": rows,
+            "ratio_fresh": statistics.median(r["ratio_fresh"] for r in rows),
+            "ratio_out": statistics.median(r["ratio_out"] for r in rows), "threads": threads}
+
+
 WORKERS = {"arcflow": work_arcflow, "reference": work_reference, "original": work_original,
-           "compat": work_compat, "nt": work_nt, "roofline": work_roofline}
+           "compat": work_compat, "nt": work_nt, "roofline": work_roofline,
+           "roofline_paired": work_roofline_paired}
 
 
 def worker_main(spec: str) -> None:
@@ -569,6 +631,9 @@ def main(argv=None):
         for dt in dtypes:
             go(f"roofline/{dt}", dict(base, kind="roofline", dtype=dt, reps=args.reps),
                drop_env=NUMPY_ENV_DROP)
+        for dt in dtypes:
+            go(f"roofline_paired/{dt}", dict(base, kind="roofline_paired", dtype=dt, reps=args.reps),
+               drop_env=NUMPY_ENV_DROP)
 
     with open("/proc/loadavg") as f:
         machine["loadavg_at_end"] = f.read().split()[:3]
@@ -742,6 +807,20 @@ def report(results, args, machine, dtypes, nt_python):
                     f"{m / floor3:.2f}")
                 f.update(floor_arcflow_acos_refill_s=floor3, ratio_acos_refill_arcflow_full_out=m / floor3)
         summary["floor"][dt] = f
+    summary["floor_paired"] = {}
+    for dt in dtypes:
+        r = results.get(f"roofline_paired/{dt}")
+        if not r or "error" in r or "reps" not in r:
+            continue
+        say("")
+        say(f"roofline rep by rep, {dt}, full matrix, one worker (kernel, GEMM, arcflow's arccos rate and the writes "
+            f"timed back to back in each repetition; floor with arcflow's arccos):")
+        per_fresh = ", ".join(f"{x['ratio_fresh']:.2f}" for x in r["reps"])
+        per_out = ", ".join(f"{x['ratio_out']:.2f}" for x in r["reps"])
+        say(f"  fresh results vs floor with (c) = np.empty + fill: median {r['ratio_fresh']:.2f} (per rep {per_fresh})")
+        say(f"  into touched out= buffers on a cache line vs floor with (c) = refill: median {r['ratio_out']:.2f} "
+            f"(per rep {per_out})")
+        summary["floor_paired"][dt] = r
     say("")
     say("note: the machine is a shared VM (other jobs may run at the same time); compare the ratios, "
         "and quote absolute times only with this machine.")
