@@ -103,8 +103,8 @@ double acos_throughput(bool single_precision, double seconds);
 
 // The layer loops' layout (fc_kernel.cpp, run_tile): -1 = by the CPU (one fused loop with the division-free
 // angle and the 64-byte-vector Gram on AVX-512, three loops and 32-byte vectors otherwise), 0 = three loops,
-// 1 = fused. For tests, which run both layouts on
-// any CPU. Returns the previous setting; not thread-safe against running kernels.
+// 1 = fused. For tests, which run both layouts on any CPU. Returns the previous setting; not thread-safe
+// against running kernels.
 int set_fc_layout(int layout);
 
 }  // namespace arcflow

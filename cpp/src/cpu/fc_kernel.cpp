@@ -178,7 +178,7 @@ inline __attribute__((always_inline)) void gram_tile(const T* a, index_t ti, ind
   for (; i < ti; ++i) gram_rows<T, 1, 32>(a + i * d, d, bt, g + i * TILE);
 }
 
-// Copies n contiguous values to dst. With stream, non-temporal stores where dst is 16-byte aligned: a large
+// Copies n contiguous values to dst. With stream, non-temporal stores on the whole cache lines of dst: a large
 // output is written once and not read back by the kernel, so streaming it past the caches saves the
 // read-for-ownership of every output line and keeps the tile's working set in cache (measured, quiet VM,
 // 2 threads: kernel_value_batch(X, 5) at N = 3000 0.29-0.31 -> 0.23-0.27 s, symmetric kernels at N = 6000
@@ -191,7 +191,7 @@ inline void stream_row(T* dst, const T* src, index_t n, bool stream) {
   if (stream) {
     // Non-temporal stores only on whole cache lines: the line the row starts in and the line it ends in are
     // shared with the neighbouring tiles, so they take plain stores. A partly written line in a
-    // write-combining buffer goes out as a partial write, which cost this VM (2 vCPU EPYC) 3.5-4 ns per pair
+    // write-combining buffer goes out as a partial write, which cost the Intel Xeon VM 3.5-4 ns per pair
     // at depth 0 (9.0 instead of 5.5 ns, 1 thread, 2048 x 2048 float64): np.empty puts large arrays 16
     // bytes past a page boundary, so with 16-byte alignment alone every row segment began mid-line.
     constexpr index_t W = 16 / index_t(sizeof(T));
