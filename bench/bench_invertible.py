@@ -56,7 +56,7 @@ def parse():
 ARGS = parse()
 THREADS = ARGS.threads or len(os.sched_getaffinity(0))
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
-for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):  # NumPy at its best (BENCHMARKS.md)
+for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):  # NumPy at its best (docs/benchmarking.md)
     os.environ.pop(var, None)
 # OpenBLAS's idle threads spin for about 2^28 cycles (0.1 s here) after each BLAS call before they sleep.
 # Interleaved, that spin runs on the cores during the next program's turn (arcflow's 30 ms block took up

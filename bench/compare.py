@@ -26,7 +26,7 @@ The full matrix (x2 = a copy of x1) is timed twice: into fresh outputs (the user
 faults of fresh memory cost from one call to the next what they like) and into the same touched ``out=``
 buffers every call (the kernel alone), each in its own worker so that the peak memory stays per program.
 
-The floor (roofline, see /work/shared/BENCHMARKS.md)::
+The floor (roofline, see docs/benchmarking.md)::
 
     floor = (a) GEMM time of x1 @ x2.T (NumPy, same threads, preallocated output)
           + (b) depth * n1 * n2 / (arccos throughput per core * threads)

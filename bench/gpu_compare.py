@@ -12,7 +12,7 @@ Workload (issue 5): NNGP + NTK, ReLU, w_std = 1.4, b_std = 0.1, float32, n1 = n2
 Each time is the median of ``--repeat`` runs after one warm-up, synchronised (CuPy stream / JAX
 ``block_until_ready``); an implementation that runs out of memory is reported as OOM.
 
-The floor (roofline, /work/shared/BENCHMARKS.md; on a GPU the terms overlap, so their maximum):
+The floor (roofline, docs/benchmarking.md; on a GPU the terms overlap, so their maximum):
     (a) 2 n1 n2 d / (fp32 GEMM rate measured with cupy.matmul, no TF32)
     (b) output bytes (NNGP + NTK, 2 n1 n2 4) / (device copy bandwidth measured with cupy.copyto, read + write)
     (c) depth n1 n2 / (arcsine throughput of the device, measured in registers by arcflow._cuda.asin_throughput)
