@@ -7,8 +7,29 @@ so keep the inputs small (a few rows, depth <= 8). A cosine within 1e-40 of +-1 
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+
+import strict_skips
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(strict_skips, "arcflow_strict_skips")
+
+
+def pytest_report_header(config):
+    """The build and the instruction-set level the compiled kernels run at (ARCFLOW_ISA caps it)."""
+    import arcflow
+    from arcflow import _core
+
+    isa = _core._fc_isa() if hasattr(_core, "_fc_isa") else "not reported by this build"
+    levels = _core._isa_levels() if hasattr(_core, "_isa_levels") else "not reported by this build"
+    return [f"arcflow {arcflow.__version__} from {os.path.dirname(arcflow.__file__)}: {arcflow.build_info()}",
+            f"arcflow kernels ISA: {isa} (ARCFLOW_ISA={os.environ.get('ARCFLOW_ISA', 'unset')}; "
+            f"levels this CPU runs: {levels})"]
+
 
 def _mp():
     import mpmath as mp_module
@@ -115,8 +136,7 @@ def mp_kernels(x1, x2=None, *, depth, activation="relu", w_std=1.0, b_std=0.0, f
 
 @pytest.fixture(scope="session")
 def mp_oracle():
-    """The 50-digit recursion :func:`mp_kernels` (skips the test where mpmath is missing)."""
-    pytest.importorskip("mpmath")
+    """The 50-digit recursion :func:`mp_kernels` (mpmath is a test dependency: no skip without it)."""
     return mp_kernels
 
 

@@ -2,12 +2,16 @@
 //
 // Each CUDA thread of a block runs as an OS thread, __syncthreads is a std::barrier and __shared__ arrays are
 // function statics, so the kernels' indexing, tiling, mirroring and bounds are checked without a GPU.
-// Built and run by tests/test_cuda.py::test_kernel_logic_in_host_emulation (g++ -std=c++20); prints one line
-// "worst f64 <err> f32 <err>", the largest error relative to the largest |entry|, over all cases.
+// Built and run by tests/test_cuda.py (g++ -std=c++20); prints one line "worst f64 <err> f32 <err>", the largest
+// error relative to the largest |entry|, over all cases. With a directory as argument it also writes the
+// emulated kernels of a few cases (every activation, both dtypes, with and without bias) there, with their
+// inputs, for test_cuda.py to compare with arcflow.reference: the CPU engine shares activations.hpp with the
+// CUDA kernels, so agreeing with it alone would not catch an error in the shared formulas.
 #include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdio>
+#include <string>
 #include <random>
 #include <thread>
 #include <vector>
@@ -35,9 +39,16 @@ inline double __dadd_rn(double a, double b) { return a + b; }
 using namespace arcflow;
 using namespace arcflow::cuda_detail;
 
+// Where run_case writes its inputs and emulated outputs (null: nowhere). Collinear rows are left out of the
+// written cases: the reference computes such off-diagonal pairs naively (off by ~1e-8, more for Step and Sign).
+struct dump_target {
+  std::FILE* manifest;
+  std::string dir, name;
+};
+
 template <class T>
 double run_case(const act_params& ap, double wv, double bv, int depth, int fix, int n1, int n2, int d, bool sym,
-                unsigned seed) {
+                unsigned seed, const dump_target* dump = nullptr) {
   std::mt19937 rng(seed);
   std::normal_distribution<double> nd;
   if (sym) n2 = n1;
@@ -46,11 +57,13 @@ double run_case(const act_params& ap, double wv, double bv, int depth, int fix, 
   for (auto& v : x2) v = T(nd(rng));
   if (n1 > 3)  // a duplicate, a multiple and a zero row: the first-layer refinement and the zero-row limits
     for (int k = 0; k < d; ++k) {
-      x1[size_t(d) + k] = x1[k];
-      x1[size_t(2) * d + k] = T(-0.6) * x1[k];
+      if (!dump) {
+        x1[size_t(d) + k] = x1[k];
+        x1[size_t(2) * d + k] = T(-0.6) * x1[k];
+      }
       x1[size_t(3) * d + k] = T(0);
     }
-  if (!sym && n2 > 1)
+  if (!sym && n2 > 1 && !dump)
     for (int k = 0; k < d; ++k) {
       x2[k] = x1[k];
       x2[size_t(d) + k] = T(0.7) * x1[k];
@@ -137,6 +150,25 @@ double run_case(const act_params& ap, double wv, double bv, int depth, int fix, 
       gt.insert(gt.end(), et.begin(), et.end());
     }
   });
+  if (dump) {  // x1, x2 (not in the symmetric case), nngp, ntk, then the diag kernel's nngp, ntk; as doubles
+    const std::string file = dump->name + (sizeof(T) == 8 ? "_f64" : "_f32") + (sym ? "_sym" : "") + ".bin";
+    std::FILE* f = std::fopen((dump->dir + "/" + file).c_str(), "wb");
+    if (!f) return 1e300;
+    auto put = [f](const T* v, size_t n) {
+      for (size_t e = 0; e < n; ++e) {
+        const double x = double(v[e]);
+        std::fwrite(&x, sizeof x, 1, f);
+      }
+    };
+    put(x1.data(), x1.size());
+    if (!sym) put(x2.data(), x2.size());
+    put(gn.data(), gn.size());  // in the symmetric case the diag kernel's n1 values follow the matrix
+    put(gt.data(), gt.size());
+    std::fclose(f);
+    std::fprintf(dump->manifest, "%s %s %d %.17g %.17g %d %.17g %.17g %d %d %d %d %d %d\n", file.c_str(),
+                 sizeof(T) == 8 ? "float64" : "float32", int(ap.kind), ap.a, ap.b, ap.n, wv, bv, depth, fix, n1, n2,
+                 d, int(sym));
+  }
   double mx = 0, err = 0;
   for (size_t e = 0; e < cn.size(); ++e) mx = std::max({mx, std::fabs(double(cn[e])), std::fabs(double(ct[e]))});
   for (size_t e = 0; e < cn.size(); ++e) {
@@ -146,7 +178,7 @@ double run_case(const act_params& ap, double wv, double bv, int depth, int fix, 
   return err / std::max(mx, 1e-300);
 }
 
-int main() {
+int main(int argc, char** argv) {
   struct act_case {
     act_params p;
     double wv, bv;
@@ -182,6 +214,27 @@ int main() {
                       int(sh.sym), depth, e64, e32);
         }
       }
+  if (argc > 1) {  // every activation, with its bias and without, both dtypes, a ragged and a symmetric shape
+    dump_target dt{std::fopen((std::string(argv[1]) + "/manifest.txt").c_str(), "w"), argv[1], ""};
+    if (!dt.manifest) return 2;
+    for (const auto& ac : acts) {
+      if (ac.bv == 0) continue;  // relu_nobias: relu without bias is written below
+      for (const double bv : {ac.bv, 0.0})
+        for (const shape& sh : {shape{70, 40, 11, false}, shape{70, 70, 9, true}}) {
+          dt.name = std::string(ac.name) + (bv > 0 ? "_bias" : "_nobias");
+          const double e64 = run_case<double>(ac.p, ac.wv, bv, 3, 1, sh.n1, sh.n2, sh.d, sh.sym, 3, &dt);
+          const double e32 = run_case<float>(ac.p, ac.wv, bv, 3, 1, sh.n1, sh.n2, sh.d, sh.sym, 4, &dt);
+          worst64 = std::max(worst64, e64);
+          worst32 = std::max(worst32, e32);
+          if (e64 > 1e-12 || e32 > 1e-5) {
+            ++bad;
+            std::printf("%-20s %4d x %4d (written case): f64 %.2e f32 %.2e\n", dt.name.c_str(), sh.n1, sh.n2, e64,
+                        e32);
+          }
+        }
+    }
+    std::fclose(dt.manifest);
+  }
   std::printf("worst f64 %.3e f32 %.3e\n", worst64, worst32);
   return bad ? 1 : 0;
 }

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 import arcflow
-from arcflow import _core, _cuda
+from arcflow import _core, _cuda, reference
+from arcflow import activations as acts
 from arcflow._kernels import _act_numbers  # the (a, b, n) the bindings take, as the public API passes them
 from arcflow.activations import ReLU
 from test_properties import ACTIVATIONS as PROPERTY_ACTIVATIONS
@@ -109,11 +110,11 @@ def test_binding_without_device_raises_runtime_error():
 
 # ---- without a GPU: the kernels' logic in a host emulation -------------------------------------------------
 
-@pytest.mark.slow
-def test_kernel_logic_in_host_emulation(tmp_path):
-    """tests/cuda_emulation.cpp runs the CUDA tile and diag kernels on the CPU (one OS thread per CUDA
-    thread, a barrier for __syncthreads) against the CPU engine, for every activation family, symmetric and
-    not, ragged tiles, depth 0..8: indexing, mirroring and bounds are checked where no GPU is present."""
+@pytest.fixture(scope="module")
+def host_emulation(tmp_path_factory):
+    """Builds tests/cuda_emulation.cpp with g++ and runs it once: (the completed run, the directory where it wrote
+    its cases for the reference). It runs the CUDA tile and diag kernels on the CPU (one OS thread per CUDA
+    thread, a barrier for __syncthreads)."""
     root = Path(__file__).resolve().parents[1]
     src, engine = root / "tests" / "cuda_emulation.cpp", root / "cpp" / "src" / "cpu" / "fc_kernel.cpp"
     if not (root / "cpp" / "src" / "cuda" / "fc_tile.cuh").exists() or not engine.exists():
@@ -121,6 +122,7 @@ def test_kernel_logic_in_host_emulation(tmp_path):
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("no g++ to build the host emulation")
+    tmp_path = tmp_path_factory.mktemp("cuda_emulation")
     probe = tmp_path / "probe.cpp"
     probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
     if subprocess.run([cxx, "-std=c++20", str(probe), "-o", str(tmp_path / "probe"), "-lpthread"],
@@ -131,9 +133,66 @@ def test_kernel_logic_in_host_emulation(tmp_path):
                             f"-I{root / 'cpp' / 'include'}", str(src), str(engine), "-o", str(exe), "-lpthread"],
                            capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stderr[-4000:]
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=900)
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    run = subprocess.run([str(exe), str(cases)], capture_output=True, text=True, timeout=900)
+    return run, cases
+
+
+@pytest.mark.slow
+def test_kernel_logic_in_host_emulation(host_emulation):
+    """The emulated CUDA kernels against the CPU engine, for every activation family, symmetric and not, ragged
+    tiles, depth 0..8: indexing, mirroring and bounds are checked where no GPU is present."""
+    run, _ = host_emulation
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert run.stdout.strip().startswith("worst f64"), run.stdout
+
+
+_EMULATED_ACTIVATIONS = {0: lambda a, b, n: acts.ABReLU(a, b), 1: lambda a, b, n: acts.RectifiedMonomial(n),
+                         2: lambda a, b, n: acts.Sign(), 3: lambda a, b, n: acts.Erf()}
+
+
+@pytest.mark.slow
+def test_host_emulation_matches_reference(host_emulation):
+    """The emulated CUDA kernels against arcflow.reference (NumPy, float64): every activation, float32 and
+    float64, with and without bias, a ragged 70 x 40 case and a symmetric 70 x 70 one with its diag kernel."""
+    run, cases = host_emulation
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    rows = [line.split() for line in (cases / "manifest.txt").read_text().splitlines()]
+    assert len(rows) == 9 * 2 * 2 * 2, "activations x bias x shapes x dtypes"
+    seen, failures = set(), []
+    for file, dtype, kind, a, b, n, wv, bv, depth, fix, n1, n2, d, sym in rows:
+        dtype = np.dtype(dtype).type
+        n1, n2, d, sym, depth, fix = int(n1), int(n2), int(d), sym == "1", int(depth), int(fix)
+        act = _EMULATED_ACTIVATIONS[int(kind)](float(a), float(b), int(n))
+        seen.add((repr(act), dtype, float(bv) > 0))
+        v = np.fromfile(cases / file, dtype=np.float64)
+        x1, v = v[:n1 * d].reshape(n1, d), v[n1 * d:]
+        x2 = None
+        if not sym:
+            x2, v = v[:n2 * d].reshape(n2, d), v[n2 * d:]
+        m = n1 * n2 + (n1 if sym else 0)          # the matrix, then (symmetric) the diag kernel's values
+        gn, gt = v[:m], v[m:]
+        assert gt.size == m, file
+        kw = dict(depth=depth, activation=act, w_std=np.sqrt(float(wv)), b_std=np.sqrt(float(bv)), fix_dep=fix,
+                  get=("nngp", "ntk") if act.has_ntk else ("nngp",))
+        want = reference.kernels(x1, x2, **kw)
+        wanted = {"nngp": want.nngp.ravel()}
+        if act.has_ntk:
+            wanted["ntk"] = want.ntk.ravel()
+        if sym:
+            dg = reference.kernels(x1, diag=True, **kw)
+            wanted["nngp"] = np.concatenate([wanted["nngp"], dg.nngp])
+            if act.has_ntk:
+                wanted["ntk"] = np.concatenate([wanted["ntk"], dg.ntk])
+        for field, got in (("nngp", gn), ("ntk", gt)):
+            if field in wanted:
+                try:
+                    assert_close(got.astype(dtype), wanted[field], dtype, f"{file} {field}")
+                except AssertionError as e:
+                    failures.append(str(e).splitlines()[0])
+    assert not failures, "\n".join(failures)
+    assert len(seen) == 9 * 2 * 2
 
 
 # ---- on a GPU: the same numbers as the CPU backend --------------------------------------------------------

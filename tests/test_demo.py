@@ -5,10 +5,8 @@ import re
 
 import pytest
 
-pytest.importorskip("sklearn")
-
-from arcflow import demo  # noqa: E402
-from arcflow.__main__ import main as cli_main  # noqa: E402
+from arcflow import demo
+from arcflow.__main__ import main as cli_main
 
 ROW = re.compile(r"^(NTK|NNGP)\s+(arcflow \(C\+\+\)|NumPy reference)\s+.*?([\d.]+)%\s+([\d.]+)%\s*$")
 

@@ -6,6 +6,7 @@ import pytest
 
 from arcflow.invertible import IRevNetBlock
 from arcflow.invertible import _ops
+from test_invertible_ops import conv2d_oracle
 from test_irevnet import REL, block_forward_np, bottleneck_np, psi_inv_np, randomize_bn, rel_err
 
 FINITE_CASES = [
@@ -129,13 +130,36 @@ def test_block_accepts_huge_finite_values(case, dtype):
 
 
 def test_block_overflow_inside_f_is_not_an_input_error():
-    """Finite input whose F overflows to Inf: the block returns Inf (as before), it does not report bad input."""
+    """Finite input whose F overflows float32: a FloatingPointError naming the block and the layer, not
+    the input error (the float64 oracle on the same float32 values shows where the range is left)."""
     blk = IRevNetBlock(16, 8, 1, first=True, rng=0)
     x1, x2 = inputs(blk, False, np.float32)
     x2[:] = 3e38
-    a, b = blk.forward((x1, x2))
-    assert not np.isfinite(b).all()
-    np.testing.assert_array_equal(a, x2)
+    # the first conv's output already leaves the float32 range in the oracle
+    h = conv2d_oracle(x2.astype(np.float64), blk.state_dict()["bottleneck_block.0.weight"].astype(np.float64),
+                      None, 1, 1)
+    assert np.abs(h).max() > np.finfo(np.float32).max
+    with pytest.raises(FloatingPointError, match=r"^IRevNetBlock\(in_ch=16.*bottleneck_block\.0"):
+        blk.forward((x1, x2))
+    with pytest.raises(FloatingPointError, match=r"bottleneck_block\.0"):
+        blk.bottleneck(x2)
+
+
+def test_block_output_overflow_names_the_sum():
+    """F finite, x1 + F(x2) beyond float32: FloatingPointError for the block's output (forward and inverse)."""
+    blk = IRevNetBlock(16, 8, 1, first=True, rng=0)
+    x1, x2 = inputs(blk, False, np.float32)
+    x2 *= np.float32(1e34)  # F ~ 1e33 (positively homogeneous with the default batch-norms), hidden layers finite
+    f = bottleneck_np(blk, x2.astype(np.float64))
+    big = np.finfo(np.float32).max
+    x1 = np.where(f > 0, big, np.float32(0.0)).astype(np.float32)
+    # the sum leaves float32 by far more than half an ulp of the largest float32 (2**103)
+    assert np.isfinite(f).all() and (x1.astype(np.float64) + f).max() > float(big) + 2.0 ** 110
+    with pytest.raises(FloatingPointError, match=r"output x1 \+ F\(x2\)"):
+        blk.forward((x1, x2))
+    # inverse: b - F(x2) below -max
+    with pytest.raises(FloatingPointError, match=r"x1 = b - F\(x2\)"):
+        blk.inverse((x2, -x1))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -16,8 +16,6 @@ import pytest
 
 import arcflow
 
-if not hasattr(arcflow, "kernels"):
-    pytest.skip("arcflow.kernels is not implemented yet (issue 2)", allow_module_level=True)
 
 
 def _x(n, d, seed, dtype=np.float64):
@@ -26,7 +24,6 @@ def _x(n, d, seed, dtype=np.float64):
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["x2", "symmetric"])
 def test_progress_bar_on_stderr(capsys, symmetric):
-    pytest.importorskip("tqdm")
     n1 = 1200 if symmetric else 2000
     x1 = _x(n1, 8, seed=0)
     x2 = None if symmetric else _x(700, 8, seed=1)
@@ -43,7 +40,6 @@ def test_progress_bar_on_stderr(capsys, symmetric):
 
 
 def test_progress_with_memmap_out(tmp_path, capsys):
-    pytest.importorskip("tqdm")
     x1, x2 = _x(2500, 6, seed=2, dtype=np.float32), _x(900, 6, seed=3, dtype=np.float32)
     out = np.memmap(tmp_path / "k.f32", dtype=np.float32, mode="w+", shape=(2500, 900))
     res = arcflow.ntk(x1, x2, depth=4, w_std=1.3, b_std=0.1, out=out, progress=True)
@@ -54,7 +50,6 @@ def test_progress_with_memmap_out(tmp_path, capsys):
 
 
 def test_progress_on_compat(capsys):
-    pytest.importorskip("tqdm")
     x = _x(800, 5, seed=4)
     k = arcflow.compat.kernel_value_batch(x, 3, progress=True)
     assert capsys.readouterr().err.strip()

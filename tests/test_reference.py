@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import math
 
+import mpmath as mp
 import numpy as np
 import pytest
+import scipy.special
 
 from arcflow import activations as acts
 from arcflow import reference
-
-mp = pytest.importorskip("mpmath")
 
 ALL_ACTIVATIONS = [
     acts.ReLU(), acts.LeakyReLU(0.2), acts.ABReLU(-0.4, 1.3), acts.Abs(), acts.Identity(),
@@ -99,7 +99,6 @@ def _homogeneous_expectation(f, degree, s1, s2, s12):
 
 def _erf_expectations(s1, s2, s12):
     """E[erf(u) erf(v)] and E[erf'(u) erf'(v)] by a 120 x 120 Gauss-Hermite rule (smooth integrands)."""
-    special = pytest.importorskip("scipy.special")
     z, w = np.polynomial.hermite_e.hermegauss(120)
     w = w / math.sqrt(2 * math.pi)
     c = s12 / math.sqrt(s1 * s2)
@@ -107,7 +106,7 @@ def _erf_expectations(s1, s2, s12):
     v = math.sqrt(s2) * (c * z[:, None] + math.sqrt(1 - c * c) * z[None, :])
     ww = w[:, None] * w[None, :]
     dot = 2 / math.sqrt(math.pi)
-    t = np.sum(ww * special.erf(u) * special.erf(v))
+    t = np.sum(ww * scipy.special.erf(u) * scipy.special.erf(v))
     tdot = np.sum(ww * dot * np.exp(-u * u) * dot * np.exp(-v * v))
     return t, tdot
 

@@ -1,9 +1,11 @@
 """arcflow and arcflow.reference against neural-tangents 0.6.5 (SPEC.md: 1e-10 relative, float64).
 
 The recorded numbers come from tests/make_nt_golden.py (tests/data/nt_golden.npz), so CI needs no jax.
-Where arcflow and neural-tangents differ by more than 1e-10, the 50-digit recursion decides
-(SPEC.md, numerical notes): arcflow must then match it, and neural-tangents must be the one that is off.
-A live comparison runs only where neural-tangents imports.
+neural-tangents is the only oracle here that shares no code or formulas with arcflow, so every case must
+agree with it to 1e-10. The 50-digit recursion (conftest.mp_kernels) retypes the closed forms of
+arcflow.reference: a formula error shared by both would pass against it, so it may settle a disagreement
+only for a case listed in NT_DEFECTS with the neural-tangents defect that excuses it. Elsewhere it only
+says, in the failure message, who is off. A live comparison runs only where neural-tangents imports.
 """
 from __future__ import annotations
 
@@ -65,17 +67,26 @@ def _get(c):
     return ("nngp", "ntk") if c["has_ntk"] else ("nngp",)
 
 
-def _check(got, want_nt, case_kwargs, x1, x2, field, mp_oracle, who):
-    """got vs neural-tangents; beyond TOL the 50-digit recursion decides who is right."""
+# Golden cases on which neural-tangents 0.6.5 is known to be wrong, case id -> the defect. Only these may be
+# settled by the 50-digit recursion. Empty: all 98 recorded cases agree with neural-tangents to 1e-10 (the
+# generator leaves out what nt gets wrong: RectifiedMonomial/Step, NaN in float64 wherever a diagonal
+# enters, see the golden file's notes; and collinear pairs off the diagonal, where nt is off by ~2e-8).
+NT_DEFECTS: dict = {}
+
+
+def _check(got, want_nt, case_kwargs, x1, x2, field, mp_oracle, who, excused=None):
+    """got vs neural-tangents to TOL; beyond it, only an excused case may be settled by the 50-digit
+    recursion (arcflow right, neural-tangents off), else the test fails saying who the recursion sides with."""
     err = rel_err(got, want_nt)
     if err <= TOL:
         return
     nngp_mp, ntk_mp = mp_oracle(x1, x2, need_ntk=(field == "ntk"), **case_kwargs)
     truth = nngp_mp if field == "nngp" else ntk_mp
     err_truth, err_nt = rel_err(got, truth), rel_err(want_nt, truth)
-    assert err_truth <= TOL and err_nt > TOL, (
-        f"{who} {field}: {err:.2e} from neural-tangents; 50-digit check: {who} off by "
-        f"{err_truth:.2e}, neural-tangents off by {err_nt:.2e}")
+    verdict = (f"{who} {field}: {err:.2e} from neural-tangents; 50-digit check: {who} off by "
+               f"{err_truth:.2e}, neural-tangents off by {err_nt:.2e}")
+    assert excused is not None, verdict + " (not a known neural-tangents defect: see NT_DEFECTS)"
+    assert err_truth <= TOL and err_nt > TOL, f"{verdict} (excused as: {excused})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,6 +107,27 @@ def test_golden_file_is_small_and_covers_the_acceptance_grid():
     assert any(c["b_std"] == 0 for c in CASES) and any(c["b_std"] > 0 for c in CASES)
 
 
+def test_nt_defects_name_recorded_cases():
+    assert set(NT_DEFECTS) <= {_case_id(c) for c in CASES}
+
+
+def test_a_shared_formula_error_is_not_excused():
+    """An error shared by arcflow and the 50-digit recursion (both agreeing, neural-tangents not) fails,
+    unless the case is a listed neural-tangents defect."""
+    want_nt = np.array([[1.0, 0.5], [0.5, 2.0]])
+    shared = want_nt * (1 + 1e-6)
+
+    def oracle(x1, x2, need_ntk, **kw):
+        return shared, shared
+
+    x = np.ones((2, 1))
+    with pytest.raises(AssertionError, match="not a known neural-tangents defect"):
+        _check(shared, want_nt, {}, x, None, "nngp", oracle, "arcflow")
+    _check(shared, want_nt, {}, x, None, "nngp", oracle, "arcflow", excused="a listed defect")
+    with pytest.raises(AssertionError, match="excused as"):   # excused, yet arcflow is the one off
+        _check(want_nt * (1 + 1e-3), want_nt, {}, x, None, "nngp", oracle, "arcflow", excused="listed")
+
+
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_reference_matches_neural_tangents(case, mp_oracle):
     x1, x2 = _inputs(case)
@@ -104,7 +136,7 @@ def test_reference_matches_neural_tangents(case, mp_oracle):
     got = reference.kernels(x1, x2, get=_get(case), **kw)
     for field in _get(case):
         _check(getattr(got, field), ARRAYS[f"{case['key']}_{field}"], kw, x1, x2, field, mp_oracle,
-               "reference")
+               "reference", NT_DEFECTS.get(_case_id(case)))
 
 
 def _engine_cases():
@@ -114,8 +146,6 @@ def _engine_cases():
 
 @pytest.mark.parametrize("case", list(_engine_cases()))
 def test_arcflow_matches_neural_tangents(case, mp_oracle):
-    if not hasattr(arcflow, "kernels"):
-        pytest.skip("arcflow.kernels is not implemented yet (issue 2)")
     x1, x2 = _inputs(case)
     kw = dict(depth=case["depth"], activation=_activation(case), w_std=case["w_std"],
               b_std=case["b_std"])
@@ -124,7 +154,8 @@ def test_arcflow_matches_neural_tangents(case, mp_oracle):
         value = getattr(got, field)
         assert value.dtype == np.float64
         assert np.all(np.isfinite(value))
-        _check(value, ARRAYS[f"{case['key']}_{field}"], kw, x1, x2, field, mp_oracle, "arcflow")
+        _check(value, ARRAYS[f"{case['key']}_{field}"], kw, x1, x2, field, mp_oracle, "arcflow",
+               NT_DEFECTS.get(_case_id(case)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,9 +183,7 @@ def test_live_against_neural_tangents(mp_oracle):
     jax.config.update("jax_enable_x64", True)
     try:
         rng = np.random.default_rng(12345)
-        engines = [("reference", reference.kernels)]
-        if hasattr(arcflow, "kernels"):
-            engines.append(("arcflow", arcflow.kernels))
+        engines = [("reference", reference.kernels), ("arcflow", arcflow.kernels)]
         for name, args in gen.activation_specs(rng):
             for _ in range(2):
                 depth = int(rng.integers(0, 9))

@@ -25,12 +25,7 @@ import numpy as np
 import pytest
 
 import arcflow
-
-if not hasattr(arcflow, "kernels"):
-    pytest.skip("arcflow.kernels is not implemented yet (issue 2): nothing to compare with",
-                allow_module_level=True)
-
-from arcflow.activations import Erf, LeakyReLU, ReLU  # noqa: E402
+from arcflow.activations import Erf, LeakyReLU, ReLU
 
 WIDTH = 2048
 SEEDS = 12

@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 
@@ -27,11 +28,22 @@ void need_ndim(const carr<T>& a, py::ssize_t nd, const char* what) {
                                 " dimensions");
 }
 
+// The ops read and write whole elements (and vectors of them): an array at an address that is not a
+// multiple of its element size (np.ndarray(..., buffer=b, offset=1)) is undefined behaviour there.
+// Python (invertible/_ops.py) copies such inputs; here they are refused.
+template <typename T>
+void need_aligned(const carr<T>& a, const char* what) {
+  if (reinterpret_cast<std::uintptr_t>(a.data()) % alignof(T) != 0)
+    throw std::invalid_argument(std::string("arcflow: ") + what +
+                                " is not aligned to its element size (copy it: np.require(a, requirements='CA'))");
+}
+
 template <typename T>
 const T* opt_ptr(const std::optional<carr<T>>& a, index_t size, const char* what) {
   if (!a) return nullptr;
   if (a->size() != size)
     throw std::invalid_argument(std::string("arcflow: ") + what + " has the wrong size");
+  need_aligned(*a, what);
   return a->data();
 }
 
@@ -45,6 +57,9 @@ int conv2d(const carr<T>& x, const carr<T>& w, const std::optional<carr<T>>& bia
   need_ndim(x, 4, "conv2d input");
   need_ndim(w, 4, "conv2d weight");
   need_ndim(out, 4, "conv2d output");
+  need_aligned(x, "conv2d input");
+  need_aligned(w, "conv2d weight");
+  need_aligned(out, "conv2d output");
   Conv2dShape s{x.shape(0), x.shape(1), x.shape(2), x.shape(3), w.shape(0), w.shape(2), w.shape(3), stride, pad};
   ARCFLOW_CHECK(w.shape(1) == s.c, "conv2d: weight in-channels differ from the input's channels");
   ARCFLOW_CHECK(stride >= 1 && pad >= 0, "conv2d: stride must be >= 1 and padding >= 0");
@@ -82,6 +97,10 @@ void channel_affine(const carr<T>& x, const carr<T>& scale, const carr<T>& shift
   const index_t n = x.shape(0), c = x.shape(1);
   const index_t hw = c > 0 && n > 0 ? x.size() / (n * c) : 0;
   ARCFLOW_CHECK(scale.size() == c && shift.size() == c, "channel_affine: scale/shift need one value per channel");
+  need_aligned(x, "channel_affine input");
+  need_aligned(scale, "channel_affine scale");
+  need_aligned(shift, "channel_affine shift");
+  need_aligned(out, "channel_affine output");
   const T* xp = x.data();
   const T* scp = scale.data();
   const T* sfp = shift.data();
@@ -93,6 +112,8 @@ void channel_affine(const carr<T>& x, const carr<T>& scale, const carr<T>& shift
 template <typename T>
 void relu(const carr<T>& x, carr<T>& out, int threads) {
   ARCFLOW_CHECK(out.size() == x.size(), "relu: output has the wrong size");
+  need_aligned(x, "relu input");
+  need_aligned(out, "relu output");
   const T* xp = x.data();
   T* op = out.mutable_data();
   const index_t size = x.size();
@@ -104,6 +125,8 @@ template <typename T>
 void psi_fwd(const carr<T>& x, index_t b, carr<T>& out, int threads) {
   need_ndim(x, 4, "psi input");
   need_ndim(out, 4, "psi output");
+  need_aligned(x, "psi input");
+  need_aligned(out, "psi output");
   const index_t n = x.shape(0), c = x.shape(1), h = x.shape(2), w = x.shape(3);
   ARCFLOW_CHECK(b >= 1 && h % b == 0 && w % b == 0, "psi: h and w must be divisible by the block size");
   ARCFLOW_CHECK(out.shape(0) == n && out.shape(1) == c * b * b && out.shape(2) == h / b && out.shape(3) == w / b,
@@ -118,6 +141,8 @@ template <typename T>
 void psi_inv(const carr<T>& y, index_t b, carr<T>& out, int threads) {
   need_ndim(y, 4, "psi_inverse input");
   need_ndim(out, 4, "psi_inverse output");
+  need_aligned(y, "psi_inverse input");
+  need_aligned(out, "psi_inverse output");
   ARCFLOW_CHECK(b >= 1 && y.shape(1) % (b * b) == 0, "psi_inverse: channels must be divisible by block**2");
   const index_t n = y.shape(0), c = y.shape(1) / (b * b), h = y.shape(2) * b, w = y.shape(3) * b;
   ARCFLOW_CHECK(out.shape(0) == n && out.shape(1) == c && out.shape(2) == h && out.shape(3) == w,

@@ -13,6 +13,7 @@ without the GIL. ``threads=None`` uses arcflow's default (``arcflow.set_num_thre
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Tuple
 
 import numpy as np
@@ -43,6 +44,20 @@ def check_nchw_shape(xa, where: str, expected: str, channels: Optional[int] = No
         raise ValueError(f"{where}: expected input of shape {expected}, got an empty image {xa.shape}")
     if hw is not None and tuple(xa.shape[2:]) != tuple(hw):
         raise ValueError(f"{where}: expected input of shape {expected}, got shape {xa.shape}")
+
+
+def as_int(value, name: str, where: str, minimum: Optional[int] = None) -> int:
+    """``value`` as a Python int: ints and NumPy integers only (``int(2.7)`` would silently truncate a
+    float, and a bool is almost certainly a mistake); ValueError below ``minimum``."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where}: {name} must be an integer, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{where}: {name} must be an integer, got {value!r} ({type(value).__name__})") from None
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{where}: {name} must be >= {minimum}, got {v}")
+    return v
 
 
 def result_dtype(*arrays, dtype=None) -> np.dtype:
@@ -83,13 +98,23 @@ def all_finite(a: np.ndarray) -> bool:
     return bool(np.isfinite(a).all())
 
 
+def aligned(a, dt=None) -> np.ndarray:
+    """a (in dtype dt) as a C-contiguous array aligned to its element size: the C++ ops load and store
+    whole elements (and vectors), which a misaligned buffer (np.ndarray(..., buffer=b, offset=1)) breaks;
+    np.ascontiguousarray keeps such a buffer as it is, so it is copied here."""
+    arr = np.asarray(a, dtype=dt)
+    if arr.flags.c_contiguous and arr.flags.aligned:
+        return arr
+    return np.require(arr, dtype=arr.dtype, requirements=("C", "A"))
+
+
 def _as(a, dt, name: str, where: str, ndim: Optional[int] = None, check_finite: bool = True) -> np.ndarray:
     arr = np.asarray(a)
     if arr.dtype.kind not in "fiub":
         raise TypeError(f"{where}: {name} must be a real numeric array, got dtype {arr.dtype}")
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{where}: {name} must have {ndim} dimensions, got shape {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=dt)
+    arr = aligned(arr, dt)
     if check_finite and not all_finite(arr):
         raise ValueError(f"{where}: {name} contains NaN or Inf")
     return arr
@@ -120,6 +145,21 @@ def conv2d(x, w, b=None, stride: int = 1, padding: int = 0, *, dtype=None, out: 
 
     Example: ``conv2d(np.ones((1, 3, 8, 8), np.float32), np.ones((4, 3, 3, 3), np.float32), padding=1)``.
     """
+    out, bad = conv2d_flags(x, w, b, stride, padding, dtype=dtype, out=out, accumulate=accumulate, addend=addend,
+                            alpha=alpha, in_scale=in_scale, in_shift=in_shift, in_relu=in_relu,
+                            check_finite=check_finite, fused_finite=fused_finite, where=where, threads=threads)
+    if bad:
+        raise ValueError(f"{where}: input contains NaN or Inf")
+    return out
+
+
+def conv2d_flags(x, w, b=None, stride: int = 1, padding: int = 0, *, dtype=None, out: Optional[np.ndarray] = None,
+                 accumulate: bool = False, addend: Optional[np.ndarray] = None, alpha: float = 1.0, in_scale=None,
+                 in_shift=None, in_relu: bool = False, check_finite: bool = True, fused_finite: Tuple[str, ...] = (),
+                 where: str = "conv2d", threads: Optional[int] = None) -> Tuple[np.ndarray, int]:
+    """:func:`conv2d` returning ``(out, flags)`` instead of raising for the ``fused_finite`` inputs:
+    bit 0 set when x holds NaN/Inf, bit 1 when the addend does (so that a caller can tell an input's
+    NaN from an overflow of its own earlier layer)."""
     fused = set(fused_finite)
     if not fused <= {"x", "addend"}:
         raise ValueError(f"{where}: fused_finite names inputs among 'x' and 'addend', got {tuple(fused_finite)}")
@@ -133,8 +173,8 @@ def conv2d(x, w, b=None, stride: int = 1, padding: int = 0, *, dtype=None, out: 
                          f"input has {c} (shape {x.shape})")
     if o == 0 or kh == 0 or kw == 0 or c == 0 or h == 0 or wd == 0:
         raise ValueError(f"{where}: empty input {x.shape} or weight {w.shape}")
-    stride = int(stride)
-    padding = int(padding)
+    stride = as_int(stride, "stride", where)
+    padding = as_int(padding, "padding", where)
     if stride < 1 or padding < 0:
         raise ValueError(f"{where}: stride must be >= 1 and padding >= 0 (got {stride}, {padding})")
     if h + 2 * padding < kh or wd + 2 * padding < kw:
@@ -158,8 +198,9 @@ def conv2d(x, w, b=None, stride: int = 1, padding: int = 0, *, dtype=None, out: 
         out = np.empty((n, o, ho, wo), dtype=dt)
     else:
         if not isinstance(out, np.ndarray) or out.dtype != dt or out.shape != (n, o, ho, wo) \
-                or not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError(f"{where}: out must be a writeable C-contiguous {dt} array of shape {(n, o, ho, wo)}")
+                or not out.flags.c_contiguous or not out.flags.writeable or not out.flags.aligned:
+            raise ValueError(f"{where}: out must be a writeable, aligned, C-contiguous {dt} array of shape "
+                             f"{(n, o, ho, wo)}")
         if np.may_share_memory(out, x):
             raise ValueError(f"{where}: out must not overlap x")
     if addend is not None:
@@ -168,15 +209,14 @@ def conv2d(x, w, b=None, stride: int = 1, padding: int = 0, *, dtype=None, out: 
         if not isinstance(addend, np.ndarray) or addend.dtype != dt or addend.shape != (n, o, ho, wo) \
                 or not addend.flags.c_contiguous:
             raise ValueError(f"{where}: addend must be a C-contiguous {dt} array of shape {(n, o, ho, wo)}")
+        addend = aligned(addend)
         if np.may_share_memory(addend, x):
             raise ValueError(f"{where}: addend must not overlap x")
     bad = getattr(_core, "conv2d_cpu_" + _suffix(dt))(x, w, b, stride, padding, in_scale, in_shift,
                                                        bool(in_relu), float(alpha), bool(accumulate), addend, out,
                                                        check_threads(threads, where), check_x="x" in fused,
                                                        check_addend="addend" in fused)
-    if bad:
-        raise ValueError(f"{where}: input contains NaN or Inf")
-    return out
+    return out, int(bad)
 
 
 def batchnorm_scale_shift(weight, bias, running_mean, running_var, eps: float = 1e-5,
@@ -208,8 +248,9 @@ def batchnorm_inference(x, scale, shift, relu: bool = False, *, dtype=None, out:
         raise ValueError(f"{where}: scale and shift must have shape ({c},), got {scale.shape}, {shift.shape}")
     if out is None:
         out = np.empty_like(x)
-    elif out.dtype != dt or out.shape != x.shape or not out.flags.c_contiguous:
-        raise ValueError(f"{where}: out must be a C-contiguous {dt} array of shape {x.shape}")
+    elif out.dtype != dt or out.shape != x.shape or not out.flags.c_contiguous or not out.flags.aligned \
+            or not out.flags.writeable:
+        raise ValueError(f"{where}: out must be a writeable, aligned, C-contiguous {dt} array of shape {x.shape}")
     getattr(_core, "channel_affine_cpu_" + _suffix(dt))(x, scale, shift, bool(relu), out, check_threads(threads, where))
     return out
 
@@ -227,10 +268,8 @@ def relu(x, *, dtype=None, threads: Optional[int] = None) -> np.ndarray:
 def psi(x, block: int = 2, *, dtype=None, threads: Optional[int] = None) -> np.ndarray:
     """Space-to-depth in the reference i-RevNet channel order (SPEC.md section 2):
     ``psi(x)[n, (dy*b + dx)*C + c, i, j] = x[n, c, i*b + dy, j*b + dx]``, shape (N, b*b*C, H/b, W/b)."""
-    where = f"psi(block={block})"
-    block = int(block)
-    if block < 1:
-        raise ValueError(f"{where}: block must be >= 1")
+    where = f"psi(block={block!r})"
+    block = as_int(block, "block", where, 1)
     xa = np.asarray(x)
     dt = result_dtype(xa, dtype=dtype)
     xa = _as(xa, dt, "x", where, None, False)
@@ -246,10 +285,8 @@ def psi(x, block: int = 2, *, dtype=None, threads: Optional[int] = None) -> np.n
 
 def psi_inverse(y, block: int = 2, *, dtype=None, threads: Optional[int] = None) -> np.ndarray:
     """The inverse of :func:`psi`: (N, b*b*C, H, W) -> (N, C, H*b, W*b); ``psi_inverse(psi(x)) == x`` exactly."""
-    where = f"psi_inverse(block={block})"
-    block = int(block)
-    if block < 1:
-        raise ValueError(f"{where}: block must be >= 1")
+    where = f"psi_inverse(block={block!r})"
+    block = as_int(block, "block", where, 1)
     ya = np.asarray(y)
     dt = result_dtype(ya, dtype=dtype)
     ya = _as(ya, dt, "y", where, None, False)

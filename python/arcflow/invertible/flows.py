@@ -27,43 +27,31 @@ from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _cuda_ops
+from . import _cuda_ops, _ops
+from ._validate import as_int, check_finite_output, check_nchw, load_checked, rng as _rng
 
 __all__ = ["AffineCoupling", "ActNorm", "InvertibleConv1x1", "Sequential"]
 
 RngLike = Union[None, int, np.random.Generator]
 
+#: InvertibleConv1x1 accepts W in a dtype when cond(W) * eps(dtype) is at most this: the relative error of
+#: the computed W^-1 y is about that product (float32: cond(W) <= 8.4e3; float64: <= 4.5e12)
+_MAX_COND_EPS = 1e-3
+
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 
-def _rng(rng: RngLike) -> np.random.Generator:
-    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-
-
-def _compute_dtype(arr: np.ndarray) -> np.dtype:
-    return np.dtype(np.float32) if arr.dtype == np.float32 else np.dtype(np.float64)
-
-
 def _check_nchw(x, where: str, channels: Optional[int], what: str = "x") -> np.ndarray:
-    """x as a C-contiguous float32/float64 (N, channels, H, W) array with finite entries, or ValueError/TypeError."""
-    arr = np.asarray(x)
+    """x as an aligned C-contiguous float32/float64 (N, channels, H, W) array with finite entries, or
+    ValueError/TypeError."""
     expected = f"(N, {channels}, H, W)" if channels is not None else "(N, C, H, W)"
-    if arr.dtype.kind not in "fiub":
-        raise TypeError(f"{where}: {what} must be a real numeric array, got dtype {arr.dtype}")
-    if arr.ndim != 4:
-        raise ValueError(f"{where}: expected {what} of shape {expected} (4-D NCHW), got shape {arr.shape}")
-    if channels is not None and arr.shape[1] != channels:
-        raise ValueError(f"{where}: expected {what} of shape {expected}, got shape {arr.shape} "
-                         f"({arr.shape[1]} channels instead of {channels})")
-    arr = np.ascontiguousarray(arr, dtype=_compute_dtype(arr))
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{where}: {what} of shape {arr.shape} contains NaN or Inf")
-    return arr
+    return check_nchw(x, where, expected, channels, what=what)
 
 
 def _conv2d_numpy(x: np.ndarray, w: np.ndarray, b: Optional[np.ndarray], padding: int) -> np.ndarray:
-    """Stride-1 cross-correlation (torch.nn.functional.conv2d convention), im2col + GEMM in NumPy."""
+    """Stride-1 cross-correlation (torch.nn.functional.conv2d convention), im2col + GEMM in NumPy: the
+    slow path that tests compare the C++ convolution with (``_ops_conv2d = None``)."""
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
     if padding:
@@ -84,66 +72,28 @@ def _conv2d_numpy(x: np.ndarray, w: np.ndarray, b: Optional[np.ndarray], padding
     return y
 
 
-def _conv2d(x: np.ndarray, w: np.ndarray, b: Optional[np.ndarray], padding: int) -> np.ndarray:
-    """conv2d in x's dtype: the C++ op (arcflow.invertible._ops) when it is available, else NumPy."""
-    dt = x.dtype
-    w = np.ascontiguousarray(w, dtype=dt)
-    b = None if b is None else np.ascontiguousarray(b, dtype=dt)
-    global _ops_conv2d
+def _conv_relu_flags(x: np.ndarray, w: np.ndarray, b: np.ndarray, padding: int, relu_in: bool, where: str):
+    """(conv2d([relu](x), w) + b, 1 if x holds NaN/Inf else 0): the C++ op with the ReLU and the NaN/Inf
+    test fused into its input pass, or NumPy where ``_ops_conv2d`` is None."""
     if _ops_conv2d is not None:
-        try:
-            return _ops_conv2d(x, w, b, stride=1, padding=padding)
-        except (AttributeError, ImportError):  # pragma: no cover - the wrapper exists, the C++ op is not built
-            _ops_conv2d = None
-    return _conv2d_numpy(x, w, b, padding)
+        return _ops_conv2d(x, w, b, 1, padding, in_relu=relu_in, check_finite=False,
+                           fused_finite=("x",) if relu_in else (), where=where)
+    bad = 1 if relu_in and not _ops.all_finite(x) else 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _conv2d_numpy(np.maximum(x, 0) if relu_in else x, w, b, padding), bad
 
 
-try:  # the C++ conv2d of the invertible package; NumPy fallback where it is not built
-    from ._ops import conv2d as _ops_conv2d
-except (ImportError, AttributeError):  # pragma: no cover - depends on the build
-    _ops_conv2d = None
+_ops_conv2d = _ops.conv2d_flags
 
 
-def _load_checked(where: str, current: Dict[str, np.ndarray], mapping: Mapping, strict: bool
-                  ) -> Dict[str, np.ndarray]:
-    """The new values for the keys of ``current`` taken from ``mapping`` (float64 copies), or ValueError listing
-    missing / unexpected / wrongly shaped / non-numeric keys. Nothing is modified here."""
-    if not isinstance(mapping, Mapping):
-        raise TypeError(f"{where}.load_state_dict: expected a mapping of name -> array, got {type(mapping).__name__}")
-    missing = [k for k in current if k not in mapping]
-    unexpected = [k for k in mapping if k not in current]
-    bad_shape, bad_value = [], []
-    new = {}
-    for k, ref in current.items():
-        if k not in mapping:
-            continue
-        v = mapping[k]
-        if hasattr(v, "detach") and hasattr(v, "cpu"):        # a torch tensor
-            v = v.detach().cpu().numpy()
-        v = np.asarray(v)
-        if v.dtype.kind not in "fiub":
-            bad_value.append(f"{k} (dtype {v.dtype})")
-            continue
-        if v.shape != ref.shape:
-            bad_shape.append(f"{k} (expected {ref.shape}, got {v.shape})")
-            continue
-        v = np.array(v, dtype=np.float64)
-        if not np.isfinite(v).all():
-            bad_value.append(f"{k} (NaN or Inf)")
-            continue
-        new[k] = v
-    problems = []
-    if strict and missing:
-        problems.append(f"missing keys: {missing}")
-    if strict and unexpected:
-        problems.append(f"unexpected keys: {unexpected}")
-    if bad_shape:
-        problems.append(f"wrongly shaped keys: {bad_shape}")
-    if bad_value:
-        problems.append(f"invalid values: {bad_value}")
-    if problems:
-        raise ValueError(f"{where}.load_state_dict: " + "; ".join(problems) + " (weights left unchanged)")
-    return new
+def _cast_weight(w: np.ndarray, dt: np.dtype, where: str, key: str) -> np.ndarray:
+    """A float64 weight in the compute dtype; FloatingPointError when it does not fit (1e39 in float32)."""
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(w, dtype=dt)
+    if not _ops.all_finite(out):
+        raise FloatingPointError(f"{where}: the weight {key} (max |value| {float(np.max(np.abs(w))):.3g}) overflows "
+                                 f"{dt}; compute in float64")
+    return out
 
 
 class _FlowBlock:
@@ -195,7 +145,7 @@ class AffineCoupling(_FlowBlock):
 
     def __init__(self, channels: int, hidden: int = 64, clamp: float = 2.0, rng: RngLike = None,
                  subnet: Optional[Callable[[np.ndarray], np.ndarray]] = None, zero_init: bool = True):
-        channels, hidden = int(channels), int(hidden)
+        channels, hidden = as_int(channels, "channels", "AffineCoupling"), as_int(hidden, "hidden", "AffineCoupling")
         if channels < 2:
             raise ValueError(f"AffineCoupling: channels must be >= 2 to split, got {channels}")
         if subnet is None and hidden < 1:
@@ -228,35 +178,46 @@ class AffineCoupling(_FlowBlock):
         return f"AffineCoupling(channels={self.channels}, hidden={self.hidden}, clamp={self.clamp}, subnet={net})"
 
     # -- the network
-    def _net(self, x1: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def _net(self, x1: np.ndarray, where: str) -> Tuple[np.ndarray, np.ndarray]:
+        """(s, t) of the coupling network. x1 and the weights are finite, so NaN/Inf in a layer's output is an
+        overflow of that layer: FloatingPointError naming it. The default network's ReLUs are fused into the
+        next convolution, which also tests its raw input for NaN/Inf in the pass that reads it."""
         n, _, h, w = x1.shape
+        dt = x1.dtype
         if self.subnet is None:
             p = self._params
-            a = _conv2d(x1, p["subnet.0.weight"], p["subnet.0.bias"], 1)
-            np.maximum(a, 0, out=a)
-            a = _conv2d(a, p["subnet.2.weight"], p["subnet.2.bias"], 0)
-            np.maximum(a, 0, out=a)
-            a = _conv2d(a, p["subnet.4.weight"], p["subnet.4.bias"], 1)
+            a = x1
+            for i, (key, pad) in enumerate((("subnet.0", 1), ("subnet.2", 0), ("subnet.4", 1))):
+                wk = _cast_weight(p[key + ".weight"], dt, where, key + ".weight")
+                bk = _cast_weight(p[key + ".bias"], dt, where, key + ".bias")
+                a, bad = _conv_relu_flags(a, wk, bk, pad, i > 0, where)
+                if bad:
+                    prev = ("subnet.0", "subnet.2")[i - 1]
+                    raise FloatingPointError(f"{where}: the coupling network overflowed {dt}: the output of {prev} "
+                                             f"(a convolution) holds NaN or Inf")
+            check_finite_output(a, where, "the coupling network's last layer subnet.4")
         else:
             a = np.asarray(self.subnet(x1))
             want = (n, 2 * self.c2, h, w)
             if a.shape != want:
                 raise ValueError(f"AffineCoupling: subnet returned shape {a.shape}, expected {want}")
             a = a.astype(x1.dtype, copy=False)
-        if not np.isfinite(a).all():
-            raise ValueError("AffineCoupling: the coupling network returned NaN or Inf")
+            check_finite_output(a, where, "the user subnet's output")
         return soft_clamp(a[:, :self.c2], self.clamp), a[:, self.c2:]
 
     def forward(self, x, return_logdet: bool = False):
-        """y = (x1, x2 * exp(s(x1)) + t(x1)); with return_logdet, also sum(s) per sample."""
+        """y = (x1, x2 * exp(s(x1)) + t(x1)); with return_logdet, also sum(s) per sample.
+        FloatingPointError (naming the layer) when the network or y2 overflows the dtype."""
         if _cuda_ops.is_device_array(x):
             return _cuda_ops.coupling_forward(self, x, return_logdet)
         x = _check_nchw(x, "AffineCoupling", self.channels)
         x1, x2 = x[:, :self.c1], x[:, self.c1:]
-        s, t = self._net(x1)
+        s, t = self._net(np.ascontiguousarray(x1), "AffineCoupling")
         y = np.empty_like(x)
         y[:, :self.c1] = x1
-        y[:, self.c1:] = x2 * np.exp(s) + t
+        with np.errstate(over="ignore", invalid="ignore"):
+            y2 = x2 * np.exp(s) + t
+        y[:, self.c1:] = check_finite_output(y2, "AffineCoupling", "y2 = x2 * exp(s) + t")
         if return_logdet:
             return y, s.reshape(s.shape[0], -1).sum(axis=1)
         return y
@@ -267,10 +228,12 @@ class AffineCoupling(_FlowBlock):
             return _cuda_ops.coupling_inverse(self, y)
         y = _check_nchw(y, "AffineCoupling.inverse", self.channels, "y")
         y1, y2 = y[:, :self.c1], y[:, self.c1:]
-        s, t = self._net(y1)
+        s, t = self._net(np.ascontiguousarray(y1), "AffineCoupling.inverse")
         x = np.empty_like(y)
         x[:, :self.c1] = y1
-        x[:, self.c1:] = (y2 - t) * np.exp(-s)
+        with np.errstate(over="ignore", invalid="ignore"):
+            x2 = (y2 - t) * np.exp(-s)
+        x[:, self.c1:] = check_finite_output(x2, "AffineCoupling.inverse", "x2 = (y2 - t) * exp(-s)")
         return x
 
     # -- weights
@@ -295,7 +258,7 @@ class AffineCoupling(_FlowBlock):
             inner = {k[len("subnet."):]: v for k, v in mapping.items() if str(k).startswith("subnet.")}
             self.subnet.load_state_dict(inner, strict=strict)
             return
-        new = _load_checked("AffineCoupling", self._params, mapping, strict)
+        new = load_checked("AffineCoupling", self._params, mapping, strict)
         self._params.update(new)
 
 
@@ -316,9 +279,7 @@ class ActNorm(_FlowBlock):
     """
 
     def __init__(self, channels: int):
-        channels = int(channels)
-        if channels < 1:
-            raise ValueError(f"ActNorm: channels must be >= 1, got {channels}")
+        channels = as_int(channels, "channels", "ActNorm", 1)
         self.channels = channels
         self.loc = np.zeros(channels)
         self.scale = np.ones(channels)
@@ -342,7 +303,8 @@ class ActNorm(_FlowBlock):
         self.loc, self.scale, self.initialized = loc, scale, True
 
     def _coeffs(self, dt) -> Tuple[np.ndarray, np.ndarray]:
-        return (self.loc.astype(dt).reshape(1, -1, 1, 1), self.scale.astype(dt).reshape(1, -1, 1, 1))
+        return (_cast_weight(self.loc, dt, "ActNorm", "loc").reshape(1, -1, 1, 1),
+                _cast_weight(self.scale, dt, "ActNorm", "scale").reshape(1, -1, 1, 1))
 
     def forward(self, x, return_logdet: bool = False):
         """y = (x - loc) / scale (initialising loc, scale from x first if not yet initialised)."""
@@ -352,7 +314,9 @@ class ActNorm(_FlowBlock):
         if not self.initialized:
             self.initialize(x)
         loc, scale = self._coeffs(x.dtype)
-        y = (x - loc) / scale
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = (x - loc) / scale
+        check_finite_output(y, "ActNorm", "y = (x - loc) / scale")
         if return_logdet:
             ld = -x.shape[2] * x.shape[3] * np.sum(np.log(np.abs(self.scale)))
             return y, np.full(x.shape[0], ld, dtype=x.dtype)
@@ -367,7 +331,9 @@ class ActNorm(_FlowBlock):
                              "or load_state_dict, first)")
         y = _check_nchw(y, "ActNorm.inverse", self.channels, "y")
         loc, scale = self._coeffs(y.dtype)
-        return y * scale + loc
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = y * scale + loc
+        return check_finite_output(x, "ActNorm.inverse", "x = y * scale + loc")
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         return {"loc": self.loc.copy(), "scale": self.scale.copy()}
@@ -375,9 +341,8 @@ class ActNorm(_FlowBlock):
     def load_state_dict(self, mapping: Mapping, strict: bool = True) -> None:
         """Load ``loc``, ``scale`` (each (C,)); marks the block initialised. ValueError, nothing changed, on a
         missing / unexpected / wrongly shaped key or a zero scale."""
-        new = _load_checked("ActNorm", self.state_dict(), mapping, strict)
-        if "scale" in new and np.any(new["scale"] == 0):
-            raise ValueError("ActNorm.load_state_dict: invalid values: ['scale (contains 0)'] (weights left unchanged)")
+        new = load_checked("ActNorm", self.state_dict(), mapping, strict,
+                           lambda k, v: "scale (contains 0)" if k == "scale" and np.any(v == 0) else None)
         if "loc" in new:
             self.loc = new["loc"]
         if "scale" in new:
@@ -413,9 +378,7 @@ class InvertibleConv1x1(_FlowBlock):
     """
 
     def __init__(self, channels: int, lu: bool = True, rng: RngLike = None):
-        channels = int(channels)
-        if channels < 1:
-            raise ValueError(f"InvertibleConv1x1: channels must be >= 1, got {channels}")
+        channels = as_int(channels, "channels", "InvertibleConv1x1", 1)
         self.channels = channels
         self.lu = bool(lu)
         g = _rng(rng)
@@ -454,12 +417,12 @@ class InvertibleConv1x1(_FlowBlock):
         perm[order, np.arange(c)] = 1.0
         return perm, lower, np.triu(u)
 
-    def _matrices(self) -> Tuple[np.ndarray, np.ndarray, float]:
-        """(W, W^-1, log|det W|) in float64, cached until the weights change."""
-        if self._cache is None:
-            p = self._params
-            if self.lu:
-                c = self.channels
+    @staticmethod
+    def _build(p: Mapping[str, np.ndarray], lu: bool) -> Tuple[np.ndarray, np.ndarray, float, float]:
+        """(W, W^-1, log|det W|, cond(W)) in float64 from the parameters; cond is inf for a singular W."""
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            if lu:
+                c = p["s"].shape[0]
                 lower = np.tril(p["lower"], -1) + np.eye(c)
                 upper = np.triu(p["upper"], 1) + np.diag(p["s"])
                 w = p["perm"] @ lower @ upper
@@ -469,12 +432,39 @@ class InvertibleConv1x1(_FlowBlock):
             else:
                 w = p["weight"]
                 sign, ld = np.linalg.slogdet(w)
-                if sign == 0:
-                    raise ValueError("InvertibleConv1x1: the weight matrix is singular")
-                w_inv = np.linalg.inv(w)
+                w_inv = np.linalg.inv(w) if sign != 0 else np.full_like(w, np.inf)
                 ld = float(ld)
+            finite = np.isfinite(w).all() and np.isfinite(w_inv).all()
+            cond = float(np.linalg.cond(w)) if finite else np.inf
+            if finite:
+                # the computed inverse itself (triangular solves without pivoting) must be accurate
+                resid = float(np.max(np.abs(w @ w_inv - np.eye(w.shape[0]))))
+                cond = max(cond, resid / np.finfo(np.float64).eps)
+        return w, w_inv, ld, cond if np.isfinite(cond) else np.inf
+
+    def _matrices(self) -> Tuple[np.ndarray, np.ndarray, float]:
+        """(W, W^-1, log|det W|) in float64, cached until the weights change."""
+        if self._cache is None:
+            w, w_inv, ld, self._cond = self._build(self._params, self.lu)
             self._cache = (w, w_inv, ld)
         return self._cache
+
+    def _conditioning_problem(self, cond: float, dt) -> Optional[str]:
+        """Why W cannot be inverted accurately in dt, or None: the relative error of W^-1 y is about
+        cond(W) * eps, which must stay below _MAX_COND_EPS."""
+        eps = float(np.finfo(dt).eps)
+        if cond * eps <= _MAX_COND_EPS:
+            return None
+        key = "s" if self.lu else "weight"
+        what = "W = P L (U + diag s)" if self.lu else "weight"
+        return (f"{key} ({what} is singular or ill-conditioned: condition number {cond:.3g}, so its inverse is "
+                f"not accurate in {np.dtype(dt)}, which needs a condition number below {_MAX_COND_EPS / eps:.3g})")
+
+    def _check_dtype(self, dt, where: str) -> None:
+        self._matrices()
+        problem = self._conditioning_problem(self._cond, dt)
+        if problem is not None:
+            raise ValueError(f"{where}: {problem}; compute in float64" if dt == np.float32 else f"{where}: {problem}")
 
     @property
     def weight(self) -> np.ndarray:
@@ -486,11 +476,12 @@ class InvertibleConv1x1(_FlowBlock):
         # one BLAS GEMM (C, C) @ (C, H*W) per image: np.matmul with a broadcast (C, C) operand takes a slow
         # non-BLAS loop (30x slower at C=64, 32x32)
         n, c, h, w = x.shape
-        m = m.astype(x.dtype)
+        m = _cast_weight(m, x.dtype, "InvertibleConv1x1", "W")
         xs = x.reshape(n, c, h * w)
         out = np.empty_like(xs)
-        for i in range(n):
-            np.matmul(m, xs[i], out=out[i])
+        with np.errstate(over="ignore", invalid="ignore"):  # the callers test the result
+            for i in range(n):
+                np.matmul(m, xs[i], out=out[i])
         return out.reshape(n, c, h, w)
 
     def forward(self, x, return_logdet: bool = False):
@@ -498,8 +489,9 @@ class InvertibleConv1x1(_FlowBlock):
         if _cuda_ops.is_device_array(x):
             return _cuda_ops.conv1x1_forward(self, x, return_logdet)
         x = _check_nchw(x, "InvertibleConv1x1", self.channels)
+        self._check_dtype(x.dtype, "InvertibleConv1x1")
         w, _, ld = self._matrices()
-        y = self._apply(w, x)
+        y = check_finite_output(self._apply(w, x), "InvertibleConv1x1", "y = W x")
         if return_logdet:
             return y, np.full(x.shape[0], x.shape[2] * x.shape[3] * ld, dtype=x.dtype)
         return y
@@ -509,7 +501,8 @@ class InvertibleConv1x1(_FlowBlock):
         if _cuda_ops.is_device_array(y):
             return _cuda_ops.conv1x1_inverse(self, y)
         y = _check_nchw(y, "InvertibleConv1x1.inverse", self.channels, "y")
-        return self._apply(self._matrices()[1], y)
+        self._check_dtype(y.dtype, "InvertibleConv1x1.inverse")
+        return check_finite_output(self._apply(self._matrices()[1], y), "InvertibleConv1x1.inverse", "x = W^-1 y")
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self._params.items()}
@@ -517,24 +510,24 @@ class InvertibleConv1x1(_FlowBlock):
     def load_state_dict(self, mapping: Mapping, strict: bool = True) -> None:
         """Load the weights; ValueError, nothing changed, on missing / unexpected / wrongly shaped keys, a
         ``perm`` that is not a permutation matrix, a zero in ``s`` or a singular ``weight``."""
-        new = _load_checked("InvertibleConv1x1", self._params, mapping, strict)
-        bad = []
-        if "perm" in new:
-            pm = new["perm"]
-            if not (np.all((pm == 0) | (pm == 1)) and np.all(pm.sum(0) == 1) and np.all(pm.sum(1) == 1)):
-                bad.append("perm (not a permutation matrix)")
-        if "s" in new and np.any(new["s"] == 0):
-            bad.append("s (contains 0)")
-        if "weight" in new and np.linalg.matrix_rank(new["weight"]) < self.channels:
-            bad.append("weight (singular)")
-        if bad:
-            raise ValueError(f"InvertibleConv1x1.load_state_dict: invalid values: {bad} (weights left unchanged)")
+        def rules(k, v):
+            if k == "perm" and not (np.all((v == 0) | (v == 1)) and np.all(v.sum(0) == 1) and np.all(v.sum(1) == 1)):
+                return "perm (not a permutation matrix)"
+            if k == "s" and np.any(v == 0):
+                return "s (contains 0)"
+            return None
+
+        new = load_checked("InvertibleConv1x1", self._params, mapping, strict, rules)
         for k in ("lower",):
             if k in new:
                 new[k] = np.tril(new[k], -1)
         for k in ("upper",):
             if k in new:
                 new[k] = np.triu(new[k], 1)
+        merged = dict(self._params, **new)
+        problem = self._conditioning_problem(self._build(merged, self.lu)[3], np.float64)
+        if problem is not None:
+            raise ValueError(f"InvertibleConv1x1.load_state_dict: invalid values: {problem} (weights left unchanged)")
         self._params.update(new)
         self._cache = None
 
@@ -597,8 +590,16 @@ class Sequential(_FlowBlock):
 
     def _forward(self, x, return_logdet: bool, xp):
         """forward() with the array module of x (NumPy, or CuPy from the CUDA path)."""
+        at = [0]  # the block running, for the message (no state on self: blocks may run in several threads)
+        try:
+            return self._forward_blocks(x, return_logdet, xp, at)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"Sequential: block {at[0]}: {err}") from None
+
+    def _forward_blocks(self, x, return_logdet: bool, xp, at):
         total = None
         for i, b in enumerate(self.blocks):
+            at[0] = i
             if not return_logdet:
                 x = b.forward(x)
                 continue
@@ -624,8 +625,11 @@ class Sequential(_FlowBlock):
 
     def inverse(self, y):
         """x = f_1^-1(... f_k^-1(y))."""
-        for b in reversed(self.blocks):
-            y = b.inverse(y)
+        for i in range(len(self.blocks) - 1, -1, -1):
+            try:
+                y = self.blocks[i].inverse(y)
+            except FloatingPointError as err:
+                raise FloatingPointError(f"Sequential.inverse: block {i}: {err}") from None
         return y
 
     def state_dict(self) -> Dict[str, np.ndarray]:
@@ -640,33 +644,7 @@ class Sequential(_FlowBlock):
         before any is changed, so on ValueError no weights change."""
         if not isinstance(mapping, Mapping):
             raise TypeError(f"Sequential.load_state_dict: expected a mapping, got {type(mapping).__name__}")
-        current = self.state_dict()
-        unexpected = [k for k in mapping if k not in current]
-        missing = [k for k in current if k not in mapping]
-        problems = []
-        if strict and missing:
-            problems.append(f"missing keys: {missing}")
-        if strict and unexpected:
-            problems.append(f"unexpected keys: {unexpected}")
-        wrong, bad_value = [], []
-        for k, ref in current.items():
-            if k in mapping:
-                v = mapping[k]
-                if hasattr(v, "detach") and hasattr(v, "cpu"):        # a torch tensor
-                    v = v.detach().cpu().numpy()
-                v = np.asarray(v)
-                if v.shape != ref.shape:
-                    wrong.append(f"{k} (expected {ref.shape}, got {v.shape})")
-                elif v.dtype.kind not in "fiub":
-                    bad_value.append(f"{k} (dtype {v.dtype})")
-                elif not np.isfinite(v).all():
-                    bad_value.append(f"{k} (NaN or Inf)")
-        if wrong:
-            problems.append(f"wrongly shaped keys: {wrong}")
-        if bad_value:
-            problems.append(f"invalid values: {bad_value}")
-        if problems:
-            raise ValueError("Sequential.load_state_dict: " + "; ".join(problems) + " (weights left unchanged)")
+        load_checked("Sequential", self.state_dict(), mapping, strict)  # keys, shapes, values; nothing changes
         parts = []
         for i, b in enumerate(self.blocks):
             if not callable(getattr(b, "load_state_dict", None)):

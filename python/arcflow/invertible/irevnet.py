@@ -16,13 +16,15 @@ wrong there (its forward is unchanged):
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _cuda_ops, _ops
+from ._validate import as_int, check_finite_output, check_nchw, load_checked, rng as _rng, to_numpy
 from .._dispatch import check_threads
 
 __all__ = ["SpaceToDepth", "InjectivePad", "IRevNetBlock", "IRevNet", "from_torch"]
@@ -30,10 +32,6 @@ __all__ = ["SpaceToDepth", "InjectivePad", "IRevNetBlock", "IRevNet", "from_torc
 Pair = Tuple[np.ndarray, np.ndarray]
 
 _BN_EPS = 1e-5  # torch.nn.BatchNorm2d default, used by the reference
-
-
-def _rng(rng) -> np.random.Generator:
-    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
 def _param_dtype(dtype) -> np.dtype:
@@ -45,16 +43,10 @@ def _param_dtype(dtype) -> np.dtype:
 
 def _check_array(x, where: str, expected: str, channels: Optional[int] = None, even_hw: bool = False,
                  allow_int: bool = True, hw: Optional[Tuple[int, int]] = None, finite: bool = True) -> np.ndarray:
-    """Shape and finiteness checks shared by the blocks; returns a C-contiguous float32/float64 array.
+    """Shape and finiteness checks shared by the blocks; returns an aligned C-contiguous float32/float64 array.
     ``finite=False`` leaves the NaN/Inf test to the caller (IRevNetBlock fuses it into its convolutions)."""
-    xa = np.asarray(x)
-    _ops.check_nchw_shape(xa, where, expected, channels, 2 if even_hw else None, " (stride 2)", hw,
-                          "fiub" if allow_int else "f")
-    dt = _ops.result_dtype(xa)
-    xa = np.ascontiguousarray(xa, dtype=dt)
-    if finite and not _ops.all_finite(xa):
-        raise ValueError(f"{where}: input contains NaN or Inf")
-    return xa
+    return check_nchw(x, where, expected, channels, 2 if even_hw else None, " (stride 2)", hw,
+                      "fiub" if allow_int else "f", finite)
 
 
 def _check_shape(x, where: str, expected: str, channels: Optional[int] = None, even_hw: bool = False) -> np.ndarray:
@@ -67,52 +59,19 @@ def _pair_dtype(x1: np.ndarray, x2: np.ndarray) -> Pair:
     return np.ascontiguousarray(x1, dtype=dt), np.ascontiguousarray(x2, dtype=dt)
 
 
+class _Stopped(Exception):
+    """A worker of IRevNet._run gave up because the main thread was interrupted or another worker failed."""
+
+
+class _NonFiniteInput(ValueError):
+    """NaN/Inf in a block's input, found by the convolutions' fused test. Inside an IRevNet, whose input
+    was finite, it means the previous block overflowed: IRevNet turns it into a FloatingPointError."""
+
+
 def _load_checked(where: str, expected: "OrderedDict[str, np.ndarray]", mapping: Mapping, strict: bool
                   ) -> "OrderedDict[str, np.ndarray]":
-    """Validate a state dict against the expected keys and shapes; return the new arrays (cast to the
-    expected dtypes) without touching any weights. Raises ValueError listing every problem."""
-    if not isinstance(mapping, Mapping):
-        raise TypeError(f"{where}: load_state_dict expects a mapping of name -> array, got {type(mapping).__name__}")
-    mapping = {k: _to_numpy(v) for k, v in mapping.items()}
-    missing = [k for k in expected if k not in mapping]
-    unexpected = [k for k in mapping if k not in expected]
-    wrong = []
-    bad_values = []
-    new = OrderedDict()
-    for k, ref in expected.items():
-        if k not in mapping:
-            continue
-        v = np.asarray(mapping[k])
-        if v.shape != ref.shape:
-            wrong.append(f"{k}: expected shape {tuple(ref.shape)}, got {tuple(v.shape)}")
-            continue
-        if v.dtype.kind not in "fiub":
-            wrong.append(f"{k}: expected a real array, got dtype {v.dtype}")
-            continue
-        if not np.isfinite(v).all():
-            bad_values.append(k)
-            continue
-        new[k] = np.array(v, dtype=ref.dtype, copy=True)
-    problems = []
-    if strict and missing:
-        problems.append("missing keys: " + ", ".join(missing))
-    if strict and unexpected:
-        problems.append("unexpected keys: " + ", ".join(unexpected))
-    if wrong:
-        problems.append("wrongly shaped keys: " + "; ".join(wrong))
-    if bad_values:
-        problems.append("keys with NaN or Inf: " + ", ".join(bad_values))
-    if problems:
-        raise ValueError(f"{where}: load_state_dict failed, weights left unchanged. " + " | ".join(problems))
-    return new
-
-
-def _to_numpy(v) -> np.ndarray:
-    if isinstance(v, np.ndarray):
-        return v
-    if hasattr(v, "detach") and hasattr(v, "cpu") and hasattr(v, "numpy"):  # a torch tensor
-        return v.detach().cpu().numpy()
-    return np.asarray(v)
+    """load_checked with the i-RevNet's torch-style keys (tensors allowed), cast to the expected dtypes."""
+    return load_checked(where, expected, mapping, strict)
 
 
 class SpaceToDepth:
@@ -124,10 +83,7 @@ class SpaceToDepth:
     """
 
     def __init__(self, block: int = 2):
-        block = int(block)
-        if block < 1:
-            raise ValueError(f"SpaceToDepth: block must be >= 1, got {block}")
-        self.block = block
+        self.block = as_int(block, "block", "SpaceToDepth", 1)
 
     def __repr__(self) -> str:
         return f"SpaceToDepth(block={self.block})"
@@ -178,10 +134,7 @@ class InjectivePad:
     """
 
     def __init__(self, pad: int):
-        pad = int(pad)
-        if pad < 0:
-            raise ValueError(f"InjectivePad: pad must be >= 0, got {pad}")
-        self.pad = pad
+        self.pad = as_int(pad, "pad", "InjectivePad", 0)
 
     def __repr__(self) -> str:
         return f"InjectivePad(pad={self.pad})"
@@ -235,7 +188,8 @@ class IRevNetBlock:
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1, first: bool = False, mult: int = 4,
                  affine_bn: bool = True, *, rng=None, dtype=np.float32):
-        in_ch, out_ch, stride, mult = int(in_ch), int(out_ch), int(stride), int(mult)
+        in_ch, out_ch, stride, mult = (as_int(v, name, "IRevNetBlock") for v, name in
+                                       ((in_ch, "in_ch"), (out_ch, "out_ch"), (stride, "stride"), (mult, "mult")))
         self.in_ch, self.out_ch, self.stride, self.first = in_ch, out_ch, stride, bool(first)
         self.mult, self.affine_bn = mult, bool(affine_bn)
         self.dtype = _param_dtype(dtype)
@@ -317,7 +271,9 @@ class IRevNetBlock:
         self._cache = {}
 
     def _compute(self, dt: np.dtype):
-        """Weights in the compute dtype: [(bn scale, shift) or None, conv w] x 3, cached per dtype."""
+        """Weights in the compute dtype: [(bn scale, shift) or None, conv w] x 3, cached per dtype.
+        FloatingPointError when a batch-norm's scale weight / sqrt(running_var + eps) or its shift does
+        not fit dt (the weights themselves were checked in their own dtype by load_state_dict)."""
         c = self._cache.get(dt)
         if c is None:
             p = self._params
@@ -325,25 +281,39 @@ class IRevNetBlock:
             for kind, j, _ in self._layout:
                 pre = f"bottleneck_block.{j}."
                 if kind == "conv":
-                    convs.append(np.ascontiguousarray(p[pre + "weight"], dtype=dt))
+                    with np.errstate(over="ignore"):
+                        w = np.ascontiguousarray(p[pre + "weight"], dtype=dt)
+                    if not _ops.all_finite(w):
+                        raise FloatingPointError(f"{self!r}: {pre}weight overflows {dt}")
+                    convs.append(w)
                 else:
-                    bns.append(_ops.batchnorm_scale_shift(p.get(pre + "weight"), p.get(pre + "bias"),
-                                                          p[pre + "running_mean"], p[pre + "running_var"],
-                                                          _BN_EPS, dtype=dt))
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        scale, shift = _ops.batchnorm_scale_shift(p.get(pre + "weight"), p.get(pre + "bias"),
+                                                                  p[pre + "running_mean"], p[pre + "running_var"],
+                                                                  _BN_EPS, dtype=dt)
+                    if not (_ops.all_finite(scale) and _ops.all_finite(shift)):
+                        raise FloatingPointError(f"{self!r}: the batch-norm {pre[:-1]} overflows {dt} (scale "
+                                                 f"weight / sqrt(running_var + eps) or shift bias - mean * scale)")
+                    bns.append((scale, shift))
             pre_bn = [None] + bns if self.first else bns
             c = list(zip(pre_bn, convs))
             self._cache[dt] = c
         return c
 
+    def _conv_keys(self):
+        return [f"bottleneck_block.{j}" for kind, j, _ in self._layout if kind == "conv"]
+
     # ---- the bottleneck and the coupling --------------------------------------------------------
     def _residual(self, x2: np.ndarray, out: np.ndarray, alpha: float, addend: Optional[np.ndarray] = None,
                   threads: Optional[int] = None, where: Optional[str] = None) -> None:
         """out = addend + alpha * F(x2) (addend None: out += alpha * F(x2)), F run with fused (BN, ReLU) -> conv.
-        ``where``: ValueError(f"{where}: input contains NaN or Inf") when x2 or the addend (``out``'s old values
-        when None) holds one, tested in the passes that read them: the first conv's input pass reads every
-        x2 value and the last conv's epilogue every addend value once. Raised after that conv, so ``out``
-        must be the caller's own buffer."""
+        ``where``: NaN/Inf tests fused into the passes that read the values anyway (every conv's input pass
+        reads its raw input once, the last conv's epilogue every addend value, ``out``'s old values when
+        None). NaN/Inf in x2 or the addend raises _NonFiniteInput (a ValueError, f"{where}: input contains NaN
+        or Inf") after that conv, so ``out`` must be the caller's own buffer; in a hidden layer's input (x2
+        and the weights finite) it raises FloatingPointError naming the layer that overflowed."""
         layers = self._compute(x2.dtype)
+        keys = self._conv_keys()
         h = x2
         last = len(layers) - 1
         for i, (bn, w) in enumerate(layers):
@@ -351,23 +321,30 @@ class IRevNetBlock:
             kw = dict(in_scale=bn[0], in_shift=bn[1], in_relu=True) if bn is not None else {}
             fused = ()
             if where is not None:
-                fused = (("x",) if i == 0 else ()) + (("addend",) if i == last else ())
+                fused = ("x",) + (("addend",) if i == last else ())
             kw.update(fused_finite=fused, where=where or "conv2d")
             if i < last:
-                h = _ops.conv2d(h, w, None, stride, 1, check_finite=False, threads=threads, **kw)
+                h, bad = _ops.conv2d_flags(h, w, None, stride, 1, check_finite=False, threads=threads, **kw)
             else:
-                _ops.conv2d(h, w, None, stride, 1, out=out, accumulate=addend is None, addend=addend, alpha=alpha,
-                            check_finite=False, threads=threads, **kw)
+                _, bad = _ops.conv2d_flags(h, w, None, stride, 1, out=out, accumulate=addend is None, addend=addend,
+                                           alpha=alpha, check_finite=False, threads=threads, **kw)
+            if bad & 1 and i > 0:
+                raise FloatingPointError(f"{where}: the bottleneck F overflowed {x2.dtype} in {keys[i - 1]} (a 3x3 "
+                                         f"convolution, with the batch-norm and ReLU before it): its output holds "
+                                         f"NaN or Inf")
+            if bad:
+                raise _NonFiniteInput(f"{where}: input contains NaN or Inf")
 
     def bottleneck(self, x2) -> np.ndarray:
-        """F(x2) alone (the non-invertible residual branch)."""
+        """F(x2) alone (the non-invertible residual branch); FloatingPointError when it overflows."""
         if _cuda_ops.is_device_array(x2):
             return _cuda_ops.block_bottleneck(self, x2)
-        x2 = _check_array(x2, f"{self!r}.bottleneck", f"(N, {self.f_in}, H, W)", self.f_in, self.stride == 2)
+        where = f"{self!r}.bottleneck"
+        x2 = _check_array(x2, where, f"(N, {self.f_in}, H, W)", self.f_in, self.stride == 2, finite=False)
         n, _, h, w = x2.shape
         out = np.zeros((n, self.out_ch, h // self.stride, w // self.stride), dtype=x2.dtype)
-        self._residual(x2, out, 1.0)
-        return out
+        self._residual(x2, out, 1.0, where=where)
+        return check_finite_output(out, where, "F(x2)")
 
     def _forward_pair(self, x1: np.ndarray, x2: np.ndarray, threads: Optional[int] = None,
                       where: Optional[str] = None) -> Pair:
@@ -392,12 +369,15 @@ class IRevNetBlock:
         return a, y1
 
     def _inverse_pair(self, a: np.ndarray, b: np.ndarray, threads: Optional[int] = None,
-                      where: Optional[str] = None) -> Pair:
+                      where: Optional[str] = None, check_out: bool = False) -> Pair:
         """``where``: test a and b for NaN/Inf in the convolutions (see _residual): x2 = psi_s^-1(a) is the
-        first conv's input, b the last conv's addend."""
+        first conv's input, b the last conv's addend. ``check_out``: FloatingPointError when b - F(x2)
+        overflows (x2 is a permutation of a, so it needs no test)."""
         x2 = _ops.psi_inverse(a, 2, threads=threads) if self.stride == 2 else a
         t = np.empty(b.shape, b.dtype)
         self._residual(x2, t, -1.0, addend=np.ascontiguousarray(b), threads=threads, where=where)
+        if check_out:
+            check_finite_output(t, where, "x1 = b - F(x2)")
         x1 = _ops.psi_inverse(t, 2, threads=threads) if self.stride == 2 else t
         if self.injective:
             x = np.concatenate([x1, x2], axis=1)[:, : self.in_ch]
@@ -440,6 +420,7 @@ class IRevNetBlock:
         where = repr(self)
         x1, x2, merged = self._input_pair(x, where, inverse=False, check=_check_shape)
         a, b = self._forward_pair(x1, x2, threads=check_threads(threads, where), where=where)
+        check_finite_output(b, where, "the output psi(x1) + F(x2)" if self.stride == 2 else "the output x1 + F(x2)")
         return np.concatenate([a, b], axis=1) if merged else (a, b)
 
     __call__ = forward
@@ -450,7 +431,7 @@ class IRevNetBlock:
             return _cuda_ops.block_inverse(self, y)
         where = f"{self!r}.inverse"
         a, b, merged = self._input_pair(y, where, inverse=True, check=_check_shape)
-        x1, x2 = self._inverse_pair(a, b, threads=check_threads(threads, repr(self)), where=where)
+        x1, x2 = self._inverse_pair(a, b, threads=check_threads(threads, repr(self)), where=where, check_out=True)
         return np.concatenate([x1, x2], axis=1) if merged else (x1, x2)
 
     def logdet(self, x) -> np.ndarray:
@@ -480,11 +461,12 @@ class IRevNet:
     def __init__(self, n_blocks: Sequence[int], n_strides: Sequence[int], n_channels: Optional[Sequence[int]] = None,
                  init_ds: int = 2, in_shape: Sequence[int] = (3, 224, 224), mult: int = 4, affine_bn: bool = True,
                  *, n_classes: int = 1000, rng=None, dtype=np.float32):
-        self.n_blocks = [int(v) for v in n_blocks]
-        self.n_strides = [int(v) for v in n_strides]
-        self.init_ds = int(init_ds)
-        self.in_shape = tuple(int(v) for v in in_shape)
-        self.mult, self.affine_bn, self.n_classes = int(mult), bool(affine_bn), int(n_classes)
+        self.n_blocks = [as_int(v, "n_blocks", "IRevNet", 0) for v in n_blocks]
+        self.n_strides = [as_int(v, "n_strides", "IRevNet") for v in n_strides]
+        self.init_ds = as_int(init_ds, "init_ds", "IRevNet", 0)
+        self.in_shape = tuple(as_int(v, "in_shape", "IRevNet") for v in in_shape)
+        self.mult, self.affine_bn = as_int(mult, "mult", "IRevNet", 1), bool(affine_bn)
+        self.n_classes = as_int(n_classes, "n_classes", "IRevNet", 1)
         self.dtype = _param_dtype(dtype)
         if len(self.in_shape) != 3 or min(self.in_shape) < 1:
             raise ValueError(f"IRevNet: in_shape must be (C, H, W), got {in_shape}")
@@ -497,7 +479,7 @@ class IRevNet:
         self.in_ch = self.in_shape[0] * 2 ** self.init_ds
         if n_channels is None:
             n_channels = [self.in_ch // 2 * 4 ** i for i in range(4)]
-        self.n_channels = [int(v) for v in n_channels][: len(self.n_blocks)]
+        self.n_channels = [as_int(v, "n_channels", "IRevNet", 1) for v in n_channels][: len(self.n_blocks)]
         if len(self.n_channels) != len(self.n_blocks):
             raise ValueError("IRevNet: n_channels must have one entry per stage")
         b = max(self.init_ds, 1)
@@ -557,36 +539,82 @@ class IRevNet:
                 f"affine_bn={self.affine_bn}, n_classes={self.n_classes})")
 
     # ---- the invertible part --------------------------------------------------------------------
-    def _run(self, fn, x: np.ndarray, threads: Optional[int]) -> np.ndarray:
-        """fn(chunk, threads) over the batch. With several threads and images, the batch is split into one
+    def _run(self, fn, x: np.ndarray, threads: Optional[int], where: str) -> np.ndarray:
+        """fn(chunk, threads, stop) over the batch. With several threads and images, the batch is split into one
         chunk per thread, each run through the whole network on one thread (the C++ ops release the GIL):
         no barrier per op, so a thread that the OS parks does not stall the others. Per-image results do not
-        depend on the split (every op computes an image the same way whatever the thread count)."""
-        nt = check_threads(threads, "IRevNet")
+        depend on the split (every op computes an image the same way whatever the thread count).
+        Ctrl-C (or any error) reaches the waiting main thread at once; it sets ``stop``, which every worker
+        tests between blocks, so the workers give up after their current block instead of finishing the batch."""
+        nt = check_threads(threads, where)
         n = x.shape[0]
         if nt == 1 or n < 2:
-            return fn(x, nt)
+            return fn(x, nt, None)  # the main thread: Python checks for signals between the ops
         for blk in self.stack:
             blk._compute(x.dtype)  # fill the weight caches before the threads share them
         parts = np.array_split(np.arange(n), min(nt, n))
-        with ThreadPoolExecutor(max_workers=len(parts)) as ex:
-            outs = list(ex.map(lambda idx: fn(np.ascontiguousarray(x[idx[0]:idx[-1] + 1]), 1), parts))
+        stop = threading.Event()
+        ex = ThreadPoolExecutor(max_workers=len(parts))
+        try:
+            futs = [ex.submit(lambda idx: fn(np.ascontiguousarray(x[idx[0]:idx[-1] + 1]), 1, stop), p) for p in parts]
+            done, pending = wait(futs, return_when=FIRST_EXCEPTION)
+            if pending:  # a worker failed: stop the others, report the first real error
+                stop.set()
+                wait(pending)
+                for f in futs:
+                    err = f.exception()
+                    if err is not None and not isinstance(err, _Stopped):
+                        raise err
+            outs = [f.result() for f in futs]
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
         return np.concatenate(outs, axis=0)
 
-    def _forward_chunk(self, x: np.ndarray, threads: int) -> np.ndarray:
+    def _forward_chunk(self, x: np.ndarray, threads: int, stop: Optional[threading.Event]) -> np.ndarray:
+        """The blocks in order, with the fused NaN/Inf tests: NaN/Inf in block i's input is the input's
+        (i = 0, ValueError) or block i-1's overflow (FloatingPointError naming it); the last block's sum is
+        tested once at the end."""
         if self.init_ds:
             x = _ops.psi(x, self.init_ds, threads=threads)
         n = self.in_ch // 2
         pair = (np.ascontiguousarray(x[:, :n]), np.ascontiguousarray(x[:, n:]))
-        for blk in self.stack:
-            pair = blk._forward_pair(*pair, threads=threads)
+        for i, blk in enumerate(self.stack):
+            if stop is not None and stop.is_set():
+                raise _Stopped()
+            try:
+                pair = blk._forward_pair(*pair, threads=threads, where=f"IRevNet.forward: block {i} (stack.{i})")
+            except _NonFiniteInput:
+                if i == 0:
+                    raise ValueError("IRevNet.forward: input contains NaN or Inf") from None
+                raise FloatingPointError(f"IRevNet.forward: block {i - 1} (stack.{i - 1}) overflowed {x.dtype}: its "
+                                         f"output psi(x1) + F(x2) (the last convolution "
+                                         f"{self.stack[i - 1]._conv_keys()[-1]} and the sum) holds NaN or Inf") from None
+        last = len(self.stack) - 1
+        check_finite_output(pair[1], f"IRevNet.forward: block {last} (stack.{last})",
+                            f"its output psi(x1) + F(x2) (the last convolution {self.stack[last]._conv_keys()[-1]} "
+                            f"and the sum)")
         return np.concatenate(pair, axis=1)
 
-    def _inverse_chunk(self, z: np.ndarray, threads: int) -> np.ndarray:
+    def _inverse_chunk(self, z: np.ndarray, threads: int, stop: Optional[threading.Event]) -> np.ndarray:
         half = z.shape[1] // 2
         pair = (np.ascontiguousarray(z[:, :half]), np.ascontiguousarray(z[:, half:]))
-        for blk in reversed(self.stack):
-            pair = blk._inverse_pair(*pair, threads=threads)
+        last = len(self.stack) - 1
+        for i in range(last, -1, -1):
+            if stop is not None and stop.is_set():
+                raise _Stopped()
+            try:
+                pair = self.stack[i]._inverse_pair(*pair, threads=threads, check_out=i == 0,
+                                                   where=f"IRevNet.inverse: block {i} (stack.{i})")
+            except _NonFiniteInput:
+                if i == last:
+                    raise ValueError("IRevNet.inverse: input contains NaN or Inf") from None
+                raise FloatingPointError(f"IRevNet.inverse: block {i + 1} (stack.{i + 1}) overflowed {z.dtype}: "
+                                         f"its x1 = b - F(x2) (the last convolution "
+                                         f"{self.stack[i + 1]._conv_keys()[-1]} and the difference) holds NaN or "
+                                         f"Inf") from None
         x = np.concatenate(pair, axis=1)
         if self.init_ds:
             x = _ops.psi_inverse(x, self.init_ds, threads=threads)
@@ -594,12 +622,13 @@ class IRevNet:
 
     def forward(self, x, threads: Optional[int] = None) -> np.ndarray:
         """x (N, C, H, W) = (N, *in_shape) -> z (N, *out_shape). ``threads``: default arcflow.get_num_threads().
-        A GPU array (CuPy, ``__cuda_array_interface__``) runs on its device and gives a CuPy array."""
+        A GPU array (CuPy, ``__cuda_array_interface__``) runs on its device and gives a CuPy array.
+        NaN/Inf input: ValueError; a block whose output overflows the dtype: FloatingPointError naming it."""
         if _cuda_ops.is_device_array(x):
             return _cuda_ops.irevnet_forward(self, x)
         c, h, w = self.in_shape
-        x = _check_array(x, "IRevNet.forward", f"(N, {c}, {h}, {w})", c, hw=(h, w))
-        return self._run(self._forward_chunk, x, threads)
+        x = _check_array(x, "IRevNet.forward", f"(N, {c}, {h}, {w})", c, hw=(h, w), finite=False)
+        return self._run(self._forward_chunk, x, threads, "IRevNet.forward")
 
     __call__ = forward
 
@@ -608,17 +637,27 @@ class IRevNet:
         if _cuda_ops.is_device_array(z):
             return _cuda_ops.irevnet_inverse(self, z)
         c, h, w = self.out_shape
-        z = _check_array(z, "IRevNet.inverse", f"(N, {c}, {h}, {w})", c, hw=(h, w))
-        return self._run(self._inverse_chunk, z, threads)
+        z = _check_array(z, "IRevNet.inverse", f"(N, {c}, {h}, {w})", c, hw=(h, w), finite=False)
+        return self._run(self._inverse_chunk, z, threads, "IRevNet.inverse")
 
     def logdet(self, x) -> np.ndarray:
-        """0 for every sample when every block is bijective (no injective padding)."""
-        if any(b.injective for b in self.stack):
-            raise ValueError(f"{self!r}: an injective i-RevNet (channel padding) has no log-determinant")
+        """0 for every sample when every block is bijective (no injective padding). A block with injective
+        padding maps D inputs to more than D outputs: the Jacobian is not square and has no determinant,
+        so logdet raises ValueError for such a network (e.g. the CIFAR-10 configuration, whose first
+        block pads 3 channels to 32)."""
+        inj = [i for i, b in enumerate(self.stack) if b.injective]
+        if inj:
+            i = inj[0]
+            blk = self.stack[i]
+            raise ValueError(f"IRevNet.logdet: undefined for this network: block {i} (stack.{i}) pads "
+                             f"{blk.in_ch} channels to {2 * blk.out_ch} (injective, not bijective), so the "
+                             f"Jacobian is not square and has no determinant; logdet exists only when every "
+                             f"block keeps the channel count (2 * out_ch == in_ch at stride 1)")
         if _cuda_ops.is_device_array(x):
             return _cuda_ops.zeros_logdet(x)
-        xa = np.asarray(x)
-        return np.zeros(xa.shape[0], dtype=_ops.result_dtype(xa))
+        c, h, w = self.in_shape
+        xa = _check_array(x, "IRevNet.logdet", f"(N, {c}, {h}, {w})", c, hw=(h, w))
+        return np.zeros(xa.shape[0], dtype=xa.dtype)
 
     # ---- the classifier head (not invertible) ---------------------------------------------------
     def classify(self, z) -> np.ndarray:
@@ -645,7 +684,9 @@ class IRevNet:
         if pooled.shape[1] != wl.shape[1]:
             raise ValueError(f"IRevNet.classify: pooled features {pooled.shape[1]} do not match linear.weight "
                              f"{wl.shape} (the reference needs the pooled map to be 1x1)")
-        return pooled @ wl.T + p["linear.bias"].astype(dt)
+        with np.errstate(over="ignore", invalid="ignore"):
+            logits = pooled @ wl.T + p["linear.bias"].astype(dt)
+        return check_finite_output(logits, "IRevNet.classify", "the logits (bn1, pooling, linear)")
 
     def predict(self, x) -> np.ndarray:
         """classify(forward(x))."""
@@ -708,7 +749,7 @@ def from_torch(state_dict, model: Optional[Union[IRevNet, IRevNetBlock]] = None,
     arrays = OrderedDict()
     for k, v in state_dict.items():
         key = k[len("module."):] if k.startswith("module.") else k
-        arrays[key] = _to_numpy(v)
+        arrays[key] = to_numpy(v, "from_torch", k)
     for k in list(arrays):
         if k.endswith(".running_var"):
             nbt = k[: -len("running_var")] + "num_batches_tracked"
