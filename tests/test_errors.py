@@ -7,11 +7,7 @@ import numpy as np
 import pytest
 
 import arcflow
-
-if not hasattr(arcflow, "kernels"):
-    pytest.skip("arcflow.kernels is not implemented yet (issue 2)", allow_module_level=True)
-
-from arcflow.activations import Erf, LeakyReLU, RectifiedMonomial, Sign, Step  # noqa: E402
+from arcflow.activations import Erf, LeakyReLU, RectifiedMonomial, Sign, Step
 
 SENTINEL = -12345.5
 

@@ -1,13 +1,13 @@
-"""The flow blocks against small PyTorch implementations with the same weights (optional: skipped without torch),
-and their log|det J| against the autograd Jacobian."""
+"""The flow blocks against small PyTorch implementations (tests/make_torch_golden.py) with the same weights
+(optional: skipped without torch; CI compares with recorded outputs, tests/test_torch_golden.py), and their
+log|det J| against the autograd Jacobian."""
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-nn = torch.nn
-F = torch.nn.functional
 
 from arcflow.invertible import ActNorm, AffineCoupling, InvertibleConv1x1, Sequential  # noqa: E402
+from make_torch_golden import TorchActNorm, TorchConv1x1, TorchCoupling  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -16,63 +16,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-class TorchCoupling(nn.Module):
-    """RealNVP/Glow coupling with FrEIA's soft clamp clamp * 0.636 * atan(s / clamp)."""
-
-    def __init__(self, c, hidden, clamp):
-        super().__init__()
-        self.c1, self.c2, self.clamp = c // 2, c - c // 2, clamp
-        self.subnet = nn.Sequential(nn.Conv2d(self.c1, hidden, 3, padding=1), nn.ReLU(),
-                                    nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
-                                    nn.Conv2d(hidden, 2 * self.c2, 3, padding=1))
-
-    def _st(self, x1):
-        a = self.subnet(x1)
-        return self.clamp * 0.636 * torch.atan(a[:, :self.c2] / self.clamp), a[:, self.c2:]
-
-    def forward(self, x):
-        x1, x2 = x[:, :self.c1], x[:, self.c1:]
-        s, t = self._st(x1)
-        return torch.cat([x1, x2 * torch.exp(s) + t], 1)
-
-    def inverse(self, y):
-        y1, y2 = y[:, :self.c1], y[:, self.c1:]
-        s, t = self._st(y1)
-        return torch.cat([y1, (y2 - t) * torch.exp(-s)], 1)
-
-
-class TorchConv1x1(nn.Module):
-    """Glow's LU-parameterised invertible 1x1 convolution."""
-
-    def __init__(self, sd):
-        super().__init__()
-        for k, v in sd.items():
-            self.register_buffer(k, torch.as_tensor(v))
-
-    def weight(self):
-        c = self.s.shape[0]
-        eye = torch.eye(c, dtype=self.s.dtype)
-        return self.perm @ (torch.tril(self.lower, -1) + eye) @ (torch.triu(self.upper, 1) + torch.diag(self.s))
-
-    def forward(self, x):
-        w = self.weight().to(x.dtype)
-        return F.conv2d(x, w[:, :, None, None])
-
-    def inverse(self, y):
-        w = self.weight().to(y.dtype)
-        return F.conv2d(y, torch.linalg.inv(w)[:, :, None, None])
-
-
-class TorchActNorm(nn.Module):
-    def __init__(self, sd):
-        super().__init__()
-        self.loc = torch.as_tensor(sd["loc"]).view(1, -1, 1, 1)
-        self.scale = torch.as_tensor(sd["scale"]).view(1, -1, 1, 1)
-
-    def forward(self, x):
-        return (x - self.loc.to(x.dtype)) / self.scale.to(x.dtype)
 
 
 def _coupling_pair(c=6, hidden=16, clamp=2.0, seed=0):

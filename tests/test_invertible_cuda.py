@@ -26,7 +26,7 @@ from arcflow import _core, _cuda
 from arcflow.invertible import (ActNorm, AffineCoupling, InjectivePad, IRevNet, IRevNetBlock, InvertibleConv1x1,
                                 Sequential, SpaceToDepth, _cuda_ops, _ops)
 from arcflow.invertible.flows import soft_clamp
-from test_irevnet import BLOCK_CASES, randomize_bn  # the block cases and BN randomization of the CPU tests
+from test_irevnet import BLOCK_CASES, assert_differs, randomize_bn  # the CPU tests' block cases and helpers
 
 
 def _gpu_skip_reason() -> str:
@@ -207,10 +207,10 @@ def test_orchestration_weight_cache_follows_load_state_dict(host_twin):
     logits0 = host_twin.irevnet_classify(net, z0)
     randomize_bn(net, np.random.default_rng(4))  # load_state_dict: the cached device weights must go
     z1 = host_twin.irevnet_forward(net, x)
-    assert not np.array_equal(z0, z1)
+    assert_differs(z1, z0)
     np.testing.assert_array_equal(z1, net.forward(x))
     np.testing.assert_allclose(host_twin.irevnet_classify(net, z1), net.classify(z1), rtol=1e-12, atol=1e-12)
-    assert not np.allclose(host_twin.irevnet_classify(net, z1), logits0)
+    assert_differs(host_twin.irevnet_classify(net, z1), logits0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)

@@ -1,8 +1,33 @@
-"""The C++ ops behind the invertible blocks (conv2d, inference batch-norm, ReLU, psi) against NumPy oracles."""
+"""The C++ ops behind the invertible blocks (conv2d, inference batch-norm, ReLU, psi) against NumPy oracles.
+
+The conv2d tests run under every micro-kernel level the CPU runs (fixture ``conv2d_isa``), forced through
+``_core._set_conv2d_isa``; the ARCFLOW_ISA / _set_conv2d_isa contract itself is tested at the end."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
+from arcflow import _core
 from arcflow.invertible import _ops
+
+
+def conv2d_levels():
+    """conv2d's micro-kernel levels this CPU runs: "generic", and "avx2" where the CPU has AVX2+FMA
+    ("avx512" selects conv2d's avx2 kernel again, so it adds no case)."""
+    return [lv for lv in _core._conv2d_isa_levels() if lv != "avx512"]
+
+
+@pytest.fixture(params=conv2d_levels())
+def conv2d_isa(request):
+    """Run the test with conv2d forced to one micro-kernel level, then restore the automatic choice."""
+    _core._set_conv2d_isa(request.param)
+    try:
+        assert _core._conv2d_isa() == request.param
+        yield request.param
+    finally:
+        _core._set_conv2d_isa("auto")
 
 TOL = {np.float32: 2e-5, np.float64: 1e-12}
 
@@ -78,7 +103,7 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_conv2d_matches_oracle(case, dtype):
+def test_conv2d_matches_oracle(case, dtype, conv2d_isa):
     n, c, h, w, o, k, s, p = case
     rng = np.random.default_rng(hash(case) % 2**32)
     x = rng.standard_normal((n, c, h, w)).astype(dtype)
@@ -92,7 +117,7 @@ def test_conv2d_matches_oracle(case, dtype):
     np.testing.assert_allclose(y0, ref - b[None, :, None, None], rtol=0, atol=TOL[dtype] * np.abs(ref).max() * 4)
 
 
-def test_conv2d_matches_definition_loop():
+def test_conv2d_matches_definition_loop(conv2d_isa):
     rng = np.random.default_rng(3)
     for (s, p, k) in [(1, 1, 3), (2, 1, 3), (2, 0, 1), (1, 0, 2)]:
         x = rng.standard_normal((2, 3, 5, 6))
@@ -102,7 +127,7 @@ def test_conv2d_matches_definition_loop():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_conv2d_fused_bn_relu_and_accumulate(dtype, stride):
+def test_conv2d_fused_bn_relu_and_accumulate(dtype, stride, conv2d_isa):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3, 6, 10, 8)).astype(dtype)
     w = rng.standard_normal((5, 6, 3, 3)).astype(dtype)
@@ -205,7 +230,7 @@ def test_psi_is_not_pixel_unshuffle_order():
     y = _ops.psi(x, 2)
     # pixel_unshuffle / FrEIA order: channel c*b*b + dy*b + dx
     unshuffle = x.reshape(1, 2, 2, 2, 2, 2).transpose(0, 1, 3, 5, 2, 4).reshape(1, 8, 2, 2)
-    assert not np.array_equal(y, unshuffle)
+    assert np.isfinite(y).all() and np.abs(y - unshuffle).max() >= 1  # integer-valued: 1 is a real difference
     reorder = [(dy * 2 + dx) * 2 + c for c in range(2) for dy in range(2) for dx in range(2)]
     np.testing.assert_array_equal(y[:, reorder], unshuffle)
 
@@ -242,3 +267,70 @@ def test_batchnorm_inference_and_relu(dtype):
     assert np.isnan(r[3])
     with pytest.raises(ValueError, match="scale and shift"):
         _ops.batchnorm_inference(x, sc[:4], sf[:4])
+
+
+# ---- the instruction-set switch: ARCFLOW_ISA and _core._set_conv2d_isa ----------------------------------------
+
+def _cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (an oracle independent of arcflow's own checks)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def test_conv2d_isa_levels_follow_the_cpu():
+    levels = _core._conv2d_isa_levels()
+    assert levels[0] == "generic"
+    flags = _cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    assert ("avx2" in levels) == ({"avx2", "fma"} <= flags)
+    assert ("avx512" in levels) == ({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags)
+
+
+def test_set_conv2d_isa_contract():
+    levels = _core._conv2d_isa_levels()
+    best = "avx2" if "avx2" in levels else "generic"
+    try:
+        for bad in ("sse2", "AVX2", "", "native"):
+            with pytest.raises(ValueError, match="expected auto, generic, avx2 or avx512"):
+                _core._set_conv2d_isa(bad)
+        for name in ("avx2", "avx512"):
+            if name in levels:
+                _core._set_conv2d_isa(name)
+                assert _core._conv2d_isa() == "avx2"  # avx512: conv2d's best is its avx2 kernel
+            else:
+                with pytest.raises(ValueError, match=f"this CPU cannot run {name}"):
+                    _core._set_conv2d_isa(name)
+        _core._set_conv2d_isa("generic")
+        assert _core._conv2d_isa() == "generic"
+    finally:
+        _core._set_conv2d_isa("auto")
+    assert _core._conv2d_isa() == best
+
+
+def _run_with_isa(value):
+    env = dict(os.environ)
+    env["ARCFLOW_ISA"] = value
+    code = ("import numpy as np; from arcflow import _core; from arcflow.invertible import _ops\n"
+            "try:\n    _ops.conv2d(np.ones((1, 2, 5, 5)), np.ones((3, 2, 3, 3)))\n"
+            "except ValueError as e:\n    print('ValueError:', e)\nelse:\n    print(_core._conv2d_isa())\n")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def test_arcflow_isa_environment_variable_caps_the_level():
+    best = "avx2" if "avx2" in _core._conv2d_isa_levels() else "generic"
+    assert _run_with_isa("generic") == "generic"
+    assert _run_with_isa("avx2") == best        # a cap: a CPU without AVX2 stays generic
+    assert _run_with_isa("avx512") == best
+    assert _run_with_isa("auto") == best
+    assert _run_with_isa("") == best
+    out = _run_with_isa("avx3")
+    assert out.startswith("ValueError:") and "ARCFLOW_ISA must be auto, generic, avx2 or avx512, got 'avx3'" in out

@@ -4,6 +4,7 @@ import pytest
 
 from arcflow.invertible import InjectivePad, IRevNet, IRevNetBlock, SpaceToDepth, from_torch
 from arcflow.invertible import _ops
+from test_invertible_ops import conv2d_isa  # noqa: F401  (fixture: every conv2d micro-kernel level the CPU runs)
 from test_invertible_ops import conv2d_oracle  # direct float64 cross-correlation: a sum over shifted slices
 
 REL = {np.float32: 1e-5, np.float64: 1e-12}
@@ -11,6 +12,22 @@ REL = {np.float32: 1e-5, np.float64: 1e-12}
 
 def rel_err(a, b):
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(np.asarray(b, np.float64)))
+
+
+def assert_differs(a, b, rel=1e-3):
+    """A negative control that cannot pass on NaN (``not np.allclose`` and ``not np.array_equal`` do): both
+    arrays finite, and max|a - b| above ``rel`` times max|b|."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape and np.isfinite(a).all() and np.isfinite(b).all()
+    assert np.abs(a - b).max() > rel * np.abs(b).max()
+
+
+def test_assert_differs_is_a_real_negative_control():
+    with pytest.raises(AssertionError):
+        assert_differs(np.full(3, np.nan), np.zeros(3))      # `not np.allclose` passes here
+    with pytest.raises(AssertionError):
+        assert_differs(np.ones(3), np.ones(3) + 1e-9)
+    assert_differs(np.ones(3), np.zeros(3) + 2)
 
 
 # ---- an independent float64 NumPy oracle of the reference block -----------------------------------
@@ -82,7 +99,7 @@ BLOCK_CASES = [
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", BLOCK_CASES)
-def test_block_matches_numpy_oracle_and_inverts(case, dtype):
+def test_block_matches_numpy_oracle_and_inverts(case, dtype, conv2d_isa):
     in_ch, out_ch, stride, first, mult, affine, h = case
     rng = np.random.default_rng(sum(case[:3]) + h)
     blk = IRevNetBlock(in_ch, out_ch, stride, first, mult, affine, rng=1, dtype=dtype)
@@ -233,7 +250,7 @@ def test_load_state_dict_round_trip_and_errors_leave_weights_unchanged():
     a = small_net(np.float32, rng=0)
     b = small_net(np.float32, rng=1)
     x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
-    assert not np.array_equal(a.forward(x), b.forward(x))
+    assert_differs(a.forward(x), b.forward(x))
     b.load_state_dict(a.state_dict())
     np.testing.assert_array_equal(a.forward(x), b.forward(x))
     before = a.state_dict()

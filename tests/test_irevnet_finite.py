@@ -6,6 +6,7 @@ import pytest
 
 from arcflow.invertible import IRevNetBlock
 from arcflow.invertible import _ops
+from test_invertible_ops import conv2d_isa  # noqa: F401  (fixture: every conv2d micro-kernel level)
 from test_invertible_ops import conv2d_oracle
 from test_irevnet import REL, block_forward_np, bottleneck_np, psi_inv_np, randomize_bn, rel_err
 
@@ -61,7 +62,7 @@ def positions(shape):
 @pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", FINITE_CASES)
-def test_block_rejects_nan_and_inf_anywhere(case, dtype, inverse, merged):
+def test_block_rejects_nan_and_inf_anywhere(case, dtype, inverse, merged, conv2d_isa):
     blk = make_block(case, dtype)
     pair = inputs(blk, inverse, dtype)
     run = blk.inverse if inverse else blk.forward
@@ -79,7 +80,7 @@ def test_block_rejects_nan_and_inf_anywhere(case, dtype, inverse, merged):
 
 
 @pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
-def test_block_rejects_nan_on_the_few_images_path(inverse):
+def test_block_rejects_nan_on_the_few_images_path(inverse, conv2d_isa):
     """3 images on 2 threads: the convolutions split channels and pixel tiles of one image over the threads."""
     blk = IRevNetBlock(64, 32, stride=1, rng=0)
     randomize_bn(blk, np.random.default_rng(1))
@@ -107,7 +108,7 @@ def rel_err_scaled(a, b):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", FINITE_CASES)
-def test_block_accepts_huge_finite_values(case, dtype):
+def test_block_accepts_huge_finite_values(case, dtype, conv2d_isa):
     blk = make_block(case, dtype)
     big = HUGE[dtype]
     for which in (0, 1):
@@ -163,7 +164,7 @@ def test_block_output_overflow_names_the_sum():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_conv2d_fused_finite(dtype):
+def test_conv2d_fused_finite(dtype, conv2d_isa):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 5, 9)).astype(dtype)
     w = rng.standard_normal((4, 3, 3, 3)).astype(dtype)

@@ -1,6 +1,7 @@
-"""Parity with a PyTorch implementation of the reference i-RevNet (optional: skipped without torch).
+"""Parity with a PyTorch implementation of the reference i-RevNet (optional: skipped without torch; CI compares
+with the outputs these modules recorded, tests/test_torch_golden.py).
 
-The PyTorch modules below follow the structure of the reference code (jhjacobsen/pytorch-i-revnet,
+The PyTorch modules (tests/make_torch_golden.py) follow the structure of the reference code (jhjacobsen/pytorch-i-revnet,
 models/iRevNet.py and models/model_utils.py): the same module tree, hence the same state_dict keys, the
 same psi algorithm (split along W, stack, permute), the same pair order. Two fixes in the inverse only,
 where the reference is wrong: the injective padding's inverse drops the appended channels, and the
@@ -12,138 +13,9 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-nn = torch.nn
-F = torch.nn.functional
 
 from arcflow.invertible import IRevNet, IRevNetBlock, SpaceToDepth, from_torch  # noqa: E402
-
-
-class TorchPsi(nn.Module):
-    def __init__(self, b):
-        super().__init__()
-        self.b = b
-
-    def forward(self, x):
-        n, c, h, w = x.shape
-        b = self.b
-        t = x.permute(0, 2, 3, 1)                                   # N, H, W, C
-        cols = [chunk.contiguous().view(n, h // b, b * b * c) for chunk in t.split(b, 2)]
-        return torch.stack(cols, 1).permute(0, 3, 2, 1).contiguous()  # N, D, H/b, W/b
-
-    def inverse(self, y):
-        n, d, hb, wb = y.shape
-        b = self.b
-        c = d // (b * b)
-        t = y.permute(0, 2, 3, 1).contiguous().view(n, hb, wb, b, b, c)  # (i, j, dy, dx, c)
-        return t.permute(0, 5, 1, 3, 2, 4).contiguous().view(n, c, hb * b, wb * b)
-
-
-class TorchInjPad(nn.Module):
-    def __init__(self, pad):
-        super().__init__()
-        self.pad = pad
-
-    def forward(self, x):
-        return F.pad(x, (0, 0, 0, 0, 0, self.pad))
-
-    def inverse(self, x):
-        return x[:, : x.shape[1] - self.pad]
-
-
-class TorchBlock(nn.Module):
-    def __init__(self, in_ch, out_ch, stride=1, first=False, affine_bn=True, mult=4):
-        super().__init__()
-        self.pad = 2 * out_ch - in_ch
-        self.stride = stride
-        self.inj_pad = TorchInjPad(self.pad)
-        self.psi = TorchPsi(stride)
-        if self.pad != 0 and stride == 1:
-            in_ch = out_ch * 2
-        hid = out_ch // mult
-        layers = []
-        if not first:
-            layers += [nn.BatchNorm2d(in_ch // 2, affine=affine_bn), nn.ReLU(inplace=True)]
-        layers += [nn.Conv2d(in_ch // 2, hid, 3, stride=stride, padding=1, bias=False),
-                   nn.BatchNorm2d(hid, affine=affine_bn), nn.ReLU(inplace=True),
-                   nn.Conv2d(hid, hid, 3, padding=1, bias=False), nn.Dropout(p=0.0),
-                   nn.BatchNorm2d(hid, affine=affine_bn), nn.ReLU(inplace=True),
-                   nn.Conv2d(hid, out_ch, 3, padding=1, bias=False)]
-        self.bottleneck_block = nn.Sequential(*layers)
-
-    def _split(self, x):
-        n = x.shape[1] // 2
-        return x[:, :n].contiguous(), x[:, n:].contiguous()
-
-    def forward(self, x):
-        if self.pad != 0 and self.stride == 1:
-            x = self._split(self.inj_pad(torch.cat(x, 1)))
-        x1, x2 = x
-        fx2 = self.bottleneck_block(x2)
-        if self.stride == 2:
-            x1, x2 = self.psi(x1), self.psi(x2)
-        return x2, fx2 + x1
-
-    def inverse(self, y):
-        x2, y1 = y
-        if self.stride == 2:
-            x2 = self.psi.inverse(x2)
-        x1 = y1 - self.bottleneck_block(x2)
-        if self.stride == 2:
-            x1 = self.psi.inverse(x1)
-        if self.pad != 0 and self.stride == 1:
-            return self._split(self.inj_pad.inverse(torch.cat((x1, x2), 1)))
-        return x1, x2
-
-
-class TorchIRevNet(nn.Module):
-    def __init__(self, n_blocks, n_strides, n_classes, n_channels, init_ds, affine_bn, in_shape, mult):
-        super().__init__()
-        self.ds = in_shape[2] // 2 ** (n_strides.count(2) + init_ds // 2)
-        self.init_ds = init_ds
-        self.in_ch = in_shape[0] * 2 ** init_ds
-        self.init_psi = TorchPsi(init_ds)
-        self.stack = nn.ModuleList()
-        in_ch, first = self.in_ch, True
-        for ch, depth, stride in zip(n_channels, n_blocks, n_strides):
-            for s in [stride] + [1] * (depth - 1):
-                self.stack.append(TorchBlock(in_ch, ch, s, first, affine_bn, mult))
-                in_ch, first = 2 * ch, False
-        self.bn1 = nn.BatchNorm2d(n_channels[-1] * 2, momentum=0.9)
-        self.linear = nn.Linear(n_channels[-1] * 2, n_classes)
-
-    def forward(self, x):
-        n = self.in_ch // 2
-        if self.init_ds != 0:
-            x = self.init_psi(x)
-        out = (x[:, :n], x[:, n:])
-        for blk in self.stack:
-            out = blk(out)
-        z = torch.cat(out, 1)
-        h = F.avg_pool2d(F.relu(self.bn1(z)), self.ds)
-        return self.linear(h.view(h.shape[0], -1)), z
-
-    def inverse(self, z):
-        n = z.shape[1] // 2
-        out = (z[:, :n], z[:, n:])
-        for blk in reversed(self.stack):
-            out = blk.inverse(out)
-        x = torch.cat(out, 1)
-        return self.init_psi.inverse(x) if self.init_ds != 0 else x
-
-
-def randomize(module, seed):
-    """Random BN statistics and affine parameters (the default init makes every BN the identity), eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
-                m.num_batches_tracked.fill_(7)
-                if m.affine:
-                    m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
-                    m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
-    return module.eval()
+from make_torch_golden import TorchBlock, TorchIRevNet, TorchPsi, randomize  # noqa: E402
 
 
 def rel(a, b):

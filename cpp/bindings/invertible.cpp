@@ -180,7 +180,13 @@ void register_invertible(pybind11::module_& m) {
   register_dtype<float>(m, "f32");
   register_dtype<double>(m, "f64");
   m.def("conv2d_cpu_isa", []() { return std::string(conv2d_cpu_isa()); },
-        "the conv2d micro-kernel the CPU dispatch chose (avx2 or generic)");
+        "the conv2d micro-kernel the next convolution uses (avx2 or generic)");
+  m.def("_conv2d_isa", []() { return std::string(conv2d_cpu_isa()); },
+        "the active conv2d micro-kernel: 'avx2' or 'generic'");
+  m.def("_set_conv2d_isa", &conv2d_set_isa, py::arg("name"),
+        "force conv2d's micro-kernel: 'generic', 'avx2', 'avx512' (conv2d's best: avx2) or 'auto' (back to "
+        "ARCFLOW_ISA / the best); ValueError for another name or a level this CPU cannot run");
+  m.def("_conv2d_isa_levels", &conv2d_isa_levels, "the ISA level names this CPU runs, lowest first");
 }
 
 }  // namespace arcflow::bind

@@ -11,6 +11,10 @@ from . import _core
 
 _default_threads: Optional[int] = None
 
+# The most threads a call may ask for: 4 per core, at least 256. OpenMP starts every thread it is asked for
+# (each with a stack and tile buffers); a million of them crashed the process.
+MAX_THREADS = max(256, 4 * (os.cpu_count() or 1))
+
 
 def set_num_threads(n: Optional[int]) -> None:
     """Set the default number of threads of arcflow's kernels (None: OpenMP's default, OMP_NUM_THREADS)."""
@@ -29,9 +33,27 @@ def get_num_threads() -> int:
 def check_threads(threads, where: str) -> int:
     if threads is None:
         return get_num_threads()
-    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or int(threads) < 1:
-        raise ValueError(f"{where}: threads must be a positive integer, got {threads!r}")
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral):
+        raise ValueError(f"{where}: threads must be an integer between 1 and {MAX_THREADS}, got {_short(threads)}")
+    if not 1 <= int(threads) <= MAX_THREADS:
+        raise ValueError(f"{where}: threads must be between 1 and {MAX_THREADS} (4 per core of this machine, "
+                         f"at least 256), got {int(threads)}")
     return int(threads)
+
+
+def check_bool(value, name: str, where: str) -> bool:
+    """A real bool (np.bool_ included): a string such as "no" is truthy and would silently mean True."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{where}: {name} must be True or False, got {_short(value)}")
+
+
+def _short(v) -> str:
+    """repr(v) for a message, without printing a whole array."""
+    if isinstance(v, np.ndarray) and v.size > 1:
+        return f"an array of shape {v.shape} and dtype {v.dtype}"
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
 
 
 def as_matrix(x, name: str, where: str) -> np.ndarray:
@@ -53,10 +75,17 @@ def as_matrix(x, name: str, where: str) -> np.ndarray:
 
 
 def result_dtype(*arrays) -> np.dtype:
+    """float32 when every input is a float of at most 4 bytes (float16, float32, either byte order), else float64."""
     kinds = [a.dtype for a in arrays if a is not None]
-    if kinds and all(k == np.float32 or k == np.float16 for k in kinds):
+    if kinds and all(k.kind == "f" and k.itemsize <= 4 for k in kinds):
         return np.dtype(np.float32)
     return np.dtype(np.float64)
+
+
+def as_engine_input(arr: np.ndarray, dtype) -> np.ndarray:
+    """C-contiguous, native byte order, aligned to its items: the only form the C++ engine reads (an array
+    at an odd address, e.g. ``np.ndarray(..., buffer=buf, offset=1)``, is copied)."""
+    return np.require(arr, dtype=np.dtype(dtype).newbyteorder("="), requirements=("C", "A"))
 
 
 def check_finite(arr: np.ndarray, name: str, where: str) -> None:
@@ -74,7 +103,7 @@ def check_finite(arr: np.ndarray, name: str, where: str) -> None:
 
 def check_depth(depth, where: str, name: str = "depth", minimum: int = 0) -> int:
     if isinstance(depth, bool) or not isinstance(depth, numbers.Integral):
-        raise ValueError(f"{where}: {name} must be an integer >= {minimum}, got {depth!r}")
+        raise ValueError(f"{where}: {name} must be an integer >= {minimum}, got {_short(depth)}")
     if int(depth) < minimum:
         raise ValueError(f"{where}: {name} must be >= {minimum}, got {depth}")
     if int(depth) > 10_000:
@@ -84,7 +113,7 @@ def check_depth(depth, where: str, name: str = "depth", minimum: int = 0) -> int
 
 def check_std(v, name: str, where: str) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise ValueError(f"{where}: {name} must be a real number >= 0, got {v!r}")
+        raise ValueError(f"{where}: {name} must be a real number >= 0, got {_short(v)}")
     f = float(v)
     if not np.isfinite(f) or f < 0:
         raise ValueError(f"{where}: {name} must be a finite number >= 0, got {v!r}")
@@ -109,14 +138,35 @@ def _human(n: int) -> str:
     return f"{n}"
 
 
-def check_allocation(nbytes: int, where: str, what: str) -> None:
-    """MemoryError before any work when the outputs cannot fit in memory."""
+def check_allocation(nbytes: int, where: str, what: str, hint: Optional[str] = None) -> None:
+    """MemoryError before any work when what is to be allocated cannot fit in memory."""
     avail = available_memory()
     if avail is not None and nbytes > avail:
+        if hint is None:
+            hint = "pass out= (for example an np.memmap) to write it to disk, or compute it in row blocks"
         raise MemoryError(
             f"{where}: {what} needs {nbytes} bytes ({_human(nbytes)}), more than the {avail} bytes "
-            f"({_human(avail)}) of memory available; pass out= (for example an np.memmap) to write it to disk, "
-            f"or compute it in row blocks")
+            f"({_human(avail)}) of memory available; {hint}")
+
+
+def engine_bytes(n1: int, n2: Optional[int], d: int, depth: int, itemsize: int, threads: int, diag: bool,
+                 n_all: int = 0) -> int:
+    """Bytes the C++ engine allocates besides the outputs: the per-row tables (5 values per row and layer, and
+    two per row), the packed copy of x2 and each thread's tile buffers (fc_kernel.cpp)."""
+    tile = int(_core.fc_tile)
+
+    def rows(n):
+        return -(-max(n, 1) // tile) * tile
+
+    total = rows(n1) * (5 * (depth + 1) + 2)
+    if n2 is not None:
+        total += rows(n2) * (5 * (depth + 1) + 2)
+    if not diag:
+        n2_ = n1 if n2 is None else n2
+        total += rows(n2_) * max(d, 1)
+        tiles = -(-n1 // tile) * -(-n2_ // tile)
+        total += min(threads, max(tiles, 1)) * (tile * tile * (6 + n_all) + 6 * tile)
+    return total * itemsize
 
 
 def allocate(shape, dtype, where: str, zero: bool = False) -> np.ndarray:
@@ -151,7 +201,26 @@ def check_out(out, shape, dtype, where: str, name: str) -> np.ndarray:
         raise ValueError(f"{where}: {name} must be C-contiguous")
     if not out.flags.writeable:
         raise ValueError(f"{where}: {name} is read-only")
+    if not out.flags.aligned:
+        # The kernels store whole values: an odd address is undefined behaviour in C++ (and copying the
+        # result over afterwards would double the memory that out= exists to save).
+        raise ValueError(f"{where}: {name} is not aligned: its data address is not a multiple of its "
+                         f"{out.dtype.itemsize}-byte items; pass an aligned array (np.empty, np.memmap)")
     return out
+
+
+def check_no_overlap(named_outs, named_inputs, where: str) -> None:
+    """ValueError when an out= array shares memory with an input or with another out= array: the kernels
+    read the inputs while they write the outputs, so an overlap gives wrong numbers without a word."""
+    outs = [(k, v) for k, v in named_outs if v is not None]
+    for i, (k, o) in enumerate(outs):
+        for name, x in named_inputs:
+            if x is not None and np.may_share_memory(o, x):
+                raise ValueError(f"{where}: {k} shares memory with the input {name}; pass a separate array "
+                                 f"(the input is read while the output is written)")
+        for k2, o2 in outs[i + 1:]:
+            if np.may_share_memory(o, o2):
+                raise ValueError(f"{where}: {k} and {k2} share memory; pass two separate arrays")
 
 
 def env_threads_hint() -> Optional[str]:

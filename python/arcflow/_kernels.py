@@ -75,13 +75,14 @@ def _run_rows(engine, n1: int, n2: int, depth: int, symmetric: bool, outs, threa
     try:
         for r0 in range(0, n1, block):
             r1 = min(n1, r0 + block)
-            engine.rows(r0, r1, *outs, threads)
+            _engine_call(desc, engine.rows, r0, r1, *outs, threads)
             bar.update(r1 - r0)
     finally:
         bar.close()
 
 
 def _prepare(x1, x2, where):
+    """The inputs as the engine reads them: C-contiguous, native byte order, aligned (copied when not)."""
     a1 = dp.as_matrix(x1, "x1", where)
     a2 = None if x2 is None else dp.as_matrix(x2, "x2", where)
     if a2 is not None and a2.shape[1] != a1.shape[1]:
@@ -91,10 +92,31 @@ def _prepare(x1, x2, where):
     dp.check_finite(a1, "x1", where)
     if a2 is not None:
         dp.check_finite(a2, "x2", where)
-    a1 = np.ascontiguousarray(a1, dtype=dtype)
+    a1 = dp.as_engine_input(a1, dtype)
     if a2 is not None:
-        a2 = np.ascontiguousarray(a2, dtype=dtype)
+        a2 = dp.as_engine_input(a2, dtype)
     return a1, a2, dtype
+
+
+def _check_get(get, where):
+    if isinstance(get, str):
+        get = (get,)
+    try:
+        get = tuple(get)
+    except TypeError:
+        raise ValueError(f"{where}: get must be 'nngp', 'ntk' or a sequence of them, got {get!r}") from None
+    bad = [g for g in get if g not in _VALID_GET]
+    if bad or not get:
+        raise ValueError(f"{where}: get must name 'nngp' and/or 'ntk', got {get!r}")
+    return get
+
+
+def _engine_call(where, fn, *args):
+    """An engine step; a C++ allocation failure (MemoryError naming what) gets the public function's name."""
+    try:
+        return fn(*args)
+    except MemoryError as e:
+        raise MemoryError(f"{where}: {e}") from None
 
 
 def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu", w_std: float = 1.0,
@@ -116,12 +138,17 @@ def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu",
         so the mirror changes nothing but the time. A copy of x1 as x2 is computed in full. float32 in gives float32 out; float64, integer, bool and lists give float64.
     depth : number of hidden activations (0 gives the linear kernel).
     fix_dep : the first ``fix_dep`` layers are frozen and add nothing to Theta (0 <= fix_dep <= depth).
-    diag : only k(x, x) for the rows of x1, shape (n1,), in O(n1 (d + depth)).
+    diag : True or False. True gives only k(x, x) for the rows of x1, shape (n1,), in O(n1 (d + depth)); it
+        takes no x2 (a ValueError: for k(x1[i], x2[i]) compute the full matrix of the pairs you need).
     get : "nngp", "ntk" or both; the other field of the result is None.
-    threads : OpenMP threads (default: ``arcflow.get_num_threads()``).
+    threads : OpenMP threads, 1 to ``arcflow._dispatch.MAX_THREADS`` (4 per core, at least 256); default
+        ``arcflow.get_num_threads()``. A call never runs more threads than it has 64 x 64 tiles.
     out : preallocated outputs (for example ``np.memmap``), written tile by tile: a dict
-        {"nngp": array, "ntk": array}, or a sequence in the order of ``get``.
-    progress : show a progress bar (tqdm when installed) on stderr.
+        {"nngp": array, "ntk": array}, or a sequence in the order of ``get``. Each must be C-contiguous,
+        aligned, of the result's dtype and must not share memory with x1, x2 or the other output
+        (ValueError). If the call is interrupted (Ctrl-C: KeyboardInterrupt, raised within about a second)
+        or fails while computing, the out= arrays are left partly written.
+    progress : True or False: show a progress bar (tqdm when installed) on stderr.
     device : "cpu", "cuda" or "auto" (the GPU for large problems and for GPU arrays, when arcflow was built
         with CUDA and a device is present). GPU arrays (CuPy, anything with ``__cuda_array_interface__``)
         go in and come out without host copies; NumPy arrays with device="cuda" are copied in and the result
@@ -135,13 +162,16 @@ def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu",
     >>> k.ntk.shape
     (100, 100)
     """
-    where = "arcflow.kernels"
-    if isinstance(get, str):
-        get = (get,)
-    get = tuple(get)
-    bad = [g for g in get if g not in _VALID_GET]
-    if bad or not get:
-        raise ValueError(f"{where}: get must name 'nngp' and/or 'ntk', got {get!r}")
+    return _kernels(x1, x2, depth, activation, w_std, b_std, fix_dep, diag, get, threads, out, progress, device,
+                    "arcflow.kernels")
+
+
+def _kernels(x1, x2, depth, activation, w_std, b_std, fix_dep, diag, get, threads, out, progress, device,
+             where: str) -> Kernels:
+    """kernels() under the public name ``where`` that the user called (in messages and the progress bar)."""
+    get = _check_get(get, where)
+    diag = dp.check_bool(diag, "diag", where)
+    progress = dp.check_bool(progress, "progress", where)
     act = resolve(activation)
     depth = dp.check_depth(depth, where)
     w = dp.check_std(w_std, "w_std", where)
@@ -153,10 +183,13 @@ def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu",
     want_ntk = "ntk" in get
     if want_ntk and not act.has_ntk:
         raise ValueError(f"{where}: {act!r} has no NTK: its derivative is a Dirac delta, so E[phi'(u) phi'(v)] "
-                         f"is infinite; ask for get=('nngp',) only")
+                         f"is infinite; ask for the NNGP only (arcflow.nngp, or get=('nngp',))")
     threads = dp.check_threads(threads, where)
     if x2 is x1:  # kernels(x, x): the symmetric path, half the work and the same bits (see the docstring)
         x2 = None
+    if diag and x2 is not None:
+        raise ValueError(f"{where}: diag=True computes k(x1[i], x1[i]) and takes no x2; for the kernel between "
+                         f"x1 and x2 leave diag=False")
     use_cuda = _choose_device(device, x1, x2, where)
     if use_cuda is None:  # GPU arrays in: the CUDA path, no host copy
         return _kernels_on_gpu_arrays(x1, x2, act, depth, w, b, fix_dep, diag, want_ntk, "nngp" in get, out, where)
@@ -169,6 +202,7 @@ def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu",
     shape = (n1,) if diag else (n1, n2)
     wanted = [g for g in _VALID_GET if g in get]
     outs = _collect_out(out, get, wanted, shape, dtype, where)
+    dp.check_no_overlap([(f"out[{k!r}]", v) for k, v in outs.items()], [("x1", a1), ("x2", a2)], where)
     missing = [g for g in wanted if outs.get(g) is None]
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize * len(missing)
     dp.check_allocation(nbytes, where, f"the output ({' and '.join(missing)}, shape {shape}, {dtype})")
@@ -183,15 +217,21 @@ def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu",
             elif g in wanted:
                 outs[g] = r
         return Kernels(outs.get("nngp"), outs.get("ntk"))
+    # The CPU engine's own memory: per-row tables that grow as rows x depth, whatever the output's size.
+    ebytes = dp.engine_bytes(n1, None if a2 is None else n2, d, depth, dtype.itemsize, threads, diag)
+    dp.check_allocation(nbytes + ebytes, where,
+                        f"the output ({nbytes} bytes) with the per-row tables and tile buffers of the kernel "
+                        f"engine ({ebytes} bytes, growing as rows x depth)",
+                        hint="compute it in blocks of rows of x1 (and x2)")
     for g in missing:
         outs[g] = dp.allocate(shape, dtype, where)
 
     if n1 > 0 and (diag or n2 > 0):
-        engine = _engine_class(dtype)(a1, a2, _KIND[act.kind], *_act_numbers(act), depth, w * w, b * b,
-                                      (w * w) / max(d, 1), fix_dep)
+        engine = _engine_call(where, _engine_class(dtype), a1, a2, _KIND[act.kind], *_act_numbers(act), depth,
+                              w * w, b * b, (w * w) / max(d, 1), fix_dep)
         res = (outs.get("nngp"), outs.get("ntk"))
         if diag:
-            engine.diag(*res, threads)
+            _engine_call(where, engine.diag, *res, threads)
         else:
             _run_rows(engine, n1, n2, depth, a2 is None, (res[0], res[1], None), threads, progress, where, d)
     return Kernels(outs.get("nngp"), outs.get("ntk"))
@@ -236,11 +276,13 @@ def nngp(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu", w_
          progress: bool = False, device: str = "auto") -> np.ndarray:
     """The NNGP kernel Sigma^(depth+1) (see :func:`kernels` for the recursion and the arguments).
 
+    An out= array is left partly written when the call is interrupted (Ctrl-C) or fails while computing.
+
     >>> import numpy as np, arcflow
     >>> k = arcflow.nngp(np.eye(3), depth=2, activation="erf")
     """
-    return kernels(x1, x2, depth=depth, activation=activation, w_std=w_std, b_std=b_std, diag=diag,
-                   get=("nngp",), threads=threads, out=out, progress=progress, device=device).nngp
+    return _kernels(x1, x2, depth, activation, w_std, b_std, 0, diag, ("nngp",), threads, out, progress, device,
+                    "arcflow.nngp").nngp
 
 
 def ntk(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu", w_std: float = 1.0,
@@ -248,11 +290,13 @@ def ntk(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu", w_s
         progress: bool = False, device: str = "auto") -> np.ndarray:
     """The Neural Tangent Kernel Theta^(depth+1) (see :func:`kernels` for the recursion and the arguments).
 
+    An out= array is left partly written when the call is interrupted (Ctrl-C) or fails while computing.
+
     >>> import numpy as np, arcflow
     >>> k = arcflow.ntk(np.eye(3), depth=2, activation="relu", fix_dep=1)
     """
-    return kernels(x1, x2, depth=depth, activation=activation, w_std=w_std, b_std=b_std, fix_dep=fix_dep,
-                   diag=diag, get=("ntk",), threads=threads, out=out, progress=progress, device=device).ntk
+    return _kernels(x1, x2, depth, activation, w_std, b_std, fix_dep, diag, ("ntk",), threads, out, progress,
+                    device, "arcflow.ntk").ntk
 
 
 def _choose_device(device, x1, x2, where):

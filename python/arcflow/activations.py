@@ -15,6 +15,7 @@ Example
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Union
 
@@ -51,8 +52,23 @@ class ABReLU(Activation):
     def __post_init__(self):
         for name in ("a", "b"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            # numbers.Real takes NumPy scalars (np.float32(0.1)), stored as a Python float
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
                 raise ValueError(f"ABReLU: {name} must be a finite real number, got {v!r}")
+            object.__setattr__(self, name, float(v))
+
+    def __repr__(self) -> str:
+        # The name the user wrote: ReLU(), Abs(), Identity() and LeakyReLU(alpha) are ABReLUs.
+        a, b = self.a, self.b
+        if b == 1.0:
+            if a == 0.0:
+                return "ReLU()"
+            if a == -1.0:
+                return "Abs()"
+            if a == 1.0:
+                return "Identity()"
+            return f"LeakyReLU({a!r})"
+        return f"ABReLU(a={a!r}, b={b!r})"
 
     @property
     def kind(self) -> str:
@@ -89,10 +105,19 @@ class RectifiedMonomial(Activation):
     n: int = 1
 
     def __post_init__(self):
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 0:
-            raise ValueError(f"RectifiedMonomial: the order n must be an integer >= 0, got {self.n!r}")
-        if self.n > 64:
-            raise ValueError(f"RectifiedMonomial: order n = {self.n} is too large (at most 64)")
+        n = self.n
+        # NumPy integers (np.int64(2)) and integral floats (2.0) are accepted; 2.5 is not rounded to 2.
+        ok = not isinstance(n, bool) and (
+            isinstance(n, numbers.Integral)
+            or (isinstance(n, numbers.Real) and math.isfinite(float(n)) and float(n).is_integer()))
+        if not ok or int(n) < 0:
+            raise ValueError(f"RectifiedMonomial: the order n must be an integer >= 0, got {n!r}")
+        if int(n) > 64:
+            raise ValueError(f"RectifiedMonomial: order n = {n} is too large (at most 64)")
+        object.__setattr__(self, "n", int(n))
+
+    def __repr__(self) -> str:
+        return "Step()" if self.n == 0 else f"RectifiedMonomial({self.n})"
 
     @property
     def kind(self) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _core
 from . import _dispatch as dp
-from ._kernels import _choose_device, _run_rows, kernels
+from ._kernels import _choose_device, _engine_call, _run_rows, kernels
 
 __all__ = ["kernel_value_batch", "kernel_value"]
 
@@ -26,7 +26,7 @@ def _prepare(X, d_max, where):
     d_max = dp.check_depth(d_max, where, "d_max", minimum=1)
     a = dp.as_matrix(X, "X", where)
     dp.check_finite(a, "X", where)
-    return np.ascontiguousarray(a, dtype=np.float64), d_max
+    return dp.as_engine_input(a, np.float64), d_max
 
 
 def _ntk_gpu(a, depth, fix_dep):
@@ -52,12 +52,16 @@ def kernel_value_batch(X, d_max: int, *, threads: Optional[int] = None, progress
                 K[dep, fix] = _ntk_gpu(a, dep, fix)
         return K
     threads = dp.check_threads(threads, where)
+    progress = dp.check_bool(progress, "progress", where)
     n = a.shape[0]
     shape = (d_max, d_max, n, n)
-    dp.check_allocation(int(np.prod(shape, dtype=object)) * 8, where, f"the output (shape {shape}, float64)")
+    nbytes = int(np.prod(shape, dtype=object)) * 8 + dp.engine_bytes(n, None, a.shape[1], d_max - 1, 8, threads,
+                                                                       False, n_all=d_max)
+    dp.check_allocation(nbytes, where, f"the output (shape {shape}, float64) with the kernel engine's buffers",
+                        hint="use fewer rows of X or a smaller d_max (the output grows as d_max^2 N^2)")
     K = dp.allocate(shape, np.float64, where, zero=True)
     if n:
-        eng = _core.FcEngineF64(a, None, 0, 0.0, 1.0, 1, d_max - 1, 1.0, 0.0, 1.0, 0)
+        eng = _engine_call(where, _core.FcEngineF64, a, None, 0, 0.0, 1.0, 1, d_max - 1, 1.0, 0.0, 1.0, 0)
         _run_rows(eng, n, n, d_max * d_max, True, (None, None, K), threads, progress, where, a.shape[1])
     return K
 
@@ -74,9 +78,12 @@ def kernel_value(X, d_max: int, fix_dep: int, *, threads: Optional[int] = None,
         return _ntk_gpu(a, d_max - 1, fix_dep)
     threads = dp.check_threads(threads, where)
     n = a.shape[0]
-    dp.check_allocation(n * n * 8, where, f"the output (shape ({n}, {n}), float64)")
+    nbytes = n * n * 8 + dp.engine_bytes(n, None, a.shape[1], d_max - 1, 8, threads, False)
+    dp.check_allocation(nbytes, where, f"the output (shape ({n}, {n}), float64) with the kernel engine's buffers",
+                        hint="use fewer rows of X")
     K = dp.allocate((n, n), np.float64, where)
     if n:
-        eng = _core.FcEngineF64(a, None, 0, 0.0, 1.0, 1, d_max - 1, 1.0, 0.0, 1.0, min(fix_dep, d_max))
+        eng = _engine_call(where, _core.FcEngineF64, a, None, 0, 0.0, 1.0, 1, d_max - 1, 1.0, 0.0, 1.0,
+                           min(fix_dep, d_max))
         _run_rows(eng, n, n, d_max, True, (None, K, None), threads, False, where, a.shape[1])
     return K

@@ -28,6 +28,9 @@
 //   epilogue reads every addend value once (with addend == out, out's old values). The convolution runs
 //   to the end either way; the caller decides what to do with the flags.
 // Thread-safe: no global state.
+#include <string>
+#include <vector>
+
 #include "arcflow/common.hpp"
 
 namespace arcflow {
@@ -52,7 +55,17 @@ void conv2d_cpu(const Conv2dShape& s, const T* x, const T* weight, const T* bias
                 const T* in_shift, bool in_relu, T alpha, const T* addend, T* out, int threads = 0,
                 Conv2dFinite* finite = nullptr);
 
-// The name of the micro-kernel the CPU dispatch picked ("avx2" or "generic"), for benchmarks.
+// The micro-kernel the next convolution uses ("avx2" or "generic"): the best the CPU runs, capped by the
+// environment variable ARCFLOW_ISA (auto, generic, avx2, avx512; read once, at the first convolution;
+// another value makes every convolution throw std::invalid_argument), unless conv2d_set_isa chose one.
 const char* conv2d_cpu_isa();
+
+// Force the micro-kernel level for the whole process: "generic", "avx2", "avx512" (conv2d's best, avx2),
+// or "auto" (back to ARCFLOW_ISA / the best). std::invalid_argument for another name or a level this CPU
+// cannot run. For tests and benchmarks; a convolution reads the level once, at its start.
+void conv2d_set_isa(const std::string& name);
+
+// The level names this CPU runs, lowest first ("generic", then "avx2", "avx512" where available).
+std::vector<std::string> conv2d_isa_levels();
 
 }  // namespace arcflow

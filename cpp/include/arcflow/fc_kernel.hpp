@@ -11,11 +11,19 @@
 //   symmetric case only tiles on or above the diagonal are computed (r0 must be a multiple of `tile`) and
 //   mirrored, so the result is exactly symmetric. OpenMP over tiles with `threads` threads.
 // - diag(...) computes k(x, x) for the rows of x1 in O(n1 (d + depth)).
-// - Throws std::invalid_argument on inconsistent arguments; never throws inside the parallel region.
+// - Throws std::invalid_argument on inconsistent arguments, allocation_error (a std::bad_alloc that says
+//   what could not be allocated) when memory runs out, and interrupted when `interrupt` returned true;
+//   never throws inside the parallel region. rows() never runs more threads than it has tiles.
+// - `interrupt` (may be empty) is called now and then by the calling thread (between tiles, between blocks
+//   of table rows); returning true stops the work early, leaving the outputs partly written.
 //   Thread-safety: const methods may run concurrently on one engine.
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <new>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "arcflow/activations.hpp"
@@ -32,15 +40,35 @@ struct fc_params {
   int fix_dep = 0;          // Sigma^l enters Theta only for l > fix_dep
 };
 
+// A std::bad_alloc that names what could not be allocated (pybind11 makes it a MemoryError with this text).
+class allocation_error : public std::bad_alloc {
+ public:
+  explicit allocation_error(std::string msg) : msg_(std::move(msg)) {}
+  const char* what() const noexcept override { return msg_.c_str(); }
+
+ private:
+  std::string msg_;
+};
+
+// Thrown when the caller's interrupt callback asked to stop (the bindings turn it into the pending Python
+// exception, KeyboardInterrupt for Ctrl-C).
+struct interrupted : std::runtime_error {
+  interrupted() : std::runtime_error("arcflow: interrupted") {}
+};
+
+using interrupt_fn = std::function<bool()>;
+
 template <class T>
 class fc_engine {
  public:
   static constexpr index_t tile = 64;
 
-  fc_engine(const T* x1, index_t n1, const T* x2, index_t n2, index_t d, bool symmetric, const fc_params& p);
+  fc_engine(const T* x1, index_t n1, const T* x2, index_t n2, index_t d, bool symmetric, const fc_params& p,
+            const interrupt_fn& interrupt = {});
 
-  void rows(index_t r0, index_t r1, T* nngp, T* ntk, T* ntk_all, int threads) const;
-  void diag(T* nngp, T* ntk, int threads) const;
+  void rows(index_t r0, index_t r1, T* nngp, T* ntk, T* ntk_all, int threads,
+            const interrupt_fn& interrupt = {}) const;
+  void diag(T* nngp, T* ntk, int threads, const interrupt_fn& interrupt = {}) const;
 
   index_t n1() const { return n1_; }
   index_t n2() const { return n2_; }

@@ -2,8 +2,12 @@
 #include "arcflow/conv2d.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -131,11 +135,57 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#ifdef ARCFLOW_CONV_HAVE_AVX2
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Micro-kernel levels: 0 generic, 1 avx2 (conv2d has nothing wider: "avx512" selects avx2).
+constexpr int kLevelGeneric = 0, kLevelAvx2 = 1;
+
+int best_level() { return cpu_has_avx2() ? kLevelAvx2 : kLevelGeneric; }
+
+// The level a name asks for, capped at what the CPU runs (the cap semantics of ARCFLOW_ISA); -1 unknown.
+int capped_level(const std::string& name) {
+  if (name.empty() || name == "auto" || name == "avx512") return best_level();
+  if (name == "avx2") return std::min(kLevelAvx2, best_level());
+  if (name == "generic") return kLevelGeneric;
+  return -1;
+}
+
+// ARCFLOW_ISA, read once at the first convolution: a cap on the level, shared with the fused kernel.
+int env_level() {
+  static const int level = [] {
+    const char* v = std::getenv("ARCFLOW_ISA");
+    const int l = capped_level(v ? v : "");
+    if (l < 0)
+      throw std::invalid_argument(std::string("arcflow: ARCFLOW_ISA must be auto, generic, avx2 or avx512, got '") +
+                                  v + "'");
+    return l;
+  }();
+  return level;
+}
+
+// _set_conv2d_isa's choice: -1 none (ARCFLOW_ISA / the best level decide). Process-wide, for tests and
+// benchmarks; a convolution reads it once, at its start.
+std::atomic<int> forced_level{-1};
+
+int active_level() {
+  const int f = forced_level.load(std::memory_order_relaxed);
+  return f >= 0 ? f : env_level();
+}
+
 template <typename T>
 Kernel<T> pick_kernel(index_t m, index_t ho, index_t wo) {
   Kernel<T> a, b;
 #ifdef ARCFLOW_CONV_HAVE_AVX2
-  if (cpu_has_avx2()) {
+  if (active_level() >= kLevelAvx2) {
     a = {&isa_avx2::compute_tiles<T, 4, 3>, &isa_avx2::build_phases<T>, 4, 3, index_t(32 / sizeof(T)), "avx2"};
     b = {&isa_avx2::compute_tiles<T, 6, 2>, &isa_avx2::build_phases<T>, 6, 2, index_t(32 / sizeof(T)), "avx2"};
   } else
@@ -183,7 +233,34 @@ index_t thread_id() {
 
 }  // namespace
 
-const char* conv2d_cpu_isa() { return cpu_has_avx2() ? "avx2" : "generic"; }
+const char* conv2d_cpu_isa() { return active_level() >= kLevelAvx2 ? "avx2" : "generic"; }
+
+void conv2d_set_isa(const std::string& name) {
+  if (name == "auto") {
+    forced_level.store(-1);
+    return;
+  }
+  int level;
+  bool runs;
+  if (name == "generic") {
+    level = kLevelGeneric, runs = true;
+  } else if (name == "avx2") {
+    level = kLevelAvx2, runs = cpu_has_avx2();
+  } else if (name == "avx512") {
+    level = kLevelAvx2, runs = cpu_has_avx512();
+  } else {
+    throw std::invalid_argument("_set_conv2d_isa: expected auto, generic, avx2 or avx512, got '" + name + "'");
+  }
+  if (!runs) throw std::invalid_argument("_set_conv2d_isa: this CPU cannot run " + name);
+  forced_level.store(level);
+}
+
+std::vector<std::string> conv2d_isa_levels() {
+  std::vector<std::string> out{"generic"};
+  if (cpu_has_avx2()) out.push_back("avx2");
+  if (cpu_has_avx512()) out.push_back("avx512");
+  return out;
+}
 
 template <typename T>
 void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bias, const T* in_scale,

@@ -2,12 +2,14 @@
 #include "arcflow/fc_kernel.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
 #include <new>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -50,16 +52,27 @@ bool fused_layout() {
 
 index_t round_up(index_t n, index_t m) { return (n + m - 1) / m * m; }
 
-// Per-row tables, computed in double whatever T is (O(n (d + depth)), negligible).
+std::string mib(double bytes) { return std::to_string(static_cast<long long>(bytes / (1 << 20) + 0.5)) + " MiB"; }
+
+// Per-row tables, computed in double whatever T is: O(n depth) memory and time, which at a large depth is
+// seconds, so the caller's interrupt is polled every 64 rows.
 template <class T, class Act>
-void fill_table(const T* x, index_t n, index_t d, const fc_params& p, typename fc_engine<T>::row_table& tab) {
+void fill_table(const T* x, index_t n, index_t d, const fc_params& p, typename fc_engine<T>::row_table& tab,
+                const char* name, const interrupt_fn& interrupt) {
   const index_t np = round_up(std::max<index_t>(n, 1), TILE);
   tab.n = np;
   tab.layers = p.depth + 1;
-  tab.data.assign(size_t(np) * 5 * size_t(tab.layers), T(0));
-  tab.norm.assign(size_t(np), T(0));
-  tab.inv_norm.assign(size_t(np), T(0));
+  try {
+    tab.data.assign(size_t(np) * 5 * size_t(tab.layers), T(0));
+    tab.norm.assign(size_t(np), T(0));
+    tab.inv_norm.assign(size_t(np), T(0));
+  } catch (const std::bad_alloc&) {
+    throw allocation_error(std::string("arcflow: out of memory allocating the per-row tables of ") + name + " (" +
+                           std::to_string(n) + " rows x " + std::to_string(tab.layers) + " layers x 5 values: " +
+                           mib(double(np) * (5.0 * tab.layers + 2) * sizeof(T)) + ")");
+  }
   for (index_t i = 0; i < n; ++i) {
+    if ((i & 63) == 0 && interrupt && interrupt()) throw interrupted();
     double nx2 = 0.0;
     const T* xi = x + i * d;
     for (index_t k = 0; k < d; ++k) nx2 += double(xi[k]) * double(xi[k]);
@@ -76,15 +89,21 @@ struct workspace {
     void operator()(T* p) const { std::free(p); }
   };
   std::unique_ptr<T[], free_deleter> buf;
+  size_t size = 0;
   T *g, *s12, *gm, *gp, *ntk, *td, *h, *angle;
+  static size_t count(int n_all) {
+    const size_t t2 = size_t(TILE) * TILE;  // a multiple of 64 bytes, as is 6 TILE values
+    return t2 * (6 + size_t(n_all)) + 6 * size_t(TILE);
+  }
+  static double bytes(int n_all) { return double(count(n_all)) * sizeof(T); }
   workspace(index_t d, int n_all) {
     (void)d;
-    const size_t t2 = size_t(TILE) * TILE;  // a multiple of 64 bytes, as is 6 TILE values
-    const size_t n = t2 * (6 + size_t(n_all)) + 6 * size_t(TILE);
+    const size_t t2 = size_t(TILE) * TILE;
+    const size_t n = count(n_all);
     T* p = static_cast<T*>(std::aligned_alloc(64, n * sizeof(T)));
     if (p == nullptr) throw std::bad_alloc();
-    std::fill_n(p, n, T(0));
     buf.reset(p);
+    size = n;
     g = p;
     s12 = g + t2;
     gm = s12 + t2;
@@ -94,6 +113,8 @@ struct workspace {
     angle = td + t2;
     h = angle + 6 * TILE;
   }
+  // Zeroed by the thread that uses it (allocated by the calling thread): its pages go to that thread's node.
+  void clear() { std::fill_n(buf.get(), size, T(0)); }
 };
 
 template <class T>
@@ -609,7 +630,8 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
 }
 
 template <class T, class Act, bool Bias>
-void run_rows(const tile_ctx<T>& c, const Act& act, index_t r0, index_t r1, int threads) {
+void run_rows(const tile_ctx<T>& c, const Act& act, index_t r0, index_t r1, int threads,
+              const interrupt_fn& interrupt) {
   struct tile_id {
     index_t i0, j0;
   };
@@ -618,35 +640,59 @@ void run_rows(const tile_ctx<T>& c, const Act& act, index_t r0, index_t r1, int 
     for (index_t j0 = c.symmetric ? i0 : 0; j0 < c.n2; j0 += TILE) tiles.push_back({i0, j0});
   const index_t nt = index_t(tiles.size());
   const int n_all = c.ntk_all ? c.p->depth + 1 : 0;
+  // Never more threads than tiles (a huge request made libgomp abort or the threads' buffers exhaust memory),
+  // and every thread's buffers allocated here, before the parallel region, where an exception can propagate.
+  threads = int(std::max<index_t>(1, std::min<index_t>(threads, nt)));
+  std::vector<std::unique_ptr<workspace<T>>> wss;
+  try {
+    wss.reserve(size_t(threads));
+    for (int k = 0; k < threads; ++k) wss.push_back(std::make_unique<workspace<T>>(c.d, n_all));
+  } catch (const std::bad_alloc&) {
+    throw allocation_error("arcflow: out of memory allocating the tile buffers of " + std::to_string(threads) +
+                           " threads (" + mib(double(threads) * workspace<T>::bytes(n_all)) +
+                           "); use fewer threads");
+  }
+  std::atomic<bool> stop{false};
 #ifdef ARCFLOW_HAVE_OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
   {
-    workspace<T> ws(c.d, n_all);
+#ifdef ARCFLOW_HAVE_OPENMP
+    const int me = omp_get_thread_num();
+#else
+    const int me = 0;
+#endif
+    workspace<T>& ws = *wss[size_t(me)];
+    ws.clear();
 #ifdef ARCFLOW_HAVE_OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
     for (index_t t = 0; t < nt; ++t) {
+      // The calling thread (0) polls the interrupt between its tiles; a stop skips the remaining tiles.
+      if (me == 0 && interrupt && !stop.load(std::memory_order_relaxed) && interrupt())
+        stop.store(true, std::memory_order_relaxed);
+      if (stop.load(std::memory_order_relaxed)) continue;
       const index_t i0 = tiles[t].i0, j0 = tiles[t].j0;
       run_tile<T, Act, Bias>(c, act, i0, std::min(TILE, r1 - i0), j0, std::min(TILE, c.n2 - j0), ws);
     }
   }
-  (void)threads;
+  if (stop.load()) throw interrupted();
 }
 
 template <class T, class Act>
-void run_rows_dispatch(const tile_ctx<T>& c, const Act& act, index_t r0, index_t r1, int threads) {
+void run_rows_dispatch(const tile_ctx<T>& c, const Act& act, index_t r0, index_t r1, int threads,
+                       const interrupt_fn& interrupt) {
   if (c.p->b_var > 0)
-    run_rows<T, Act, true>(c, act, r0, r1, threads);
+    run_rows<T, Act, true>(c, act, r0, r1, threads, interrupt);
   else
-    run_rows<T, Act, false>(c, act, r0, r1, threads);
+    run_rows<T, Act, false>(c, act, r0, r1, threads, interrupt);
 }
 
 template <class T, class Act>
-void diag_act(const Act& act, index_t n, const fc_params& p, const typename fc_engine<T>::row_table& tab, T* nngp,
-              T* ntk) {
+void diag_act(const Act& act, index_t i0, index_t i1, const fc_params& p, const typename fc_engine<T>::row_table& tab,
+              T* nngp, T* ntk) {
   const T bv = T(p.b_var);  // act carries w_var
-  for (index_t i = 0; i < n; ++i) {
+  for (index_t i = i0; i < i1; ++i) {
     T s = tab.field(0, 0)[i] * tab.field(0, 0)[i];
     T gm = T(0), gp = T(2) * s;
     T th = p.fix_dep < 1 ? s : T(0);
@@ -697,7 +743,7 @@ void by_activation(const fc_params& fp, F&& f) {
 
 template <class T>
 fc_engine<T>::fc_engine(const T* x1, index_t n1, const T* x2, index_t n2, index_t d, bool symmetric,
-                        const fc_params& p)
+                        const fc_params& p, const interrupt_fn& interrupt)
     : x1_(x1), x2_(x2), n1_(n1), n2_(n2), d_(d), symmetric_(symmetric), p_(p) {
   ARCFLOW_CHECK(n1 >= 0 && n2 >= 0 && d >= 0, "negative shape");
   ARCFLOW_CHECK(p.depth >= 0, "depth must be >= 0");
@@ -707,8 +753,8 @@ fc_engine<T>::fc_engine(const T* x1, index_t n1, const T* x2, index_t n2, index_
   ARCFLOW_CHECK(p.act.kind != act_kind::monomial || p.act.n >= 0, "monomial order must be >= 0");
   by_activation<T>(p, [&](auto a) {
     using A = decltype(a);
-    fill_table<T, A>(x1, n1, d, p, tab1_);
-    if (!symmetric) fill_table<T, A>(x2, n2, d, p, tab2_);
+    fill_table<T, A>(x1, n1, d, p, tab1_, "x1", interrupt);
+    if (!symmetric) fill_table<T, A>(x2, n2, d, p, tab2_, "x2", interrupt);
   });
 }
 
@@ -717,7 +763,13 @@ fc_engine<T>::fc_engine(const T* x1, index_t n1, const T* x2, index_t n2, index_
 template <class T>
 const T* fc_engine<T>::panels2() const {
   std::call_once(packed_, [this] {
-    panels2_.assign(size_t(round_up(std::max<index_t>(n2_, 1), TILE)) * size_t(std::max<index_t>(d_, 1)), T(0));
+    const size_t n = size_t(round_up(std::max<index_t>(n2_, 1), TILE)) * size_t(std::max<index_t>(d_, 1));
+    try {
+      panels2_.assign(n, T(0));
+    } catch (const std::bad_alloc&) {
+      throw allocation_error("arcflow: out of memory allocating the packed copy of x2 (" + mib(double(n) * sizeof(T)) +
+                             ")");
+    }
     for (index_t j0 = 0; j0 < n2_; j0 += TILE)
       pack_panels(x2_ + j0 * d_, d_, std::min(TILE, n2_ - j0), panels2_.data() + j0 * d_);
   });
@@ -725,7 +777,8 @@ const T* fc_engine<T>::panels2() const {
 }
 
 template <class T>
-void fc_engine<T>::rows(index_t r0, index_t r1, T* nngp, T* ntk, T* ntk_all, int threads) const {
+void fc_engine<T>::rows(index_t r0, index_t r1, T* nngp, T* ntk, T* ntk_all, int threads,
+                        const interrupt_fn& interrupt) const {
   ARCFLOW_CHECK(0 <= r0 && r0 <= r1 && r1 <= n1_, "row range out of bounds");
   ARCFLOW_CHECK(!symmetric_ || r0 % tile == 0, "symmetric row blocks must start at a multiple of the tile");
   if (r0 == r1 || n2_ == 0) return;
@@ -735,13 +788,19 @@ void fc_engine<T>::rows(index_t r0, index_t r1, T* nngp, T* ntk, T* ntk_all, int
   tile_ctx<T> c{x1_,  x2_,   panels2(), n1_, n2_, d_, symmetric_, &p_, &tab1_, symmetric_ ? &tab1_ : &tab2_,
                 nngp, ntk, ntk_all,         stream};
   threads = std::max(1, threads);
-  by_activation<T>(p_, [&](const auto& a) { run_rows_dispatch<T>(c, a, r0, r1, threads); });
+  by_activation<T>(p_, [&](const auto& a) { run_rows_dispatch<T>(c, a, r0, r1, threads, interrupt); });
 }
 
 template <class T>
-void fc_engine<T>::diag(T* nngp, T* ntk, int threads) const {
+void fc_engine<T>::diag(T* nngp, T* ntk, int threads, const interrupt_fn& interrupt) const {
   (void)threads;
-  by_activation<T>(p_, [&](const auto& a) { diag_act<T>(a, n1_, p_, tab1_, nngp, ntk); });
+  // In blocks of rows, polling the interrupt between them (O(n1 depth) work: seconds for large inputs).
+  const index_t block = std::max<index_t>(64, index_t(1 << 20) / (index_t(p_.depth) + 1));
+  for (index_t i0 = 0; i0 < n1_; i0 += block) {
+    if (interrupt && interrupt()) throw interrupted();
+    const index_t i1 = std::min(n1_, i0 + block);
+    by_activation<T>(p_, [&](const auto& a) { diag_act<T>(a, i0, i1, p_, tab1_, nngp, ntk); });
+  }
 }
 
 template class fc_engine<float>;
