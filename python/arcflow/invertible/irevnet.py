@@ -13,6 +13,10 @@ wrong there (its forward is unchanged):
 - the inverse of the injective padding drops the *appended* zero channels (the reference keeps the
   first ``pad`` channels, which is right only when ``pad`` equals half the padded width);
 - with ``init_ds=0`` the inverse skips the initial psi (the reference calls psi with block size 0).
+
+Errors: NaN/Inf input is a ValueError; a value that leaves the compute dtype's range (float32 overflow) is a
+FloatingPointError naming the block (``stack.i``) and the layer. Both are found by tests fused into the
+convolutions' own input passes (conv2d's Conv2dFinite), not by extra passes over every intermediate.
 """
 from __future__ import annotations
 
