@@ -76,7 +76,8 @@ def test_wrappers_copy_misaligned_inputs(dt):
     with pytest.raises(ValueError, match="out must be a writeable, aligned"):
         _ops.conv2d(x, w, b, 1, 1, out=misaligned(np.empty_like(got)))
     s = np.ones(4, dt)
-    np.testing.assert_array_equal(_ops.batchnorm_inference(misaligned(x), misaligned(s), misaligned(s)), x * s[:, None, None] + s[:, None, None])
+    np.testing.assert_array_equal(_ops.batchnorm_inference(misaligned(x), misaligned(s), misaligned(s)),
+                                  x * s[:, None, None] + s[:, None, None])
     np.testing.assert_array_equal(_ops.relu(misaligned(x)), np.maximum(x, 0))
 
 

@@ -1,11 +1,12 @@
 """Ctrl-C during IRevNet.forward / inverse: KeyboardInterrupt comes promptly, also while worker threads run.
 
-The network is long enough (many blocks) that finishing the batch takes far longer than the time to the
-signal; every block call is counted, so a KeyboardInterrupt that only arrives after the whole batch was
-computed fails the test (no wall-clock assertion)."""
+A timer thread sends SIGINT at the third block call, and that call waits until the main thread has handled
+the signal; every block call is counted. A run that goes on after the interrupt (the old thread pool
+finished every started chunk, 600 block calls each) fails the count; no wall-clock assertion."""
 import os
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -21,30 +22,43 @@ def long_net():
                    dtype=np.float64)
 
 
-def _count_calls(net, monkeypatch, name):
-    """Wrap every block's _forward_pair / _inverse_pair: count the calls, and at the first one start a timer
-    thread that sends SIGINT to this process."""
+def _count_calls(net, monkeypatch, name, handled):
+    """Wrap every block's _forward_pair / _inverse_pair and count the calls. The third call starts a timer
+    thread that sends SIGINT to this process and waits (at most 30 s) until the main thread has handled it,
+    so that however the OS schedules the threads, the workers cannot run on to the end of the batch before
+    the interrupt is seen; what they run after it is the code under test."""
     calls = []
     lock = threading.Lock()
-    timer = threading.Timer(0.02, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer = threading.Timer(0.0, lambda: os.kill(os.getpid(), signal.SIGINT))
     for blk in net.stack:
         orig = getattr(blk, name)
 
         def wrapped(*args, _orig=orig, **kw):
             with lock:
                 calls.append(1)
-                if len(calls) == 1:
-                    timer.start()
+                fire = len(calls) == 3
+            if fire:
+                timer.start()
+                handled.wait(30)  # in the main thread, the handler's KeyboardInterrupt comes out of this wait
             return _orig(*args, **kw)
 
         monkeypatch.setattr(blk, name, wrapped)
     return calls, timer
 
 
+def _settle(calls):
+    """Wait until no block call is running any more (a pool that was left running in the background would
+    go on counting), so that the count below is final."""
+    for _ in range(300):
+        before = len(calls)
+        time.sleep(0.1)
+        if len(calls) == before:
+            return
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("direction", ["forward", "inverse"])
 def test_ctrl_c_stops_the_network_promptly(long_net, monkeypatch, threads, direction):
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     n = 4
     if direction == "forward":
         arg = np.random.default_rng(0).standard_normal((n,) + long_net.in_shape)
@@ -52,16 +66,29 @@ def test_ctrl_c_stops_the_network_promptly(long_net, monkeypatch, threads, direc
     else:
         arg = np.random.default_rng(0).standard_normal((n,) + long_net.out_shape) * 1e-3
         name, run = "_inverse_pair", long_net.inverse
-    calls, timer = _count_calls(long_net, monkeypatch, name)
-    total = N_BLOCKS * min(threads, n)  # block calls of a finished run (one chain per worker)
-    with pytest.raises(KeyboardInterrupt):
-        try:
-            run(arg, threads=threads)
-        finally:
-            timer.join()  # the signal is sent (and handled) inside pytest.raises in every case
-    assert 0 < len(calls) < total // 2, f"{len(calls)} of {total} block calls ran before the interrupt took effect"
+    handled = threading.Event()
+
+    def on_sigint(signum, frame):  # what the default handler does, and a note that it ran
+        handled.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        calls, timer = _count_calls(long_net, monkeypatch, name, handled)
+        total = N_BLOCKS * min(threads, n)  # block calls of a finished run (one chain per worker)
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                run(arg, threads=threads)
+            finally:
+                timer.join()  # the signal is sent (and handled) inside pytest.raises in every case
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert handled.is_set()
+    _settle(calls)
+    # the workers stop at their next block: no chunk gets through the network (the old pool ran every
+    # started chunk to its end, 600 block calls each)
+    assert 3 <= len(calls) < N_BLOCKS, f"{len(calls)} of {total} block calls ran: the interrupt did not stop them"
     # the network still works after the interrupt
     monkeypatch.undo()
-    small = arg[:1]
-    out = run(small, threads=threads)
+    out = run(arg[:1], threads=threads)
     assert np.isfinite(out).all()

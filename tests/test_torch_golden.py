@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from arcflow.invertible import ActNorm, AffineCoupling, InvertibleConv1x1, IRevNet, IRevNetBlock, Sequential, from_torch
+from arcflow.invertible import ActNorm, AffineCoupling, InvertibleConv1x1, IRevNetBlock, Sequential, from_torch
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "torch_golden.npz"
 TOL = {"float64": 1e-12, "float32": 1e-5}

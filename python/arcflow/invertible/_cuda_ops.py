@@ -476,7 +476,8 @@ def actnorm_inverse(blk, y):
         return ops.actnorm(ya, loc, scale, True)
 
 
-def _conv1x1_weights(ops, blk, dt, dev_key):
+def _conv1x1_weights(ops, blk, dt, dev_key, where):
+    blk._check_dtype(np.dtype(dt), where)  # W^-1 must be accurate in dt, as on the CPU
     mats = blk._matrices()  # (W, W^-1, log|det W|), a new tuple whenever the weights change
     c = blk.channels
     return _cached(blk, "_cuda_mats", [mats],
@@ -489,7 +490,7 @@ def conv1x1_forward(blk, x, return_logdet):
     ops = _backend()
     with _scope(ops, x):
         xa = _dev_array(ops, x, "InvertibleConv1x1", f"(N, {blk.channels}, H, W)", blk.channels)
-        w, _, ld = _conv1x1_weights(ops, blk, xa.dtype, ops.device_key(xa))
+        w, _, ld = _conv1x1_weights(ops, blk, xa.dtype, ops.device_key(xa), "InvertibleConv1x1")
         y = ops.conv2d(xa, w, None, 1, 0)
         if return_logdet:
             return y, ops.xp.full(xa.shape[0], xa.shape[2] * xa.shape[3] * ld, dtype=xa.dtype)
@@ -500,7 +501,7 @@ def conv1x1_inverse(blk, y):
     ops = _backend()
     with _scope(ops, y):
         ya = _dev_array(ops, y, "InvertibleConv1x1.inverse", f"(N, {blk.channels}, H, W)", blk.channels)
-        _, w_inv, _ = _conv1x1_weights(ops, blk, ya.dtype, ops.device_key(ya))
+        _, w_inv, _ = _conv1x1_weights(ops, blk, ya.dtype, ops.device_key(ya), "InvertibleConv1x1.inverse")
         return ops.conv2d(ya, w_inv, None, 1, 0)
 
 

@@ -9,7 +9,9 @@ Every block maps an (N, C, H, W) array to an array of the same shape and has
 
 float32 input stays float32 (weights are kept in float64 and cast per call); every other real numeric
 input is computed in float64. GPU arrays (CuPy, ``__cuda_array_interface__``) are computed on their device by
-arcflow's CUDA kernels and come back as CuPy arrays (see ``_cuda_ops``). Bad input raises ValueError naming the block and the expected shape.
+arcflow's CUDA kernels and come back as CuPy arrays (see ``_cuda_ops``). Bad input raises ValueError naming the
+block and the expected shape; a float32 result that overflows raises FloatingPointError naming the block and
+the layer or formula.
 Formulas: SPEC.md section 2; RealNVP (Dinh, Sohl-Dickstein & Bengio, ICLR 2017) and Glow (Kingma &
 Dhariwal, NeurIPS 2018).
 

@@ -13,6 +13,10 @@ wrong there (its forward is unchanged):
 - the inverse of the injective padding drops the *appended* zero channels (the reference keeps the
   first ``pad`` channels, which is right only when ``pad`` equals half the padded width);
 - with ``init_ds=0`` the inverse skips the initial psi (the reference calls psi with block size 0).
+
+Errors: NaN/Inf input is a ValueError; a value that leaves the compute dtype's range (float32 overflow) is a
+FloatingPointError naming the block (``stack.i``) and the layer. Both are found by tests fused into the
+convolutions' own input passes (conv2d's Conv2dFinite), not by extra passes over every intermediate.
 """
 from __future__ import annotations
 
@@ -589,9 +593,10 @@ class IRevNet:
             except _NonFiniteInput:
                 if i == 0:
                     raise ValueError("IRevNet.forward: input contains NaN or Inf") from None
+                last_conv = self.stack[i - 1]._conv_keys()[-1]
                 raise FloatingPointError(f"IRevNet.forward: block {i - 1} (stack.{i - 1}) overflowed {x.dtype}: its "
-                                         f"output psi(x1) + F(x2) (the last convolution "
-                                         f"{self.stack[i - 1]._conv_keys()[-1]} and the sum) holds NaN or Inf") from None
+                                         f"output psi(x1) + F(x2) (the last convolution {last_conv} and the sum) "
+                                         f"holds NaN or Inf") from None
         last = len(self.stack) - 1
         check_finite_output(pair[1], f"IRevNet.forward: block {last} (stack.{last})",
                             f"its output psi(x1) + F(x2) (the last convolution {self.stack[last]._conv_keys()[-1]} "
