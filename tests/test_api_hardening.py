@@ -484,3 +484,11 @@ def test_get_num_threads_is_within_the_limit():
     finally:
         dp._default_threads = old
     assert os.cpu_count() is None or MAX >= 4 * os.cpu_count()
+
+
+def test_default_threads_from_the_environment_stay_within_the_limit():
+    env = dict(os.environ, OMP_NUM_THREADS="5000")
+    r = subprocess.run([sys.executable, "-c", "import arcflow; print(arcflow.get_num_threads())"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.split()[-1]) == MAX
