@@ -406,6 +406,16 @@ def test_messages_do_not_print_whole_arrays():
         assert len(msg) < 300 and "(40, 40)" in msg, msg
 
 
+def test_activation_messages_do_not_print_whole_arrays():
+    from arcflow.activations import resolve
+    big = np.arange(1000.0)
+    for call in (lambda: LeakyReLU(big), lambda: RectifiedMonomial(big), lambda: resolve(big),
+                 lambda: arcflow.nngp(_x(), activation=big)):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert "999" not in str(e.value) and len(str(e.value)) < 400, str(e.value)
+
+
 def test_step_is_named_step():
     with pytest.raises(ValueError, match=r"arcflow\.ntk: Step\(\) has no NTK"):
         arcflow.ntk(_x(), activation="step")
