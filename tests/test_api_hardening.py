@@ -257,7 +257,7 @@ def test_ctrl_c_stops_building_the_row_tables():
     x = _x(600, 3, dtype=np.float32)
     made = []
     assert _interrupted(lambda: made.append(_engine(x, None, 10_000, order=1, w_std=1.0, b_std=0.0)),
-                        after=0.05)
+                        after=0.02)
     assert not made
 
 
