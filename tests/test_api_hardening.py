@@ -307,6 +307,8 @@ def test_kernel_value_batch_memory_error_suggests_what_it_has(monkeypatch):
     assert "d_max" in msg
 
 
+@pytest.mark.skipif("asan" in os.environ.get("LD_PRELOAD", "") or "ASAN_OPTIONS" in os.environ,
+                    reason="AddressSanitizer: RLIMIT_AS cannot cap a process whose shadow memory is reserved")
 def test_allocation_failure_in_the_engine_is_a_memory_error_that_says_what():
     # Address space capped at 1 GB more than in use: the 2 GB of tables cannot be allocated. std::bad_alloc
     # came out as a bare "std::bad_alloc".
