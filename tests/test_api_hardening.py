@@ -257,7 +257,7 @@ def test_ctrl_c_stops_building_the_row_tables():
     x = _x(600, 3, dtype=np.float32)
     made = []
     assert _interrupted(lambda: made.append(_engine(x, None, 10_000, order=1, w_std=1.0, b_std=0.0)),
-                        after=0.05)
+                        after=0.02)
     assert not made
 
 
@@ -307,6 +307,8 @@ def test_kernel_value_batch_memory_error_suggests_what_it_has(monkeypatch):
     assert "d_max" in msg
 
 
+@pytest.mark.skipif("asan" in os.environ.get("LD_PRELOAD", "") or "ASAN_OPTIONS" in os.environ,
+                    reason="AddressSanitizer: RLIMIT_AS cannot cap a process whose shadow memory is reserved")
 def test_allocation_failure_in_the_engine_is_a_memory_error_that_says_what():
     # Address space capped at 1 GB more than in use: the 2 GB of tables cannot be allocated. std::bad_alloc
     # came out as a bare "std::bad_alloc".
@@ -406,6 +408,16 @@ def test_messages_do_not_print_whole_arrays():
         assert len(msg) < 300 and "(40, 40)" in msg, msg
 
 
+def test_activation_messages_do_not_print_whole_arrays():
+    from arcflow.activations import resolve
+    big = np.arange(1000.0)
+    for call in (lambda: LeakyReLU(big), lambda: RectifiedMonomial(big), lambda: resolve(big),
+                 lambda: arcflow.nngp(_x(), activation=big)):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert "999" not in str(e.value) and len(str(e.value)) < 400, str(e.value)
+
+
 def test_step_is_named_step():
     with pytest.raises(ValueError, match=r"arcflow\.ntk: Step\(\) has no NTK"):
         arcflow.ntk(_x(), activation="step")
@@ -484,3 +496,11 @@ def test_get_num_threads_is_within_the_limit():
     finally:
         dp._default_threads = old
     assert os.cpu_count() is None or MAX >= 4 * os.cpu_count()
+
+
+def test_default_threads_from_the_environment_stay_within_the_limit():
+    env = dict(os.environ, OMP_NUM_THREADS="5000")
+    r = subprocess.run([sys.executable, "-c", "import arcflow; print(arcflow.get_num_threads())"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.split()[-1]) == MAX

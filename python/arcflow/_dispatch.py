@@ -27,7 +27,9 @@ def set_num_threads(n: Optional[int]) -> None:
 
 def get_num_threads() -> int:
     """The number of threads arcflow's kernels use when no ``threads=`` is given."""
-    return _default_threads if _default_threads is not None else max(1, int(_core.omp_max_threads()))
+    if _default_threads is not None:
+        return _default_threads
+    return min(MAX_THREADS, max(1, int(_core.omp_max_threads())))  # OMP_NUM_THREADS may ask for any number
 
 
 def check_threads(threads, where: str) -> int:

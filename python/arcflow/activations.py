@@ -25,6 +25,12 @@ __all__ = [
 ]
 
 
+def _short(v) -> str:
+    """repr(v) for a message, cut short (an array passed by mistake would fill the screen)."""
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 @dataclass(frozen=True)
 class Activation:
     """Base class. ``kind`` names the C++ kernel family; ``params`` are its numbers."""
@@ -54,7 +60,7 @@ class ABReLU(Activation):
             v = getattr(self, name)
             # numbers.Real takes NumPy scalars (np.float32(0.1)), stored as a Python float
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
-                raise ValueError(f"ABReLU: {name} must be a finite real number, got {v!r}")
+                raise ValueError(f"ABReLU: {name} must be a finite real number, got {_short(v)}")
             object.__setattr__(self, name, float(v))
 
     def __repr__(self) -> str:
@@ -111,7 +117,7 @@ class RectifiedMonomial(Activation):
             isinstance(n, numbers.Integral)
             or (isinstance(n, numbers.Real) and math.isfinite(float(n)) and float(n).is_integer()))
         if not ok or int(n) < 0:
-            raise ValueError(f"RectifiedMonomial: the order n must be an integer >= 0, got {n!r}")
+            raise ValueError(f"RectifiedMonomial: the order n must be an integer >= 0, got {_short(n)}")
         if int(n) > 64:
             raise ValueError(f"RectifiedMonomial: order n = {n} is too large (at most 64)")
         object.__setattr__(self, "n", int(n))
@@ -184,4 +190,4 @@ def resolve(activation: ActivationLike) -> Activation:
     valid = ", ".join(sorted(_SHORTHANDS)) + (
         ", or an object: ReLU(), LeakyReLU(alpha), ABReLU(a, b), Abs(), RectifiedMonomial(n), Step(),"
         " Sign(), Erf(), Identity() from arcflow.activations")
-    raise ValueError(f"unknown activation {activation!r}; valid activations are: {valid}")
+    raise ValueError(f"unknown activation {_short(activation)}; valid activations are: {valid}")

@@ -643,6 +643,10 @@ void run_rows(const tile_ctx<T>& c, const Act& act, index_t r0, index_t r1, int 
   // Never more threads than tiles (a huge request made libgomp abort or the threads' buffers exhaust memory),
   // and every thread's buffers allocated here, before the parallel region, where an exception can propagate.
   threads = int(std::max<index_t>(1, std::min<index_t>(threads, nt)));
+#ifdef ARCFLOW_HAVE_OPENMP
+  // and never more than 4 per core (at least 256), the limit the Python layer enforces
+  threads = std::min(threads, std::max(256, 4 * omp_get_num_procs()));
+#endif
   std::vector<std::unique_ptr<workspace<T>>> wss;
   try {
     wss.reserve(size_t(threads));
