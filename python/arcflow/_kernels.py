@@ -1,6 +1,7 @@
 """NNGP and NTK of deep fully-connected networks: the public functions over the fused C++ recursion."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
@@ -187,14 +188,24 @@ def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu",
         outs[g] = dp.allocate(shape, dtype, where)
 
     if n1 > 0 and (diag or n2 > 0):
-        engine = _engine_class(dtype)(a1, a2, _KIND[act.kind], *_act_numbers(act), depth, w * w, b * b,
-                                      (w * w) / max(d, 1), fix_dep)
-        res = (outs.get("nngp"), outs.get("ntk"))
-        if diag:
-            engine.diag(*res, threads)
-        else:
-            _run_rows(engine, n1, n2, depth, a2 is None, (res[0], res[1], None), threads, progress, where, d)
+        with _name_overflow(where):
+            engine = _engine_class(dtype)(a1, a2, _KIND[act.kind], *_act_numbers(act), depth, w * w, b * b,
+                                          (w * w) / max(d, 1), fix_dep)
+            res = (outs.get("nngp"), outs.get("ntk"))
+            if diag:
+                engine.diag(*res, threads)
+            else:
+                _run_rows(engine, n1, n2, depth, a2 is None, (res[0], res[1], None), threads, progress, where, d)
     return Kernels(outs.get("nngp"), outs.get("ntk"))
+
+
+@contextlib.contextmanager
+def _name_overflow(where: str):
+    """The engine's FloatingPointError (the exact kernel overflows the dtype), with the public function's name."""
+    try:
+        yield
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{where}: {e}") from None
 
 
 def _act_numbers(act: Activation) -> Tuple[float, float, int]:

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _core
 from . import _dispatch as dp
-from ._kernels import _choose_device, _run_rows, kernels
+from ._kernels import _choose_device, _name_overflow, _run_rows, kernels
 
 __all__ = ["kernel_value_batch", "kernel_value"]
 
@@ -57,8 +57,9 @@ def kernel_value_batch(X, d_max: int, *, threads: Optional[int] = None, progress
     dp.check_allocation(int(np.prod(shape, dtype=object)) * 8, where, f"the output (shape {shape}, float64)")
     K = dp.allocate(shape, np.float64, where, zero=True)
     if n:
-        eng = _core.FcEngineF64(a, None, 0, 0.0, 1.0, 1, d_max - 1, 1.0, 0.0, 1.0, 0)
-        _run_rows(eng, n, n, d_max * d_max, True, (None, None, K), threads, progress, where, a.shape[1])
+        with _name_overflow(where):
+            eng = _core.FcEngineF64(a, None, 0, 0.0, 1.0, 1, d_max - 1, 1.0, 0.0, 1.0, 0)
+            _run_rows(eng, n, n, d_max * d_max, True, (None, None, K), threads, progress, where, a.shape[1])
     return K
 
 
@@ -77,6 +78,7 @@ def kernel_value(X, d_max: int, fix_dep: int, *, threads: Optional[int] = None,
     dp.check_allocation(n * n * 8, where, f"the output (shape ({n}, {n}), float64)")
     K = dp.allocate((n, n), np.float64, where)
     if n:
-        eng = _core.FcEngineF64(a, None, 0, 0.0, 1.0, 1, d_max - 1, 1.0, 0.0, 1.0, min(fix_dep, d_max))
-        _run_rows(eng, n, n, d_max, True, (None, K, None), threads, False, where, a.shape[1])
+        with _name_overflow(where):
+            eng = _core.FcEngineF64(a, None, 0, 0.0, 1.0, 1, d_max - 1, 1.0, 0.0, 1.0, min(fix_dep, d_max))
+            _run_rows(eng, n, n, d_max, True, (None, K, None), threads, False, where, a.shape[1])
     return K

@@ -67,11 +67,15 @@ struct tile_args {
   T bv, gs, sq_gs, w_sd;  // w_var itself is folded into the activation (activations.hpp)
 };
 
-// |u + sgn v|^2 for the unit vectors u = x a_inv, v = y b_inv, in double, every product and sum rounded on
-// its own (no FMA), so that it matches the CPU engine's unit_dist2 bit for bit and a duplicate row gives 0.
+// |u + sgn v|^2 for the unit vectors u = x / |x|, v = y / |y|, in double, every product and sum rounded on
+// its own (no FMA), so that it matches the CPU engine's unit_dist2 bit for bit and a duplicate row gives 0. The
+// inverse norms in double, as there: the float32 tables' would swamp gaps below ~1e-14.
 template <class T>
-__device__ __noinline__ double unit_dist2_dev(const T* x, const T* y, index_t d, T a_inv, T b_inv, double sgn) {
-  const double ia = double(a_inv), ib = double(b_inv);
+__device__ __noinline__ double unit_dist2_dev(const T* x, const T* y, index_t d, double sgn) {
+  double nx2 = 0.0, ny2 = 0.0;
+  for (index_t k = 0; k < d; ++k) nx2 = __dadd_rn(nx2, __dmul_rn(double(x[k]), double(x[k])));
+  for (index_t k = 0; k < d; ++k) ny2 = __dadd_rn(ny2, __dmul_rn(double(y[k]), double(y[k])));
+  const double ia = 1.0 / std::sqrt(nx2), ib = 1.0 / std::sqrt(ny2);  // IEEE-rounded on the device too
   double acc = 0.0;
   for (index_t k = 0; k < d; ++k) {
     const double pa = __dmul_rn(double(x[k]), ia);
@@ -154,9 +158,7 @@ __global__ void __launch_bounds__(NTHREADS, ARCFLOW_CUDA_MIN_BLOCKS)
   const int layers = g.depth + 1;
   const index_t np1 = g.np1, np2 = g.np2;
   const T* nrm1 = g.tab1 + index_t(layers) * 5 * np1;
-  const T* inv1 = nrm1 + np1;
   const T* nrm2 = g.tab2 + index_t(layers) * 5 * np2;
-  const T* inv2 = nrm2 + np2;
   const T tau = sizeof(T) == 4 ? T(1e-2) : T(1e-3);
   const bool bias = g.bv > T(0);
   const T bv = g.bv, gs = g.gs;
@@ -183,7 +185,7 @@ __global__ void __launch_bounds__(NTHREADS, ARCFLOW_CUDA_MIN_BLOCKS)
 
       // First layer: Sigma^1 = gs G + b, gaps |x||y| -/+ G (refined where they cancel), Theta^1.
       {
-        const T n1v = nrm1[i], iv1 = inv1[i], r0a = g.tab1[i];
+        const T n1v = nrm1[i], r0a = g.tab1[i];
         const T q1 = g.sq_gs * n1v;
 #pragma unroll
         for (int n = 0; n < TN; ++n) {
@@ -195,7 +197,7 @@ __global__ void __launch_bounds__(NTHREADS, ARCFLOW_CUDA_MIN_BLOCKS)
           const bool near_m = mv < tau * nn, near_p = pv < tau * nn;
           if ((near_m || near_p) && nn > T(0) && i < n1 && j < n2) {
             const T v = T(double(nn) * 0.5 *
-                          unit_dist2_dev(g.x1 + i * d, g.x2 + j * d, d, iv1, inv2[j], near_m ? -1.0 : 1.0));
+                          unit_dist2_dev(g.x1 + i * d, g.x2 + j * d, d, near_m ? -1.0 : 1.0));
             if (near_m)
               mv = v;
             else
