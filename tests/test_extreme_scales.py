@@ -217,6 +217,20 @@ def test_sign_antiparallel_float32_regression():
                                   w_std=1.3)[0, 0]) - mp[0, 0]) < 1e-10
 
 
+@pytest.mark.parametrize("act", [Sign(), RectifiedMonomial(0)], ids=repr)
+@pytest.mark.parametrize("eps", [1e-6, 1e-9, 1e-12])
+def test_near_collinear_float64_deep_sign_step(act, eps):
+    # A first-layer gap of eps^2 carried with only its first 7 digits (the unit vectors' rounding) gave
+    # errors of 1e-10 by depth 4: Sign and Step turn the gap into its square root at every layer.
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(1, 3))
+    y = -1.7 * x + eps * rng.normal(size=(1, 3))
+    for depth in (2, 4, 6):
+        got = arcflow.nngp(x, y, depth=depth, activation=act, w_std=0.7)
+        want, _ = mp_kernels(x, y, depth=depth, activation=act, w_std=0.7, need_ntk=False, dps=80)
+        assert abs(got[0, 0] - want[0, 0]) <= 1e-10 * 0.49, (depth, got, want)
+
+
 def _near_pairs(rng, d, sign):
     """float32 rows x and y = sign * c * x + a perturbation of relative size 1e-7 ... 1e-2."""
     xs, ys = [], []

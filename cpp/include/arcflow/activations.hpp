@@ -337,10 +337,16 @@ struct erf_act {
       : w(T(w_)), c_t(T(2.0 * w_ / 3.14159265358979323846)), c_d(T(4.0 * w_ / 3.14159265358979323846)) {}
   static constexpr bool angle_based = false;
   static constexpr bool scale_free = false;
-  // 2s / (1 + 2s) as s / (1/2 + s): the same bits (a factor of 2), and no inf / inf for a huge s.
+  // asin(z), z = 2s / (1 + 2s) = s / (1/2 + s) (no inf / inf for a huge s); above 1/2 from 1 - z = (1/2) / (1/2 + s)
+  // (asin z = pi/2 - 2 asin sqrt((1 - z) / 2)): 1 - z rounded from z loses its digits for a large s, and the
+  // pair formulas' gaps sqrt(T11 T22) - T need them.
   template <class R>
   static R diag_t(const act_params&, R s) {
-    return R(2.0 / 3.14159265358979323846) * std::asin(s / (R(0.5) + s));
+    const R z = s / (R(0.5) + s);
+    const R a = z <= R(0.5) ? std::asin(z)
+                            : R(1.57079632679489661923132169163975144L) -
+                                  R(2) * std::asin(std::sqrt(R(0.25) / (R(0.5) + s)));
+    return R(2.0 / 3.14159265358979323846) * a;
   }
   template <class R>
   static R diag_tdot(const act_params&, R s) {

@@ -43,7 +43,7 @@ constexpr index_t TILE = fc_engine<double>::tile;
 enum isa_level : int { isa_generic = 0, isa_avx2 = 1, isa_avx512 = 2 };
 constexpr const char* isa_names[] = {"generic", "avx2", "avx512"};
 
-// The best level this CPU runs: the checks of gcc's target_clones resolver for x86-64-v3 and -v4.
+// The best level this CPU runs: the checks gcc makes for the x86-64-v3 and -v4 micro-architecture levels.
 int cpu_isa() {
 #if ARCFLOW_FC_DISPATCH
   static const int level = __builtin_cpu_supports("x86-64-v4")   ? isa_avx512
@@ -335,13 +335,15 @@ __attribute__((noinline)) bool slow_begin(const tile_ctx<T>& c, const Act&, inde
     const index_t a = sp.ia[q], b = sp.jb[q];
     const T *x = row_ptr(a), *y = row_ptr(b);
     const LD na = nrm[a], nb = nrm[b];
-    const LD ia = na > 0 ? 1 / na : 0, ib = nb > 0 ? 1 / nb : 0;
     LD dot = 0, dm = 0, dp = 0;
     for (index_t k = 0; k < d; ++k) {
-      const LD u = LD(x[k]) * ia, v = LD(y[k]) * ib;
+      // As unit_dist2: the quotients with their rounding errors.
+      const LD u = na > 0 ? LD(x[k]) / na : 0, v = nb > 0 ? LD(y[k]) / nb : 0;
+      const LD eu = na > 0 ? std::fma(-u, na, LD(x[k])) / na : 0, ev = nb > 0 ? std::fma(-v, nb, LD(y[k])) / nb : 0;
+      const LD um = (u - v) + (eu - ev), up = (u + v) + (eu + ev);
       dot += LD(x[k]) * LD(y[k]);
-      dm += (u - v) * (u - v);
-      dp += (u + v) * (u + v);
+      dm += um * um;
+      dp += up * up;
     }
     const LD nn = na * nb;
     const LD s = gs * dot + bv;
@@ -588,23 +590,40 @@ inline void store_tile(T* out, index_t n2, index_t i0, index_t ti, index_t j0, i
   }
 }
 
+// |x| as an unevaluated sum hi + lo (about 1e-32 relative): the sum of squares with each square's rounding
+// error and each addition's, then one Newton correction of the square root.
+template <class T>
+void norm_dd(const T* x, index_t d, double& hi, double& lo) {
+  double s = 0.0, c = 0.0;
+  for (index_t k = 0; k < d; ++k) {
+    const double v = double(x[k]), p = v * v, pe = std::fma(v, v, -p);
+    const double t = s + p, bb = t - s;
+    c += ((s - (t - bb)) + (p - bb)) + pe;
+    s = t;
+  }
+  const double t = s + c, tl = c - (t - s);
+  hi = std::sqrt(t);
+  lo = hi > 0 ? (std::fma(-hi, hi, t) + tl) / (2.0 * hi) : 0.0;
+}
+
 // |u + sgn v|^2 for the unit vectors u = x / |x|, v = y / |y|, in double. |x||y| -/+ <x,y> equals
-// |x||y| |u -/+ v|^2 / 2 without the cancellation of the Gram route. The inverse norms are taken in double
-// here, not from the tables: in float32 their rounding (1e-7 relative) would swamp a gap below ~1e-14, which
-// activations such as Sign amplify layer after layer (gap -> sqrt(gap)). |x|^2 is summed as fill_table sums it,
-// so in float64 the norms have the tables' bits. Kept out of line and out of the vector kernels on purpose:
-// no FMA contraction, so a duplicate row gives exactly 0.
+// |x||y| |u -/+ v|^2 / 2 without the cancellation of the Gram route. Near-collinear rows have
+// |u -/+ v| ~ 1e-12 and less, and Sign or Step turn the gap into its square root at every layer, so each
+// component of u is carried as q + e to about 1e-32 (norm_dd; fma gives each quotient's exact remainder):
+// with the plain quotients (1e-16 each, and 1e-16 in |x|, whose square alone is 1e-32 against gaps of 1e-24)
+// only a few digits of the gap were left; from the float32 tables' 1/|x| none. Kept out of line and out of
+// the vector kernels: no FMA contraction, the same bits on every target, and a duplicate row gives exactly 0.
 template <class T>
 __attribute__((noinline)) double unit_dist2(const T* x, const T* y, index_t d, double sgn) {
-  double nx2 = 0.0, ny2 = 0.0;
-  for (index_t k = 0; k < d; ++k) nx2 += double(x[k]) * double(x[k]);
-  for (index_t k = 0; k < d; ++k) ny2 += double(y[k]) * double(y[k]);
-  const double ia = 1.0 / std::sqrt(nx2), ib = 1.0 / std::sqrt(ny2);
+  double ha, la, hb, lb;
+  norm_dd(x, d, ha, la);
+  norm_dd(y, d, hb, lb);
   double acc = 0.0;
   for (index_t k = 0; k < d; ++k) {
-    volatile double pa = double(x[k]) * ia;  // volatile: the two products are rounded alike
-    volatile double pb = double(y[k]) * ib;
-    const double u = pa + sgn * pb;
+    const double xa = double(x[k]), yb = double(y[k]);
+    const double qa = xa / ha, qb = yb / hb;
+    const double ea = (std::fma(-qa, ha, xa) - qa * la) / ha, eb = (std::fma(-qb, hb, yb) - qb * lb) / hb;
+    const double u = (qa + sgn * qb) + (ea + sgn * eb);
     acc += u * u;
   }
   return acc;
@@ -1014,28 +1033,6 @@ void run_rows_dispatch(const tile_ctx<T>& c, const Act& act, index_t r0, index_t
     run_rows<T, Act, false>(c, act, r0, r1, threads);
 }
 
-template <class T, class Act>
-void diag_act(const Act& act, index_t n, const fc_params& p, const typename fc_engine<T>::row_table& tab, T* nngp,
-              T* ntk) {
-  const T bv = T(p.b_var);  // act carries w_var
-  for (index_t i = 0; i < n; ++i) {
-    T s = tab.field(0, 0)[i] * tab.field(0, 0)[i];
-    T gm = T(0), gp = T(2) * s;
-    T th = p.fix_dep < 1 ? s : T(0);
-    for (int l = 0; l < p.depth; ++l) {
-      const T r = tab.field(l, 0)[i], ir = tab.field(l, 1)[i], pa = tab.field(l, 2)[i], pb = tab.field(l, 3)[i],
-              t = tab.field(l, 4)[i];
-      const pair_out<T> o = act.pair(s, gm, gp, r * r, T(0.5) * ir * ir, pa, pb, t, pa, pb, t);
-      s = o.t + bv;
-      gm = o.gm;
-      gp = T(2) * bv + o.gp;
-      th = ((l + 2) > p.fix_dep ? s : T(0)) + o.tdot * th;
-    }
-    if (nngp) nngp[i] = s;
-    if (ntk) ntk[i] = th;
-  }
-}
-
 // Calls f with the activation object (outputs scaled by w_var) whose type specialises the kernels
 // (monomials of order <= 4 get a compile-time order so their loops vectorise).
 template <class T, class F>
@@ -1146,14 +1143,12 @@ void fc_engine<T>::diag(T* nngp, T* ntk, int threads) const {
     if (nngp && !(tab1_.diag_s[i] <= tmax)) throw fp_overflow(overflow_message<T>("NNGP", tab1_.over_s[i], p_));
     if (ntk && !(tab1_.diag_t[i] <= tmax)) throw fp_overflow(overflow_message<T>("NTK", tab1_.over_t[i], p_));
   }
-  by_activation<T>(p_, [&](const auto& a) { diag_act<T>(a, n1_, p_, tab1_, nngp, ntk); });
-  // Rows out of the tile kernel's range: their diagonal from the long double scan of the tables.
-  if (!tab1_.all_ok)
-    for (index_t i = 0; i < n1_; ++i)
-      if (!tab1_.ok[i]) {
-        if (nngp) nngp[i] = T(tab1_.diag_s[i]);
-        if (ntk) ntk[i] = T(tab1_.diag_t[i]);
-      }
+  // k(x, x) is the tables' diagonal recursion (scan_row, in double, or long double out of range): not the pair
+  // recursion with y = x, whose gaps, 0 in exact arithmetic, pick up T's rounding (erf amplifies it).
+  for (index_t i = 0; i < n1_; ++i) {
+    if (nngp) nngp[i] = T(tab1_.diag_s[i]);
+    if (ntk) ntk[i] = T(tab1_.diag_t[i]);
+  }
 }
 
 template class fc_engine<float>;

@@ -67,20 +67,36 @@ struct tile_args {
   T bv, gs, sq_gs, w_sd;  // w_var itself is folded into the activation (activations.hpp)
 };
 
-// |u + sgn v|^2 for the unit vectors u = x / |x|, v = y / |y|, in double, every product and sum rounded on
-// its own (no FMA), so that it matches the CPU engine's unit_dist2 bit for bit and a duplicate row gives 0. The
-// inverse norms in double, as there: the float32 tables' would swamp gaps below ~1e-14.
+// |x| as hi + lo (the CPU engine's norm_dd), every product and sum rounded on its own (no contraction).
+template <class T>
+__device__ void norm_dd_dev(const T* x, index_t d, double& hi, double& lo) {
+  double s = 0.0, c = 0.0;
+  for (index_t k = 0; k < d; ++k) {
+    const double v = double(x[k]), p = __dmul_rn(v, v), pe = std::fma(v, v, -p);
+    const double t = __dadd_rn(s, p), bb = __dadd_rn(t, -s);
+    c = __dadd_rn(c, __dadd_rn(__dadd_rn(__dadd_rn(s, -__dadd_rn(t, -bb)), __dadd_rn(p, -bb)), pe));
+    s = t;
+  }
+  const double t = __dadd_rn(s, c), tl = __dadd_rn(c, -__dadd_rn(t, -s));
+  hi = std::sqrt(t);
+  lo = hi > 0 ? (__dadd_rn(std::fma(-hi, hi, t), tl)) / __dmul_rn(2.0, hi) : 0.0;
+}
+
+// |u + sgn v|^2 for the unit vectors u = x / |x|, v = y / |y|, in double: the CPU engine's unit_dist2 (each
+// component as quotient plus its rounding error) bit for bit, every product and sum rounded on its own, so a
+// duplicate row gives 0.
 template <class T>
 __device__ __noinline__ double unit_dist2_dev(const T* x, const T* y, index_t d, double sgn) {
-  double nx2 = 0.0, ny2 = 0.0;
-  for (index_t k = 0; k < d; ++k) nx2 = __dadd_rn(nx2, __dmul_rn(double(x[k]), double(x[k])));
-  for (index_t k = 0; k < d; ++k) ny2 = __dadd_rn(ny2, __dmul_rn(double(y[k]), double(y[k])));
-  const double ia = 1.0 / std::sqrt(nx2), ib = 1.0 / std::sqrt(ny2);  // IEEE-rounded on the device too
+  double ha, la, hb, lb;
+  norm_dd_dev(x, d, ha, la);
+  norm_dd_dev(y, d, hb, lb);
   double acc = 0.0;
   for (index_t k = 0; k < d; ++k) {
-    const double pa = __dmul_rn(double(x[k]), ia);
-    const double pb = __dmul_rn(double(y[k]), ib);
-    const double u = __dadd_rn(pa, sgn * pb);
+    const double xa = double(x[k]), yb = double(y[k]);
+    const double qa = xa / ha, qb = yb / hb;
+    const double ea = __dadd_rn(std::fma(-qa, ha, xa), -__dmul_rn(qa, la)) / ha;
+    const double eb = __dadd_rn(std::fma(-qb, hb, yb), -__dmul_rn(qb, lb)) / hb;
+    const double u = __dadd_rn(__dadd_rn(qa, __dmul_rn(sgn, qb)), __dadd_rn(ea, __dmul_rn(sgn, eb)));
     acc = __dadd_rn(acc, __dmul_rn(u, u));
   }
   return acc;
