@@ -231,6 +231,20 @@ def test_near_collinear_float64_deep_sign_step(act, eps):
         assert abs(got[0, 0] - want[0, 0]) <= 1e-10 * 0.49, (depth, got, want)
 
 
+@pytest.mark.parametrize("act", [Sign(), RectifiedMonomial(0), ABReLU(0.0, 1.0), Erf()], ids=repr)
+def test_near_collinear_tiny_float32_rows(act):
+    # Norms 1e-16: P ~ 1e-32 is a normal float32, but the pair's gap P sig2 ~ 1e-42 was a denormal (the angle
+    # lost its digits; Sign was 3e-4 off).
+    x = np.array([[1.2573022e-16, -1.3210486e-16]], np.float32)
+    y = np.array([[5.1595879e-16, -5.4211813e-16]], np.float32)
+    for depth in (1, 2, 4):
+        got = arcflow.nngp(x, y, depth=depth, activation=act, w_std=0.5)
+        want = arcflow.nngp(x.astype(np.float64), y.astype(np.float64), depth=depth, activation=act, w_std=0.5)
+        scale = np.sqrt(arcflow.nngp(x.astype(np.float64), depth=depth, activation=act, w_std=0.5, diag=True)[0]
+                        * arcflow.nngp(y.astype(np.float64), depth=depth, activation=act, w_std=0.5, diag=True)[0])
+        assert abs(float(got[0, 0]) - want[0, 0]) <= 1e-4 * scale, (depth, got, want)
+
+
 def _near_pairs(rng, d, sign):
     """float32 rows x and y = sign * c * x + a perturbation of relative size 1e-7 ... 1e-2."""
     xs, ys = [], []

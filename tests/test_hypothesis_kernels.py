@@ -107,17 +107,23 @@ def _scale(b, x1, x2, kw, limit):
     max sqrt(K(x,x) K(y,y)), the size every entry is resolved to (both kernels are positive semi-definite). With
     rows of very different norms an entry can be 1e-10 of that scale (an exactly antiparallel pair through ReLU
     is 0) while the largest entry of a small x1 x x2 block is tiny: relative to that entry alone the tolerance
-    would ask for 1e-20 of the pair's own scale. For symmetric inputs the two scales are the same."""
+    would ask for 1e-20 of the pair's own scale. Near theta = pi the recursion's T (ReLU's k1 S(theta) + k2
+    cos(theta), the monomials' J_n) cancels to an absolute error of the dtype's epsilon times that scale, a
+    known limitation. For symmetric inputs the two scales are the same."""
     scale = float(np.abs(b).max())
     if x2 is not None and not kw["diag"]:
+        # The diagonals from arcflow's float64 diag=True (checked against the oracles by the symmetric draws):
+        # the NumPy reference under- or overflows at these scales.
         dkw = dict(kw, diag=True)
-        with np.errstate(all="ignore"):
-            d1 = ref_kernels(np.asarray(x1, np.float64), **dkw)
-            d2 = ref_kernels(np.asarray(x2, np.float64), **dkw)
+        try:
+            d1 = arcflow.kernels(np.asarray(x1, np.float64), **dkw)
+            d2 = arcflow.kernels(np.asarray(x2, np.float64), **dkw)
+        except FloatingPointError:
+            return scale
         for g in kw["get"]:
             cs = math.sqrt(float(np.abs(getattr(d1, g)).max()) * float(np.abs(getattr(d2, g)).max()))
-            if np.isfinite(cs) and cs <= limit:
-                scale = max(scale, cs)
+            # A diagonal beyond the dtype's range (the entries x-y still within it) caps the scale at the range.
+            scale = max(scale, min(cs, limit))
     return scale
 
 
@@ -171,12 +177,20 @@ def test_float32_against_float64_of_the_same_inputs(cfg):
         assert over, f"float32 raised but its exact kernel is below float32's maximum: {got}"
         return
     assert not over, "the kernel overflows float32 but no FloatingPointError"
+    truth = None
     for g in kw["get"]:
         a, b = got[g], want[g]
         assert np.isfinite(a).all(), f"{g}: NaN or inf"
-        err = np.abs(a - b).max()
         scale = _scale(b, x1, x2, dict(kw, get=(g,)), F32_MAX)
-        assert err <= 1e-4 * scale + 2 * F32_TINY, (g, err, scale)
+        if np.abs(a - b).max() <= 1e-4 * scale + 2 * F32_TINY:
+            continue
+        # A dispute: float64 itself is only resolved to 1e-16 of sqrt(K(x,x) K(y,y)), which can be far above
+        # float32's range while the entry is not (a near-antiparallel pair through a monomial: 1e-20 of it).
+        # The 50-digit value decides.
+        if truth is None:
+            truth = _truth(x1, x2, kw)
+        err = np.abs(a - truth[g]).max()
+        assert err <= 1e-4 * _scale(truth[g], x1, x2, dict(kw, get=(g,)), F32_MAX) + 2 * F32_TINY, (g, err, scale)
 
 
 @pytest.mark.xfail(strict=True, reason="known limitation: float32 erf with a large weight near the diagonal")

@@ -97,11 +97,18 @@ index_t round_up(index_t n, index_t m) { return (n + m - 1) / m * m; }
 // The range of the tile kernel: every per-row value (r, 1/r, pa, pb, t, the norms, sqrt(Theta(x,x))) within
 // [2^-E, 2^E], so that the products of two rows' values (P, 1/2P, the gaps, T, Theta) are normal numbers of T.
 // erf multiplies four (gm gp), monomials carry a constant up to J_n(0) n^2.
+// Below, more room: a near-collinear pair's gap P - Sigma(x,y) is P times sig2, which reaches the square of
+// T's epsilon, and must stay a normal number (float32 rows of norm 1e-16 with a gap of 1e-10 lost it).
 template <class T, class Act>
 int fast_range_bits(const act_params& a) {
   const int emax = std::numeric_limits<T>::max_exponent;
   const int e = (a.kind == act_kind::erf ? emax / 4 : emax / 2) - 8;
   return e - int(std::ceil(Act::log2_j0(a) / 2));
+}
+template <class T, class Act>
+int fast_range_bits_low(const act_params& a) {
+  const int room = (-std::numeric_limits<T>::min_exponent - 2 * std::numeric_limits<T>::digits) / 2 - 4;
+  return std::min(room, fast_range_bits<T, Act>(a));
 }
 
 // The parameters as T: a weight variance or Gram scale out of the range sends every pair to the long double
@@ -123,8 +130,8 @@ struct row_scan {
 // last layer's Sigma(x,x) and Theta(x,x) (the bounds |K(x,y)| <= sqrt(K(x,x) K(y,y)), both kernels being
 // positive semi-definite), and the first layer where each exceeds tmax.
 template <class Act, class R>
-row_scan<R> scan_row(R nx2, bool zero_row, const fc_params& p, int e, R tmax) {
-  const R lo = std::ldexp(R(1), -e), hi = std::ldexp(R(1), e);
+row_scan<R> scan_row(R nx2, bool zero_row, const fc_params& p, int e_lo, int e, R tmax) {
+  const R lo = std::ldexp(R(1), -e_lo), hi = std::ldexp(R(1), e);
   const bool pb_zero = p.act.kind == act_kind::sign || (p.act.kind == act_kind::monomial && p.act.n == 0);
   auto in = [&](R v) { return v == 0 ? zero_row : (std::fabs(v) >= lo && std::fabs(v) <= hi); };  // NaN: false
   row_scan<R> o{true, 0, 0, 0, 0};
@@ -169,7 +176,7 @@ void fill_table(const T* x, index_t n, index_t d, const fc_params& p, typename f
   tab.diag_t.assign(size_t(np), 0.0);
   tab.over_s.assign(size_t(np), 0);
   tab.over_t.assign(size_t(np), 0);
-  const int e = fast_range_bits<T, Act>(p.act);
+  const int e = fast_range_bits<T, Act>(p.act), e_lo = fast_range_bits_low<T, Act>(p.act);
   const bool pfit = params_fit<T>(p, e);
   const double tmax = double(std::numeric_limits<T>::max());
   tab.all_ok = true;
@@ -182,11 +189,11 @@ void fill_table(const T* x, index_t n, index_t d, const fc_params& p, typename f
       zero_row = zero_row && xi[k] == T(0);
     }
     fill_row_table<T, Act>(nx2, p, tab.layers, np, i, tab.data.data(), tab.norm.data(), tab.inv_norm.data());
-    row_scan<double> sc = scan_row<Act, double>(nx2, zero_row, p, e, tmax);
+    row_scan<double> sc = scan_row<Act, double>(nx2, zero_row, p, e_lo, e, tmax);
     if (!sc.ok || !pfit) {
       long double nl = 0.0L;
       for (index_t k = 0; k < d; ++k) nl += (long double)xi[k] * (long double)xi[k];
-      const row_scan<long double> sl = scan_row<Act, long double>(nl, zero_row, p, e, (long double)tmax);
+      const row_scan<long double> sl = scan_row<Act, long double>(nl, zero_row, p, e_lo, e, (long double)tmax);
       sc = {false, double(sl.diag_s), double(sl.diag_t), sl.over_s, sl.over_t};
     }
     tab.ok[i] = sc.ok && pfit;
