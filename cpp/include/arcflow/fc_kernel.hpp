@@ -12,6 +12,10 @@
 //   mirrored, so the result is exactly symmetric. OpenMP over tiles with `threads` threads.
 // - diag(...) computes k(x, x) for the rows of x1 in O(n1 (d + depth)).
 // - Throws std::invalid_argument on inconsistent arguments; never throws inside the parallel region.
+// - Any input scale: rows whose per-row values leave the range where the tile kernel's products stay normal
+//   are computed in long double (a kernel that underflows T comes out 0 or denormal, never NaN). Where the
+//   exact kernel overflows T, fp_overflow (the first layer beyond the range in its message): a symmetric
+//   rows() call and diag() raise before writing, a non-symmetric rows() call after its block.
 //   Thread-safety: const methods may run concurrently on one engine.
 #include <cmath>
 #include <memory>
