@@ -2,6 +2,7 @@
 // Validation and dtype choice live in python/arcflow/_dispatch.py; here we only check shapes and pointers.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <chrono>
 #include <cstdint>
@@ -150,6 +151,14 @@ carray<T> acos_poly_array(const carray<T>& x) {
 }  // namespace
 
 void register_fc_kernel(py::module_& m) {
+  // The exact kernel overflows the dtype: FloatingPointError (the Python layer names the public function).
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const fp_overflow& e) {
+      PyErr_SetString(PyExc_FloatingPointError, e.what());
+    }
+  });
   bind_engine<float>(m, "FcEngineF32");
   bind_engine<double>(m, "FcEngineF64");
   m.attr("fc_tile") = py::int_(fc_engine<double>::tile);
@@ -167,6 +176,10 @@ void register_fc_kernel(py::module_& m) {
   m.def("_acos_poly", [](carray<float> x) { return acos_poly_array<float>(x); }, py::arg("x"));
   m.def("_set_fc_layout", &set_fc_layout, py::arg("layout"),
         "Tests only: the CPU layer loops' layout, -1 by the CPU, 0 three loops, 1 fused; returns the previous.");
+  m.def("_isa_levels", &fc_isa_levels, "The instruction-set variants of the fc kernel this CPU runs, lowest first.");
+  m.def("_fc_isa", &fc_isa, "The fc kernel's active instruction-set variant.");
+  m.def("_set_fc_isa", &set_fc_isa, py::arg("name"),
+        "Tests only: force the fc kernel's instruction-set variant ('generic', 'avx2', 'avx512'; 'auto' restores).");
 }
 
 }  // namespace arcflow::bind

@@ -151,24 +151,30 @@ def check_allocation(nbytes: int, where: str, what: str, hint: Optional[str] = N
             f"({_human(avail)}) of memory available; {hint}")
 
 
+# Per row besides the tables: the range flag, two float64 diagonals and two int layer indices (row_table).
+_ROW_SCAN_BYTES = 1 + 2 * 8 + 2 * 4
+
+
 def engine_bytes(n1: int, n2: Optional[int], d: int, depth: int, itemsize: int, threads: int, diag: bool,
                  n_all: int = 0) -> int:
-    """Bytes the C++ engine allocates besides the outputs: the per-row tables (5 values per row and layer, and
-    two per row), the packed copy of x2 and each thread's tile buffers (fc_kernel.cpp)."""
+    """Bytes the C++ engine allocates besides the outputs: the per-row tables (5 values per row and layer, two
+    per row, and the range scan's diagonals), the packed copy of x2 and each thread's tile buffers (fc_kernel.cpp)."""
     tile = int(_core.fc_tile)
 
     def rows(n):
         return -(-max(n, 1) // tile) * tile
 
     total = rows(n1) * (5 * (depth + 1) + 2)
+    extra = rows(n1) * _ROW_SCAN_BYTES
     if n2 is not None:
         total += rows(n2) * (5 * (depth + 1) + 2)
+        extra += rows(n2) * _ROW_SCAN_BYTES
     if not diag:
         n2_ = n1 if n2 is None else n2
         total += rows(n2_) * max(d, 1)
         tiles = -(-n1 // tile) * -(-n2_ // tile)
         total += min(threads, max(tiles, 1)) * (tile * tile * (6 + n_all) + 6 * tile)
-    return total * itemsize
+    return total * itemsize + extra
 
 
 def allocate(shape, dtype, where: str, zero: bool = False) -> np.ndarray:

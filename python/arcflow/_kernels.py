@@ -112,11 +112,14 @@ def _check_get(get, where):
 
 
 def _engine_call(where, fn, *args):
-    """An engine step; a C++ allocation failure (MemoryError naming what) gets the public function's name."""
+    """An engine step; a C++ allocation failure (MemoryError naming what) or an overflow of the exact kernel
+    (FloatingPointError naming the layer) gets the public function's name."""
     try:
         return fn(*args)
     except MemoryError as e:
         raise MemoryError(f"{where}: {e}") from None
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{where}: {e}") from None
 
 
 def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu", w_std: float = 1.0,

@@ -148,8 +148,17 @@ struct abrelu_act {
     kdh = T(q > 0 ? 0.5 * (p.a + p.b) * (p.a + p.b) / q : 0.0);
     abn = T(q > 0 ? 2.0 * p.a * p.b / q : 0.0);
   }
-  static double diag_t(const act_params& p, double s) { return (p.a * p.a + p.b * p.b) / 2.0 * s; }
-  static void row(const act_params&, double, double r, double& pa, double& pb) { pa = r; pb = 1.0; }
+  template <class R>
+  static R diag_t(const act_params& p, R s) { return R((p.a * p.a + p.b * p.b) / 2.0) * s; }
+  // Tdot(x, x): theta = 0, or pi/2 for a zero-variance row (the convention of make_angle).
+  template <class R>
+  static R diag_tdot(const act_params& p, R s) {
+    const double k2 = (p.a * p.a + p.b * p.b) / 2.0, k1 = (p.a - p.b) * (p.a - p.b) / (2.0 * 3.14159265358979323846);
+    return R(s > 0 ? k2 : k2 - k1 * 1.57079632679489661923);
+  }
+  template <class R>
+  static void row(const act_params&, R, R r, R& pa, R& pb) { pa = r; pb = R(1); }
+  static double log2_j0(const act_params&) { return 0.0; }
   static constexpr bool angle_based = true;
   ARCFLOW_HD pair_out<T> pair(T s12, T gm, T gp, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
     return pair_angle(make_angle(gm, gp, h), s12, P, h, pa1, pb1, t1, pa2, pb2, t2);
@@ -210,15 +219,25 @@ struct monomial_act {
     for (int k = 1; k <= n; ++k) j *= (2 * k - 1);
     return j;
   }
-  static double diag_t(const act_params& p, double s) {
+  template <class R>
+  static R diag_t(const act_params& p, R s) {
     // A zero-variance row takes the pi/2 convention of make_angle, as neural-tangents does: Step gives 1/4.
-    if (p.n == 0) return s > 0 ? 0.5 : 0.25;
-    return std::pow(s, p.n) * j0_at_zero(p.n) / (2.0 * 3.14159265358979323846);
+    if (p.n == 0) return s > 0 ? R(0.5) : R(0.25);
+    return std::pow(s, p.n) * R(j0_at_zero(p.n)) / R(2.0 * 3.14159265358979323846);
   }
-  static void row(const act_params& p, double, double r, double& pa, double& pb) {
+  template <class R>
+  static R diag_tdot(const act_params& p, R s) {
+    if (p.n == 0) return R(0);
+    if (!(s > 0)) return p.n == 1 ? R(0.25) : R(0);  // the pi/2 convention: J_0(pi/2) / 2pi
+    return R(p.n) * R(p.n) * std::pow(s, p.n - 1) * R(j0_at_zero(p.n - 1)) / R(2.0 * 3.14159265358979323846);
+  }
+  template <class R>
+  static void row(const act_params& p, R, R r, R& pa, R& pb) {
     pa = std::pow(r, p.n);
-    pb = p.n >= 1 ? std::pow(r, p.n - 1) : 0.0;
+    pb = p.n >= 1 ? std::pow(r, p.n - 1) : R(0);
   }
+  // log2 of the largest constant factor in the pair formulas (J_n(0), n^2), for the engine's range check.
+  static double log2_j0(const act_params& p) { return std::log2(j0_at_zero(p.n)) + std::log2(double(p.n) * p.n + 1); }
   static constexpr bool angle_based = true;
   static constexpr bool scale_free = false;  // P' = c P^n: not carried in units of P (see abrelu_act)
   ARCFLOW_HD pair_out<T> pair(T s12, T gm, T gp, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
@@ -277,8 +296,13 @@ template <class T>
 struct sign_act {
   T w;
   explicit sign_act(const act_params&, double w_ = 1.0) : w(T(w_)) {}
-  static double diag_t(const act_params&, double s) { return s > 0 ? 1.0 : 0.0; }  // pi/2 convention at s = 0
-  static void row(const act_params&, double, double, double& pa, double& pb) { pa = 1.0; pb = 0.0; }
+  template <class R>
+  static R diag_t(const act_params&, R s) { return s > 0 ? R(1) : R(0); }  // pi/2 convention at s = 0
+  template <class R>
+  static R diag_tdot(const act_params&, R) { return R(0); }
+  template <class R>
+  static void row(const act_params&, R, R, R& pa, R& pb) { pa = R(1); pb = R(0); }
+  static double log2_j0(const act_params&) { return 0.0; }
   static constexpr bool angle_based = true;
   static constexpr bool scale_free = false;
   ARCFLOW_HD pair_out<T> pair(T s12, T gm, T gp, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
@@ -287,14 +311,18 @@ struct sign_act {
   ARCFLOW_HD pair_out<T> pair_angle(const angle<T>& g, T s12, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2,
                                     T t2) const {
     (void)s12; (void)P; (void)pa1; (void)pb1; (void)pa2; (void)pb2;
-    const T u = T(2) * g.theta * fm::consts<T>::inv_pi;
+    // The gaps 1 -/+ T are 2 theta / pi and 2 (pi - theta) / pi: the one that is small comes from x =
+    // min(theta, pi - theta) directly, never as 2 - 2 theta / pi (which cancels to 0 in float32 near theta = pi,
+    // and Sign's next angle is about the square root of that gap).
+    const T ux = T(2) * g.x * fm::consts<T>::inv_pi;
     const bool zero = !(h > T(0));  // next to a zero-variance row T11 = 0: gaps from sqrt(T11 T22) directly
     const T tt = w * (t1 * t2);
+    const T big_gap = T(2) - ux;
     pair_out<T> o;
-    o.t = zero ? T(0) : w * (T(1) - u);
+    o.t = zero ? T(0) : w * (g.big() ? ux - T(1) : T(1) - ux);
     o.tdot = T(0);
-    o.gm = zero ? (tt - o.t > T(0) ? tt - o.t : T(0)) : w * u;
-    o.gp = zero ? tt + o.t : w * (T(2) - u);
+    o.gm = zero ? (tt - o.t > T(0) ? tt - o.t : T(0)) : w * (g.big() ? big_gap : ux);
+    o.gp = zero ? tt + o.t : w * (g.big() ? ux : big_gap);
     return o;
   }
 };
@@ -309,13 +337,27 @@ struct erf_act {
       : w(T(w_)), c_t(T(2.0 * w_ / 3.14159265358979323846)), c_d(T(4.0 * w_ / 3.14159265358979323846)) {}
   static constexpr bool angle_based = false;
   static constexpr bool scale_free = false;
-  static double diag_t(const act_params&, double s) {
-    return 2.0 / 3.14159265358979323846 * std::asin(2.0 * s / (1.0 + 2.0 * s));
+  // asin(z), z = 2s / (1 + 2s) = s / (1/2 + s) (no inf / inf for a huge s); above 1/2 from 1 - z = (1/2) / (1/2 + s)
+  // (asin z = pi/2 - 2 asin sqrt((1 - z) / 2)): 1 - z rounded from z loses its digits for a large s, and the
+  // pair formulas' gaps sqrt(T11 T22) - T need them.
+  template <class R>
+  static R diag_t(const act_params&, R s) {
+    const R z = s / (R(0.5) + s);
+    const R a = z <= R(0.5) ? std::asin(z)
+                            : R(1.57079632679489661923132169163975144L) -
+                                  R(2) * std::asin(std::sqrt(R(0.25) / (R(0.5) + s)));
+    return R(2.0 / 3.14159265358979323846) * a;
   }
-  static void row(const act_params&, double s, double, double& pa, double& pb) {
-    pa = 1.0 + 2.0 * s;
+  template <class R>
+  static R diag_tdot(const act_params&, R s) {
+    return R(4.0 / 3.14159265358979323846) / std::sqrt(R(1) + R(4) * s);
+  }
+  template <class R>
+  static void row(const act_params&, R s, R, R& pa, R& pb) {
+    pa = R(1) + R(2) * s;
     pb = std::sqrt(pa);
   }
+  static double log2_j0(const act_params&) { return 0.0; }
   ARCFLOW_HD pair_out<T> pair(T s12, T gm, T gp, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
     (void)h;
     const T U = pb1 * pb2;

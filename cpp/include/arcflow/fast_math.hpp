@@ -1,9 +1,9 @@
 // Branch-free arcsine that vectorises under `#pragma omp simd` (CPU) and runs as is on CUDA.
 #pragma once
 // Contract: pure functions of their arguments, no errno, no tables; inline in every caller so each
-// target_clones variant of a kernel gets its own vector code. Accuracy: a few ulp in double on the
-// documented ranges (the rational approximation of asin on [0, 1/2] is the classic one of fdlibm,
-// Sun Microsystems 1993, e_asin.c); float uses the same formula in float.
+// instruction-set variant of a kernel (fc_kernel.cpp, run_tile_avx2 ...) gets its own vector code.
+// Accuracy: a few ulp in double on the documented ranges (the rational approximation of asin on [0, 1/2] is
+// the classic one of fdlibm, Sun Microsystems 1993, e_asin.c); float uses the same formula in float.
 #include <cmath>
 
 #include "arcflow/common.hpp"

@@ -16,6 +16,10 @@
 //   never throws inside the parallel region. rows() never runs more threads than it has tiles.
 // - `interrupt` (may be empty) is called now and then by the calling thread (between tiles, between blocks
 //   of table rows); returning true stops the work early, leaving the outputs partly written.
+// - Any input scale: rows whose per-row values leave the range where the tile kernel's products stay normal
+//   are computed in long double (a kernel that underflows T comes out 0 or denormal, never NaN). Where the
+//   exact kernel overflows T, fp_overflow (the first layer beyond the range in its message): a symmetric
+//   rows() call and diag() raise before writing, a non-symmetric rows() call after its block.
 //   Thread-safety: const methods may run concurrently on one engine.
 #include <cmath>
 #include <functional>
@@ -80,6 +84,14 @@ class fc_engine {
     int layers = 0;
     std::vector<T> data;  // [layer][field][row], fields r, ir, pa, pb, t
     std::vector<T> norm, inv_norm;
+    // Per row: whether every value above lies in the range where the tile kernel's products neither
+    // overflow nor lose precision (other rows' pairs are recomputed in long double), the diagonal
+    // Sigma(x,x) and Theta(x,x) of the last layer (inf beyond double), and the first layer where each
+    // exceeds T's range (0: none).
+    std::vector<unsigned char> ok;
+    std::vector<double> diag_s, diag_t;
+    std::vector<int> over_s, over_t;
+    bool all_ok = true;
     const T* field(int layer, int f) const { return data.data() + (index_t(layer) * 5 + f) * n; }
   };
   const row_table& rows1() const { return tab1_; }
@@ -99,31 +111,37 @@ class fc_engine {
   const T* panels2() const;
 };
 
-// Row i of the per-row tables from nx2 = |x_i|^2, computed in double whatever T is. data is laid out
-// [layer][field][row] with the fields r, ir, pa, pb, t of activations.hpp, np rows per field, layers
+// Row i of the per-row tables from nx2 = |x_i|^2, computed in R (double by default) whatever T is. data is laid
+// out [layer][field][row] with the fields r, ir, pa, pb, t of activations.hpp, np rows per field, layers
 // 0..layers-1; norm and inv_norm get |x_i| and 1/|x_i| (0 for a zero row). One definition for the CPU
-// engine's tables and the CUDA backend's (which gets |x|^2 from the device).
-template <class T, class Act>
-inline void fill_row_table(double nx2, const fc_params& p, int layers, index_t np, index_t i, T* data, T* norm,
+// engine's tables (and its long double ones for rows out of the fast path's range) and the CUDA backend's
+// (which gets |x|^2 from the device).
+template <class T, class Act, class R = double>
+inline void fill_row_table(R nx2, const fc_params& p, int layers, index_t np, index_t i, T* data, T* norm,
                            T* inv_norm) {
-  const double nx = std::sqrt(nx2);
+  const R nx = std::sqrt(nx2);
   norm[i] = T(nx);
-  inv_norm[i] = nx > 0 ? T(1.0 / nx) : T(0);
-  double s = p.gram_scale * nx2 + p.b_var;
+  inv_norm[i] = nx > 0 ? T(R(1) / nx) : T(0);
+  R s = R(p.gram_scale) * nx2 + R(p.b_var);
   for (int l = 0; l < layers; ++l) {
-    const double r = std::sqrt(s);
-    double pa = 0, pb = 0;
+    const R r = std::sqrt(s);
+    R pa = 0, pb = 0;
     Act::row(p.act, s, r, pa, pb);
-    const double t11 = Act::diag_t(p.act, s);
+    const R t11 = Act::diag_t(p.act, s);
     T* base = data + index_t(l) * 5 * np;
     base[0 * np + i] = T(r);
-    base[1 * np + i] = r > 0 ? T(1.0 / r) : T(0);
+    base[1 * np + i] = r > 0 ? T(R(1) / r) : T(0);
     base[2 * np + i] = T(pa);
     base[3 * np + i] = T(pb);
     base[4 * np + i] = T(std::sqrt(t11));
-    s = p.w_var * t11 + p.b_var;
+    s = R(p.w_var) * t11 + R(p.b_var);
   }
 }
+
+// Raised where the exact kernel overflows the output's dtype (the bindings turn it into FloatingPointError).
+struct fp_overflow : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 // Vectorised-arccos throughput of this build on one core (fm::acos_poly on [-1, 1], elements per second), for
 // the roofline.
@@ -134,5 +152,15 @@ double acos_throughput(bool single_precision, double seconds);
 // 1 = fused. For tests, which run both layouts on any CPU. Returns the previous setting; not thread-safe
 // against running kernels.
 int set_fc_layout(int layout);
+
+// The instruction-set variants of the tile kernel: "generic" (x86-64), "avx2" (x86-64-v3), "avx512"
+// (x86-64-v4). fc_isa_levels() lists those this CPU runs, in increasing order. The active one is the best the
+// CPU runs, capped by the environment variable ARCFLOW_ISA (read once, at the first use; "auto" or unset: no
+// cap; another value throws std::invalid_argument), unless set_fc_isa forces one ("auto" undoes that;
+// std::invalid_argument for an unknown name or a level the CPU cannot run). A level below avx512 also makes the
+// layout three loops (set_fc_layout overrides). For tests; not thread-safe against running kernels.
+std::vector<std::string> fc_isa_levels();
+std::string fc_isa();
+void set_fc_isa(const std::string& name);
 
 }  // namespace arcflow

@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstdio>
+#include <limits>
 #include <memory>
 #include <new>
 #include <string>
@@ -20,11 +22,17 @@
 #include <emmintrin.h>  // _mm_stream_pd / _ps, _mm_sfence: baseline x86-64
 #endif
 
-// Runtime dispatch to wider SIMD without -march: gcc emits one clone per target and picks at load time.
+// Runtime dispatch to wider SIMD without -march: the tile kernel and the arccos loop are compiled three times,
+// for baseline x86-64, x86-64-v3 (AVX2, FMA) and x86-64-v4 (AVX-512), and a function pointer picks one per
+// call (select_isa), so that tests can force every variant (set_fc_isa, ARCFLOW_ISA).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define ARCFLOW_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#define ARCFLOW_FC_DISPATCH 1
+#define ARCFLOW_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
+#define ARCFLOW_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
 #else
-#define ARCFLOW_CLONES
+#define ARCFLOW_FC_DISPATCH 0
+#define ARCFLOW_TARGET_V3
+#define ARCFLOW_TARGET_V4
 #endif
 
 namespace arcflow {
@@ -32,30 +40,132 @@ namespace {
 
 constexpr index_t TILE = fc_engine<double>::tile;
 
+enum isa_level : int { isa_generic = 0, isa_avx2 = 1, isa_avx512 = 2 };
+constexpr const char* isa_names[] = {"generic", "avx2", "avx512"};
+
+// The best level this CPU runs: the checks gcc makes for the x86-64-v3 and -v4 micro-architecture levels.
+int cpu_isa() {
+#if ARCFLOW_FC_DISPATCH
+  static const int level = __builtin_cpu_supports("x86-64-v4")   ? isa_avx512
+                           : __builtin_cpu_supports("x86-64-v3") ? isa_avx2
+                                                                 : isa_generic;
+  return level;
+#else
+  return isa_generic;
+#endif
+}
+
+int isa_by_name(const std::string& name) {
+  for (int l = 0; l < 3; ++l)
+    if (name == isa_names[l]) return l;
+  return -1;
+}
+
+// ARCFLOW_ISA caps the level ("auto" or unset: the CPU's best). Read once, at the first kernel call.
+int env_isa() {
+  static const int level = [] {
+    const char* e = std::getenv("ARCFLOW_ISA");
+    const std::string v = e ? e : "";
+    if (v.empty() || v == "auto") return cpu_isa();
+    const int l = isa_by_name(v);
+    if (l < 0)
+      throw std::invalid_argument("arcflow: the environment variable ARCFLOW_ISA='" + v +
+                                  "' is not one of auto, generic, avx2, avx512");
+    return std::min(l, cpu_isa());
+  }();
+  return level;
+}
+
+std::atomic<int> fc_isa_forced{-1};  // set_fc_isa; -1: env_isa()
+
+int active_isa() {
+  const int f = fc_isa_forced.load(std::memory_order_relaxed);
+  return f >= 0 ? f : env_isa();
+}
+
 int fc_layout = -1;  // set_fc_layout
 
 // Whether the layers run as one fused loop (see run_tile) and the Gram tile uses 64-byte vectors
-// (gram_rows<T, R, 64>): by default where this CPU runs the x86-64-v4 (AVX-512) clones. Read once per tile.
+// (gram_rows<T, R, 64>): by default where the AVX-512 variant runs (in the AVX2 variant they were 6x slower).
 bool fused_layout() {
   if (fc_layout >= 0) return fc_layout == 1;
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-  // x86-64-v4's AVX-512 subsets, as the target_clones resolver checks them: the fused loop and the 64-byte
-  // Gram run well only in that clone (forced into the AVX2 clone on this Xeon they were 6x slower).
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-                             __builtin_cpu_supports("avx512cd");
-  return avx512;
-#else
-  return false;
-#endif
+  return active_isa() == isa_avx512;
 }
 
 index_t round_up(index_t n, index_t m) { return (n + m - 1) / m * m; }
 
 std::string mib(double bytes) { return std::to_string(static_cast<long long>(bytes / (1 << 20) + 0.5)) + " MiB"; }
 
-// Per-row tables, computed in double whatever T is: O(n depth) memory and time, which at a large depth is
-// seconds, so the caller's interrupt is polled every 64 rows.
+// The range of the tile kernel: every per-row value (r, 1/r, pa, pb, t, the norms, sqrt(Theta(x,x))) within
+// [2^-E, 2^E], so that the products of two rows' values (P, 1/2P, the gaps, T, Theta) are normal numbers of T.
+// erf multiplies four (gm gp), monomials carry a constant up to J_n(0) n^2.
+// Below, more room: a near-collinear pair's gap P - Sigma(x,y) is P times sig2, which reaches the square of
+// T's epsilon, and must stay a normal number (float32 rows of norm 1e-16 with a gap of 1e-10 lost it).
+template <class T, class Act>
+int fast_range_bits(const act_params& a) {
+  const int emax = std::numeric_limits<T>::max_exponent;
+  const int e = (a.kind == act_kind::erf ? emax / 4 : emax / 2) - 8;
+  return e - int(std::ceil(Act::log2_j0(a) / 2));
+}
+template <class T, class Act>
+int fast_range_bits_low(const act_params& a) {
+  const int room = (-std::numeric_limits<T>::min_exponent - 2 * std::numeric_limits<T>::digits) / 2 - 4;
+  return std::min(room, fast_range_bits<T, Act>(a));
+}
+
+// The parameters as T: a weight variance or Gram scale out of the range sends every pair to the long double
+// path (b_var only needs to be finite: it is only ever added).
+template <class T>
+bool params_fit(const fc_params& p, int e) {
+  auto fits = [&](double v) { return v == 0 || (std::fabs(v) >= std::ldexp(1.0, -e) && std::fabs(v) <= std::ldexp(1.0, e)); };
+  return fits(p.w_var) && fits(p.gram_scale) && std::isfinite(T(p.b_var));
+}
+
+template <class R>
+struct row_scan {
+  bool ok;
+  R diag_s, diag_t;
+  int over_s, over_t;
+};
+
+// The diagonal recursion of one row in R: whether the row's table values lie in the tile kernel's range, the
+// last layer's Sigma(x,x) and Theta(x,x) (the bounds |K(x,y)| <= sqrt(K(x,x) K(y,y)), both kernels being
+// positive semi-definite), and the first layer where each exceeds tmax.
+template <class Act, class R>
+row_scan<R> scan_row(R nx2, bool zero_row, const fc_params& p, int e_lo, int e, R tmax) {
+  const R lo = std::ldexp(R(1), -e_lo), hi = std::ldexp(R(1), e);
+  const bool pb_zero = p.act.kind == act_kind::sign || (p.act.kind == act_kind::monomial && p.act.n == 0);
+  auto in = [&](R v) { return v == 0 ? zero_row : (std::fabs(v) >= lo && std::fabs(v) <= hi); };  // NaN: false
+  row_scan<R> o{true, 0, 0, 0, 0};
+  const R nx = std::sqrt(nx2);
+  o.ok = in(nx);
+  R s = R(p.gram_scale) * nx2 + R(p.b_var);
+  R th = s, thf = p.fix_dep < 1 ? s : R(0);
+  if (s > tmax) o.over_s = 1;
+  if (thf > tmax) o.over_t = 1;
+  for (int l = 0; l <= p.depth; ++l) {
+    const R r = std::sqrt(s);
+    R pa = 0, pb = 0;
+    Act::row(p.act, s, r, pa, pb);
+    const R t11 = Act::diag_t(p.act, s);
+    o.ok = o.ok && in(r) && in(pa) && (in(pb) || (pb_zero && pb == 0)) && in(std::sqrt(t11)) && in(std::sqrt(th));
+    if (l == p.depth) break;
+    const R td = R(p.w_var) * Act::diag_tdot(p.act, s);
+    const R sn = R(p.w_var) * t11 + R(p.b_var);
+    th = sn + td * th;
+    thf = ((l + 2) > p.fix_dep ? sn : R(0)) + td * thf;
+    if (o.over_s == 0 && sn > tmax) o.over_s = l + 2;
+    if (o.over_t == 0 && thf > tmax) o.over_t = l + 2;
+    s = sn;
+  }
+  o.diag_s = s;
+  o.diag_t = thf;
+  return o;
+}
+
+// Per-row tables, computed in double whatever T is; rows out of the tile kernel's range are scanned again in
+// long double for their bounds. O(n depth) memory and time, which at a large depth is seconds, so the caller's
+// interrupt is polled every 64 rows.
 template <class T, class Act>
 void fill_table(const T* x, index_t n, index_t d, const fc_params& p, typename fc_engine<T>::row_table& tab,
                 const char* name, const interrupt_fn& interrupt) {
@@ -66,19 +176,77 @@ void fill_table(const T* x, index_t n, index_t d, const fc_params& p, typename f
     tab.data.assign(size_t(np) * 5 * size_t(tab.layers), T(0));
     tab.norm.assign(size_t(np), T(0));
     tab.inv_norm.assign(size_t(np), T(0));
+    tab.ok.assign(size_t(np), 1);
+    tab.diag_s.assign(size_t(np), 0.0);
+    tab.diag_t.assign(size_t(np), 0.0);
+    tab.over_s.assign(size_t(np), 0);
+    tab.over_t.assign(size_t(np), 0);
   } catch (const std::bad_alloc&) {
     throw allocation_error(std::string("arcflow: out of memory allocating the per-row tables of ") + name + " (" +
                            std::to_string(n) + " rows x " + std::to_string(tab.layers) + " layers x 5 values: " +
-                           mib(double(np) * (5.0 * tab.layers + 2) * sizeof(T)) + ")");
+                           mib(double(np) * ((5.0 * tab.layers + 2) * sizeof(T) + 2 * sizeof(double) + 10)) + ")");
   }
+  const int e = fast_range_bits<T, Act>(p.act), e_lo = fast_range_bits_low<T, Act>(p.act);
+  const bool pfit = params_fit<T>(p, e);
+  const double tmax = double(std::numeric_limits<T>::max());
+  tab.all_ok = true;
   for (index_t i = 0; i < n; ++i) {
     if ((i & 63) == 0 && interrupt && interrupt()) throw interrupted();
     double nx2 = 0.0;
+    bool zero_row = true;
     const T* xi = x + i * d;
-    for (index_t k = 0; k < d; ++k) nx2 += double(xi[k]) * double(xi[k]);
+    for (index_t k = 0; k < d; ++k) {
+      nx2 += double(xi[k]) * double(xi[k]);
+      zero_row = zero_row && xi[k] == T(0);
+    }
     fill_row_table<T, Act>(nx2, p, tab.layers, np, i, tab.data.data(), tab.norm.data(), tab.inv_norm.data());
+    row_scan<double> sc = scan_row<Act, double>(nx2, zero_row, p, e_lo, e, tmax);
+    if (!sc.ok || !pfit) {
+      long double nl = 0.0L;
+      for (index_t k = 0; k < d; ++k) nl += (long double)xi[k] * (long double)xi[k];
+      const row_scan<long double> sl = scan_row<Act, long double>(nl, zero_row, p, e_lo, e, (long double)tmax);
+      sc = {false, double(sl.diag_s), double(sl.diag_t), sl.over_s, sl.over_t};
+    }
+    tab.ok[i] = sc.ok && pfit;
+    tab.all_ok = tab.all_ok && tab.ok[i];
+    tab.diag_s[i] = sc.diag_s;
+    tab.diag_t[i] = sc.diag_t;
+    tab.over_s[i] = sc.over_s;
+    tab.over_t[i] = sc.over_t;
   }
 }
+
+// The long double twin of an activation, for the pairs out of the tile kernel's range.
+template <class A>
+struct wide;
+template <class T, bool Z>
+struct wide<abrelu_act<T, Z>> {
+  using type = abrelu_act<long double, Z>;
+};
+template <class T, int N>
+struct wide<monomial_act<T, N>> {
+  using type = monomial_act<long double, N>;
+};
+template <class T>
+struct wide<sign_act<T>> {
+  using type = sign_act<long double>;
+};
+template <class T>
+struct wide<erf_act<T>> {
+  using type = erf_act<long double>;
+};
+
+// The pairs of one tile that involve a row out of the tile kernel's range, carried through the layers in long
+// double (range 1e+-4932) beside the tile kernel, and written over its results.
+struct slow_pairs {
+  using LD = long double;
+  index_t n = 0;  // pairs
+  int layer = 0;  // layers done
+  std::vector<index_t> e, ia, jb;  // tile offset i * TILE + j, row i and column j
+  std::vector<LD> s12, gm, gp, ntk, td, h;  // h: n x (depth + 1), kernel_value_batch's H_k
+  std::vector<LD> tab;                      // [row: the tile's rows, then its columns][layer][field r ir pa pb t]
+  std::vector<int> over_s, over_t;          // per pair, the first layer beyond T's range (0: none)
+};
 
 // One thread's tile buffers, each aligned to 64 bytes: the loops load and store whole vectors of the tile,
 // and a vector that straddles two cache lines costs two accesses (std::vector's 16-byte alignment did that to
@@ -96,6 +264,7 @@ struct workspace {
     return t2 * (6 + size_t(n_all)) + 6 * size_t(TILE);
   }
   static double bytes(int n_all) { return double(count(n_all)) * sizeof(T); }
+  slow_pairs slow;
   workspace(index_t d, int n_all) {
     (void)d;
     const size_t t2 = size_t(TILE) * TILE;
@@ -127,7 +296,164 @@ struct tile_ctx {
   const typename fc_engine<T>::row_table *tab1, *tab2;
   T *nngp, *ntk, *ntk_all;
   bool stream;  // non-temporal stores: the outputs are too large to stay in cache anyway
+  bool fused;   // fused_layout(), read once per call
+  // The first layer at which an output entry overflowed T (0: none), lowest over the tiles.
+  std::atomic<int>* over_nngp;
+  std::atomic<int>* over_ntk;
 };
+
+void note_overflow(std::atomic<int>* a, int layer) {
+  int cur = a->load();
+  while ((cur == 0 || layer < cur) && !a->compare_exchange_weak(cur, layer)) {
+  }
+}
+
+// The slow path (slow_pairs): out of line, it runs only for tiles with a row out of range.
+template <class T, class Act>
+__attribute__((noinline)) bool slow_begin(const tile_ctx<T>& c, const Act&, index_t i0, index_t ti, index_t j0,
+                                          index_t tj, int n_all, slow_pairs& sp) {
+  using LD = long double;
+  sp.n = 0;
+  sp.layer = 0;
+  bool any = false;
+  for (index_t i = 0; i < ti; ++i) any = any || !c.tab1->ok[i0 + i];
+  for (index_t j = 0; j < tj; ++j) any = any || !c.tab2->ok[j0 + j];
+  if (!any) return false;
+  const fc_params& p = *c.p;
+  const int layers = p.depth + 1;
+  const index_t d = c.d;
+  // Long double tables of the tile's rows and columns (np = 1: [layer][field]); a variance that underflows
+  // even there is a zero-variance row (its kernels are 0 to long double precision, or the pi/2 convention).
+  sp.tab.assign(size_t(ti + tj) * layers * 5, 0.0L);
+  std::vector<LD> nrm(size_t(ti + tj));
+  auto row_ptr = [&](index_t k) { return k < ti ? c.x1 + (i0 + k) * d : c.x2 + (j0 + k - ti) * d; };
+  for (index_t k = 0; k < ti + tj; ++k) {
+    const T* x = row_ptr(k);
+    LD nx2 = 0, nm, inm;
+    for (index_t q = 0; q < d; ++q) nx2 += LD(x[q]) * LD(x[q]);
+    LD* t = sp.tab.data() + size_t(k) * layers * 5;
+    fill_row_table<LD, Act, LD>(nx2, p, layers, 1, 0, t, &nm, &inm);
+    nrm[k] = nm;
+    for (int l = 0; l < layers; ++l) {
+      LD* f = t + l * 5;
+      if (!(f[0] > 0) || !std::isfinite(f[1])) f[0] = f[1] = 0;
+    }
+  }
+  auto tab = [&](index_t k, int l, int f) { return sp.tab[(size_t(k) * layers + l) * 5 + f]; };
+  for (index_t i = 0; i < ti; ++i)
+    for (index_t j = 0; j < tj; ++j)
+      if (!c.tab1->ok[i0 + i] || !c.tab2->ok[j0 + j]) {
+        sp.e.resize(size_t(sp.n) + 1);
+        sp.ia.resize(size_t(sp.n) + 1);
+        sp.jb.resize(size_t(sp.n) + 1);
+        sp.e[sp.n] = i * TILE + j;
+        sp.ia[sp.n] = i;
+        sp.jb[sp.n] = ti + j;
+        ++sp.n;
+      }
+  const index_t n = sp.n;
+  for (auto* v : {&sp.s12, &sp.gm, &sp.gp, &sp.ntk, &sp.td}) v->assign(size_t(n), 0.0L);
+  sp.h.assign(size_t(n) * size_t(n_all), 0.0L);
+  sp.over_s.assign(size_t(n), 0);
+  sp.over_t.assign(size_t(n), 0);
+  const LD gs = p.gram_scale, bv = p.b_var, sq_gs = std::sqrt(LD(p.gram_scale)), tmax = std::numeric_limits<T>::max();
+  for (index_t q = 0; q < n; ++q) {
+    const index_t a = sp.ia[q], b = sp.jb[q];
+    const T *x = row_ptr(a), *y = row_ptr(b);
+    const LD na = nrm[a], nb = nrm[b];
+    LD dot = 0, dm = 0, dp = 0;
+    for (index_t k = 0; k < d; ++k) {
+      // As unit_dist2: the quotients with their rounding errors.
+      const LD u = na > 0 ? LD(x[k]) / na : 0, v = nb > 0 ? LD(y[k]) / nb : 0;
+      const LD eu = na > 0 ? std::fma(-u, na, LD(x[k])) / na : 0, ev = nb > 0 ? std::fma(-v, nb, LD(y[k])) / nb : 0;
+      const LD um = (u - v) + (eu - ev), up = (u + v) + (eu + ev);
+      dot += LD(x[k]) * LD(y[k]);
+      dm += um * um;
+      dp += up * up;
+    }
+    const LD nn = na * nb;
+    const LD s = gs * dot + bv;
+    LD bterm = 0;
+    if (bv > 0) {
+      const LD q1 = sq_gs * na, q2 = sq_gs * nb;
+      bterm = bv * (q1 - q2) * (q1 - q2) / (tab(a, 0, 0) * tab(b, 0, 0) + q1 * q2 + bv);
+    }
+    sp.s12[q] = s;
+    sp.gm[q] = std::max(LD(0), bterm + gs * (nn * LD(0.5) * dm));
+    sp.gp[q] = std::max(LD(0), bterm + 2 * bv + gs * (nn * LD(0.5) * dp));
+    sp.ntk[q] = p.fix_dep < 1 ? s : LD(0);
+    if (n_all) sp.h[size_t(q) * n_all] = s;
+    if (std::fabs(s) > tmax) sp.over_s[q] = 1;
+    if (std::fabs(sp.ntk[q]) > tmax) sp.over_t[q] = 1;
+  }
+  return true;
+}
+
+// One layer of the slow pairs: the general loop of run_tile, in long double.
+template <class T, class Act>
+__attribute__((noinline)) void slow_step(const tile_ctx<T>& c, int n_all, slow_pairs& sp) {
+  using LD = long double;
+  const fc_params& p = *c.p;
+  const typename wide<Act>::type act(p.act, p.w_var);
+  const int layers = p.depth + 1, l = sp.layer;
+  const LD bv = p.b_var, w_sd = std::sqrt(LD(p.w_var)), tmax = std::numeric_limits<T>::max();
+  const bool M = (l + 2) > p.fix_dep;
+  auto tab = [&](index_t k, int layer, int f) { return sp.tab[(size_t(k) * layers + layer) * 5 + f]; };
+  for (index_t q = 0; q < sp.n; ++q) {
+    const index_t a = sp.ia[q], b = sp.jb[q];
+    const LD r1 = tab(a, l, 0), ir1 = tab(a, l, 1), r2 = tab(b, l, 0), ir2 = tab(b, l, 1);
+    const LD t1 = tab(a, l, 4), t2 = tab(b, l, 4);
+    LD h = LD(0.5) * ir1 * ir2;
+    if (!std::isfinite(h)) h = 0;  // P underflows even in long double: the zero-variance limit
+    const pair_out<LD> o = act.pair(sp.s12[q], sp.gm[q], sp.gp[q], r1 * r2, h, tab(a, l, 2), tab(a, l, 3), t1,
+                                    tab(b, l, 2), tab(b, l, 3), t2);
+    LD s;
+    if (bv > 0) {
+      const LD qa = w_sd * t1, qb = w_sd * t2, dq = qa - qb;
+      const LD bterm = bv * dq * dq / (tab(a, l + 1, 0) * tab(b, l + 1, 0) + qa * qb + bv);
+      s = o.t + bv;
+      sp.gm[q] = bterm + o.gm;
+      sp.gp[q] = bterm + 2 * bv + o.gp;
+    } else {
+      s = o.t;
+      sp.gm[q] = o.gm;
+      sp.gp[q] = o.gp;
+    }
+    sp.s12[q] = s;
+    sp.ntk[q] = M ? s + o.tdot * sp.ntk[q] : o.tdot * sp.ntk[q];
+    if (n_all) {
+      LD* hq = sp.h.data() + size_t(q) * n_all;
+      for (int k = 0; k <= l + 1; ++k) hq[k] = ((l + 2) > k ? s : LD(0)) + o.tdot * hq[k];
+    }
+    if (sp.over_s[q] == 0 && std::fabs(s) > tmax) sp.over_s[q] = l + 2;
+    if (sp.over_t[q] == 0 && std::fabs(sp.ntk[q]) > tmax) sp.over_t[q] = l + 2;
+  }
+  ++sp.layer;
+}
+
+// Writes the slow pairs' kernel_value_batch planes H_k (k <= the layers done) into the tile's buffers.
+template <class T>
+__attribute__((noinline)) void slow_patch_h(const tile_ctx<T>& c, int n_all, const slow_pairs& sp, T* h) {
+  const long double tmax = std::numeric_limits<T>::max();
+  for (index_t q = 0; q < sp.n; ++q)
+    for (int k = 0; k <= sp.layer; ++k) {
+      const long double v = sp.h[size_t(q) * n_all + k];
+      if (!(std::fabs(v) <= tmax)) note_overflow(c.over_ntk, std::max(1, sp.over_t[q]));
+      h[size_t(k) * TILE * TILE + sp.e[q]] = T(v);
+    }
+}
+
+template <class T>
+__attribute__((noinline)) void slow_finish(const tile_ctx<T>& c, const slow_pairs& sp, T* s12, T* ntk) {
+  const long double tmax = std::numeric_limits<T>::max();
+  for (index_t q = 0; q < sp.n; ++q) {
+    const index_t e = sp.e[q];
+    if (c.nngp && !(std::fabs(sp.s12[q]) <= tmax)) note_overflow(c.over_nngp, std::max(1, sp.over_s[q]));
+    if (c.ntk && !(std::fabs(sp.ntk[q]) <= tmax)) note_overflow(c.over_ntk, std::max(1, sp.over_t[q]));
+    s12[e] = T(sp.s12[q]);
+    ntk[e] = T(sp.ntk[q]);
+  }
+}
 
 // The Gram tile's x2 side is packed in panels of panel_width() columns (one cache line of values), each
 // panel d x panel_width() contiguous, so the micro-kernel below streams through memory: with a plain k-major
@@ -185,9 +511,10 @@ inline __attribute__((always_inline)) void gram_rows(const T* a, index_t d, cons
 }
 
 template <class T>
-inline __attribute__((always_inline)) void gram_tile(const T* a, index_t ti, index_t d, const T* bt, T* g) {
+inline __attribute__((always_inline)) void gram_tile(const T* a, index_t ti, index_t d, const T* bt, T* g,
+                                                     bool fused) {
   index_t i = 0;
-  if (fused_layout()) {  // AVX-512
+  if (fused) {  // AVX-512
     for (; i + 8 <= ti; i += 8) gram_rows<T, 8, 64>(a + i * d, d, bt, g + i * TILE);
     for (; i + 4 <= ti; i += 4) gram_rows<T, 4, 64>(a + i * d, d, bt, g + i * TILE);
   }
@@ -289,25 +616,49 @@ inline void store_tile(T* out, index_t n2, index_t i0, index_t ti, index_t j0, i
   }
 }
 
-// |u + sgn v|^2 for the unit vectors u = x a_inv, v = y b_inv, in double. |x||y| -/+ <x,y> equals
-// |x||y| |u -/+ v|^2 / 2 without the cancellation of the Gram route. Kept out of line and out of the
-// target_clones kernels on purpose: no FMA contraction, so a duplicate row gives exactly 0.
+// |x| as an unevaluated sum hi + lo (about 1e-32 relative): the sum of squares with each square's rounding
+// error and each addition's, then one Newton correction of the square root.
 template <class T>
-__attribute__((noinline)) double unit_dist2(const T* x, const T* y, index_t d, T a_inv, T b_inv, double sgn) {
-  const double ia = double(a_inv), ib = double(b_inv);
+void norm_dd(const T* x, index_t d, double& hi, double& lo) {
+  double s = 0.0, c = 0.0;
+  for (index_t k = 0; k < d; ++k) {
+    const double v = double(x[k]), p = v * v, pe = std::fma(v, v, -p);
+    const double t = s + p, bb = t - s;
+    c += ((s - (t - bb)) + (p - bb)) + pe;
+    s = t;
+  }
+  const double t = s + c, tl = c - (t - s);
+  hi = std::sqrt(t);
+  lo = hi > 0 ? (std::fma(-hi, hi, t) + tl) / (2.0 * hi) : 0.0;
+}
+
+// |u + sgn v|^2 for the unit vectors u = x / |x|, v = y / |y|, in double. |x||y| -/+ <x,y> equals
+// |x||y| |u -/+ v|^2 / 2 without the cancellation of the Gram route. Near-collinear rows have
+// |u -/+ v| ~ 1e-12 and less, and Sign or Step turn the gap into its square root at every layer, so each
+// component of u is carried as q + e to about 1e-32 (norm_dd; fma gives each quotient's exact remainder):
+// with the plain quotients (1e-16 each, and 1e-16 in |x|, whose square alone is 1e-32 against gaps of 1e-24)
+// only a few digits of the gap were left; from the float32 tables' 1/|x| none. Kept out of line and out of
+// the vector kernels: no FMA contraction, the same bits on every target, and a duplicate row gives exactly 0.
+template <class T>
+__attribute__((noinline)) double unit_dist2(const T* x, const T* y, index_t d, double sgn) {
+  double ha, la, hb, lb;
+  norm_dd(x, d, ha, la);
+  norm_dd(y, d, hb, lb);
   double acc = 0.0;
   for (index_t k = 0; k < d; ++k) {
-    volatile double pa = double(x[k]) * ia;  // volatile: the two products are rounded alike
-    volatile double pb = double(y[k]) * ib;
-    const double u = pa + sgn * pb;
+    const double xa = double(x[k]), yb = double(y[k]);
+    const double qa = xa / ha, qb = yb / hb;
+    const double ea = (std::fma(-qa, ha, xa) - qa * la) / ha, eb = (std::fma(-qb, hb, yb) - qb * lb) / hb;
+    const double u = (qa + sgn * qb) + (ea + sgn * eb);
     acc += u * u;
   }
   return acc;
 }
 
+// The tile kernel's body, inlined into one function per instruction-set level (run_tile_isa below).
 template <class T, class Act, bool Bias>
-ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, index_t ti, index_t j0, index_t tj,
-                             workspace<T>& ws) {
+inline __attribute__((always_inline)) void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, index_t ti,
+                                                    index_t j0, index_t tj, workspace<T>& ws) {
   const fc_params& p = *c.p;
   const index_t d = c.d;
   const int depth = p.depth;
@@ -334,7 +685,7 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
   }
 
   // 1. Gram tile.
-  gram_tile<T>(c.x1 + i0 * d, ti, d, c.panels2 + j0 * d, g);
+  gram_tile<T>(c.x1 + i0 * d, ti, d, c.panels2 + j0 * d, g, c.fused);
 
   // 2. First layer: s12 = gs G + b, gaps |x||y| -/+ G, refined where they cancel. One pass over the tile
   // (the gaps scaled and clamped as they are made); the rare pairs whose raw gap falls below tau |x||y| are
@@ -370,8 +721,6 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
     }
   }
   if (near) {
-    const T* inv1 = c.tab1->inv_norm.data() + i0;
-    const T* inv2 = c.tab2->inv_norm.data() + j0;
     for (index_t i = 0; i < ti; ++i) {
       for (index_t j = 0; j < tj; ++j) {
         const index_t e = i * TILE + j;
@@ -380,7 +729,7 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
         const bool near_m = gme < tau * nn, near_p = gpe < tau * nn;
         if (!(nn > T(0)) || !(near_m || near_p)) continue;
         const T v = T(double(nn) * 0.5 *
-                      unit_dist2(c.x1 + (i0 + i) * d, c.x2 + (j0 + j) * d, d, inv1[i], inv2[j], near_m ? -1.0 : 1.0));
+                      unit_dist2(c.x1 + (i0 + i) * d, c.x2 + (j0 + j) * d, d, near_m ? -1.0 : 1.0));
         const T bterm = Bias ? bias_gap(sq_gs * nrm1[i], sq_gs * nrm2[j], r1_0[i], r2_0[j]) : T(0);
         if (near_m) {
           const T m = bterm + gs * v;
@@ -409,10 +758,18 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
       for (index_t e = 0; e < TILE * TILE; ++e) hk[e] = mk * sig[e] + td[e] * hk[e];
     }
   };
+  // Pairs with a row out of the tile kernel's range: carried in long double alongside (slow_pairs).
+  const bool slow = !(c.tab1->all_ok && c.tab2->all_ok) && slow_begin<T, Act>(c, act, i0, ti, j0, tj, n_all, ws.slow);
+  auto slow_layer = [&]() {
+    if (!slow) return;
+    slow_step<T, Act>(c, n_all, ws.slow);
+    slow_patch_h(c, n_all, ws.slow, ws.h);
+  };
   if (n_all) {
     T* h0 = ws.h;
     for (index_t e = 0; e < TILE * TILE; ++e) h0[e] = s12[e];
     for (int k = 1; k < n_all; ++k) std::fill_n(ws.h + size_t(k) * TILE * TILE, TILE * TILE, T(0));
+    if (slow) slow_patch_h(c, n_all, ws.slow, ws.h);
     store_all(0);
   }
 
@@ -430,7 +787,7 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
     for (index_t i = 0; i < ti; ++i) scaled &= ir1_0[i] > T(0);
     for (index_t j = 0; j < tj; ++j) scaled &= ir2_0[j] > T(0);
     if (scaled) {
-      const bool fused = fused_layout();
+      const bool fused = c.fused;
       for (int l = 0; l < depth; ++l) {
         const bool M = (l + 2) > fix;
         for (index_t i = 0; i < ti; ++i) {
@@ -499,6 +856,7 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
             }
           }
           update_all(l, g);
+          slow_layer();
           store_all(l + 1);
         }
       }
@@ -619,14 +977,51 @@ ARCFLOW_CLONES void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, in
     }
     if (n_all) {
       update_all(l, s12);
+      slow_layer();
       store_all(l + 1);
     }
+  }
+
+  if (slow) {
+    while (ws.slow.layer < depth) slow_step<T, Act>(c, n_all, ws.slow);
+    slow_finish(c, ws.slow, s12, ntk);
   }
 
   // 4. One write of each requested output.
   if (c.nngp) store_tile(c.nngp, c.n2, i0, ti, j0, tj, c.symmetric, s12, c.stream);
   if (c.ntk) store_tile(c.ntk, c.n2, i0, ti, j0, tj, c.symmetric, ntk, c.stream);
   store_fence();
+}
+
+template <class T, class Act, bool Bias>
+using tile_fn = void (*)(const tile_ctx<T>&, const Act, index_t, index_t, index_t, index_t, workspace<T>&);
+
+template <class T, class Act, bool Bias>
+void run_tile_generic(const tile_ctx<T>& c, const Act act, index_t i0, index_t ti, index_t j0, index_t tj,
+                      workspace<T>& ws) {
+  run_tile<T, Act, Bias>(c, act, i0, ti, j0, tj, ws);
+}
+#if ARCFLOW_FC_DISPATCH
+template <class T, class Act, bool Bias>
+ARCFLOW_TARGET_V3 void run_tile_avx2(const tile_ctx<T>& c, const Act act, index_t i0, index_t ti, index_t j0,
+                                     index_t tj, workspace<T>& ws) {
+  run_tile<T, Act, Bias>(c, act, i0, ti, j0, tj, ws);
+}
+template <class T, class Act, bool Bias>
+ARCFLOW_TARGET_V4 void run_tile_avx512(const tile_ctx<T>& c, const Act act, index_t i0, index_t ti, index_t j0,
+                                       index_t tj, workspace<T>& ws) {
+  run_tile<T, Act, Bias>(c, act, i0, ti, j0, tj, ws);
+}
+#endif
+
+template <class T, class Act, bool Bias>
+tile_fn<T, Act, Bias> select_tile_fn(int isa) {
+#if ARCFLOW_FC_DISPATCH
+  if (isa == isa_avx512) return &run_tile_avx512<T, Act, Bias>;
+  if (isa == isa_avx2) return &run_tile_avx2<T, Act, Bias>;
+#endif
+  (void)isa;
+  return &run_tile_generic<T, Act, Bias>;
 }
 
 template <class T, class Act, bool Bias>
@@ -657,6 +1052,7 @@ void run_rows(const tile_ctx<T>& c, const Act& act, index_t r0, index_t r1, int 
                            "); use fewer threads");
   }
   std::atomic<bool> stop{false};
+  const tile_fn<T, Act, Bias> tile_kernel = select_tile_fn<T, Act, Bias>(active_isa());
 #ifdef ARCFLOW_HAVE_OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
@@ -677,7 +1073,7 @@ void run_rows(const tile_ctx<T>& c, const Act& act, index_t r0, index_t r1, int 
         stop.store(true, std::memory_order_relaxed);
       if (stop.load(std::memory_order_relaxed)) continue;
       const index_t i0 = tiles[t].i0, j0 = tiles[t].j0;
-      run_tile<T, Act, Bias>(c, act, i0, std::min(TILE, r1 - i0), j0, std::min(TILE, c.n2 - j0), ws);
+      tile_kernel(c, act, i0, std::min(TILE, r1 - i0), j0, std::min(TILE, c.n2 - j0), ws);
     }
   }
   if (stop.load()) throw interrupted();
@@ -690,28 +1086,6 @@ void run_rows_dispatch(const tile_ctx<T>& c, const Act& act, index_t r0, index_t
     run_rows<T, Act, true>(c, act, r0, r1, threads, interrupt);
   else
     run_rows<T, Act, false>(c, act, r0, r1, threads, interrupt);
-}
-
-template <class T, class Act>
-void diag_act(const Act& act, index_t i0, index_t i1, const fc_params& p, const typename fc_engine<T>::row_table& tab,
-              T* nngp, T* ntk) {
-  const T bv = T(p.b_var);  // act carries w_var
-  for (index_t i = i0; i < i1; ++i) {
-    T s = tab.field(0, 0)[i] * tab.field(0, 0)[i];
-    T gm = T(0), gp = T(2) * s;
-    T th = p.fix_dep < 1 ? s : T(0);
-    for (int l = 0; l < p.depth; ++l) {
-      const T r = tab.field(l, 0)[i], ir = tab.field(l, 1)[i], pa = tab.field(l, 2)[i], pb = tab.field(l, 3)[i],
-              t = tab.field(l, 4)[i];
-      const pair_out<T> o = act.pair(s, gm, gp, r * r, T(0.5) * ir * ir, pa, pb, t, pa, pb, t);
-      s = o.t + bv;
-      gm = o.gm;
-      gp = T(2) * bv + o.gp;
-      th = ((l + 2) > p.fix_dep ? s : T(0)) + o.tdot * th;
-    }
-    if (nngp) nngp[i] = s;
-    if (ntk) ntk[i] = th;
-  }
 }
 
 // Calls f with the activation object (outputs scaled by w_var) whose type specialises the kernels
@@ -743,6 +1117,17 @@ void by_activation(const fc_params& fp, F&& f) {
   }
 }
 
+template <class T>
+std::string overflow_message(const char* what, int layer, const fc_params& p) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf,
+                "the %s overflows %s at layer %d of %d (depth=%d, w_std=%.6g, b_std=%.6g): the exact kernel is "
+                "beyond the largest %s; scale the inputs or the weights down",
+                what, sizeof(T) == 4 ? "float32" : "float64", std::max(1, layer), p.depth + 1, p.depth,
+                std::sqrt(p.w_var), std::sqrt(p.b_var), sizeof(T) == 4 ? "float32" : "float64");
+  return buf;
+}
+
 }  // namespace
 
 template <class T>
@@ -755,6 +1140,12 @@ fc_engine<T>::fc_engine(const T* x1, index_t n1, const T* x2, index_t n2, index_
   ARCFLOW_CHECK(p.w_var >= 0 && p.b_var >= 0 && p.gram_scale >= 0, "variances must be >= 0");
   ARCFLOW_CHECK(!symmetric || (x1 == x2 && n1 == n2), "symmetric needs x2 == x1");
   ARCFLOW_CHECK(p.act.kind != act_kind::monomial || p.act.n >= 0, "monomial order must be >= 0");
+  if (!std::isfinite(p.w_var) || !std::isfinite(p.b_var) || !std::isfinite(p.gram_scale)) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "w_std**2 or b_std**2 overflows float64 (w_std**2 = %g, b_std**2 = %g)", p.w_var,
+                  p.b_var);
+    throw fp_overflow(buf);
+  }
   by_activation<T>(p, [&](auto a) {
     using A = decltype(a);
     fill_table<T, A>(x1, n1, d, p, tab1_, "x1", interrupt);
@@ -789,21 +1180,38 @@ void fc_engine<T>::rows(index_t r0, index_t r1, T* nngp, T* ntk, T* ntk_all, int
   // Stream the outputs past the caches when one output matrix exceeds 8 MB (more than a core's L2 and a
   // good part of L3): below that the caller reads a warm result.
   const bool stream = double(n1_) * double(n2_) * double(sizeof(T)) > 8.0 * (1 << 20);
+  // Symmetric: the diagonal is part of the output, so an overflow there is known before any work.
+  if (symmetric_)
+    for (index_t i = r0; i < r1; ++i) {
+      if (nngp && !(tab1_.diag_s[i] <= double(std::numeric_limits<T>::max())))
+        throw fp_overflow(overflow_message<T>("NNGP", tab1_.over_s[i], p_));
+      if ((ntk || ntk_all) && !(tab1_.diag_t[i] <= double(std::numeric_limits<T>::max())))
+        throw fp_overflow(overflow_message<T>("NTK", tab1_.over_t[i], p_));
+    }
+  std::atomic<int> over_nngp{0}, over_ntk{0};
   tile_ctx<T> c{x1_,  x2_,   panels2(), n1_, n2_, d_, symmetric_, &p_, &tab1_, symmetric_ ? &tab1_ : &tab2_,
-                nngp, ntk, ntk_all,         stream};
+                nngp, ntk, ntk_all,         stream,    fused_layout(), &over_nngp, &over_ntk};
   threads = std::max(1, threads);
   by_activation<T>(p_, [&](const auto& a) { run_rows_dispatch<T>(c, a, r0, r1, threads, interrupt); });
+  if (over_nngp.load()) throw fp_overflow(overflow_message<T>("NNGP", over_nngp.load(), p_));
+  if (over_ntk.load()) throw fp_overflow(overflow_message<T>("NTK", over_ntk.load(), p_));
 }
 
 template <class T>
 void fc_engine<T>::diag(T* nngp, T* ntk, int threads, const interrupt_fn& interrupt) const {
   (void)threads;
-  // In blocks of rows, polling the interrupt between them (O(n1 depth) work: seconds for large inputs).
-  const index_t block = std::max<index_t>(64, index_t(1 << 20) / (index_t(p_.depth) + 1));
-  for (index_t i0 = 0; i0 < n1_; i0 += block) {
-    if (interrupt && interrupt()) throw interrupted();
-    const index_t i1 = std::min(n1_, i0 + block);
-    by_activation<T>(p_, [&](const auto& a) { diag_act<T>(a, i0, i1, p_, tab1_, nngp, ntk); });
+  // O(n1) copies of the tables' diagonal (the tables, built with the interrupt polled, did the work).
+  if (interrupt && interrupt()) throw interrupted();
+  const double tmax = double(std::numeric_limits<T>::max());
+  for (index_t i = 0; i < n1_; ++i) {
+    if (nngp && !(tab1_.diag_s[i] <= tmax)) throw fp_overflow(overflow_message<T>("NNGP", tab1_.over_s[i], p_));
+    if (ntk && !(tab1_.diag_t[i] <= tmax)) throw fp_overflow(overflow_message<T>("NTK", tab1_.over_t[i], p_));
+  }
+  // k(x, x) is the tables' diagonal recursion (scan_row, in double, or long double out of range): not the pair
+  // recursion with y = x, whose gaps, 0 in exact arithmetic, pick up T's rounding (erf amplifies it).
+  for (index_t i = 0; i < n1_; ++i) {
+    if (nngp) nngp[i] = T(tab1_.diag_s[i]);
+    if (ntk) ntk[i] = T(tab1_.diag_t[i]);
   }
 }
 
@@ -814,7 +1222,7 @@ namespace {
 // Two arrays in turn, each the arccos of the other mapped back into [-1, 1] (the values stay spread over the
 // whole range, so both branches of acos_poly are taken).
 template <class T>
-ARCFLOW_CLONES index_t acos_loop(T* __restrict a, T* __restrict b, index_t reps) {
+inline __attribute__((always_inline)) index_t acos_loop(T* __restrict a, T* __restrict b, index_t reps) {
   const T k = T(2) * fm::consts<T>::inv_pi;
   for (index_t r = 0; r < reps; r += 2) {
 #pragma omp simd
@@ -824,6 +1232,29 @@ ARCFLOW_CLONES index_t acos_loop(T* __restrict a, T* __restrict b, index_t reps)
   }
   return reps * 1024;
 }
+template <class T>
+index_t acos_loop_generic(T* __restrict a, T* __restrict b, index_t reps) {
+  return acos_loop(a, b, reps);
+}
+#if ARCFLOW_FC_DISPATCH
+template <class T>
+ARCFLOW_TARGET_V3 index_t acos_loop_avx2(T* __restrict a, T* __restrict b, index_t reps) {
+  return acos_loop(a, b, reps);
+}
+template <class T>
+ARCFLOW_TARGET_V4 index_t acos_loop_avx512(T* __restrict a, T* __restrict b, index_t reps) {
+  return acos_loop(a, b, reps);
+}
+#endif
+template <class T>
+auto select_acos_loop(int isa) {
+#if ARCFLOW_FC_DISPATCH
+  if (isa == isa_avx512) return &acos_loop_avx512<T>;
+  if (isa == isa_avx2) return &acos_loop_avx2<T>;
+#endif
+  (void)isa;
+  return &acos_loop_generic<T>;
+}
 }  // namespace
 
 int set_fc_layout(int layout) {
@@ -832,16 +1263,39 @@ int set_fc_layout(int layout) {
   return prev;
 }
 
+std::vector<std::string> fc_isa_levels() {
+  std::vector<std::string> v;
+  for (int l = 0; l <= cpu_isa(); ++l) v.emplace_back(isa_names[l]);
+  return v;
+}
+
+std::string fc_isa() { return isa_names[active_isa()]; }
+
+void set_fc_isa(const std::string& name) {
+  if (name == "auto") {
+    fc_isa_forced.store(-1);
+    return;
+  }
+  const int l = isa_by_name(name);
+  if (l < 0) throw std::invalid_argument("arcflow: unknown instruction-set level '" + name +
+                                         "'; expected one of auto, generic, avx2, avx512");
+  if (l > cpu_isa())
+    throw std::invalid_argument("arcflow: this CPU cannot run the '" + name + "' variant (best: " +
+                                isa_names[cpu_isa()] + ")");
+  fc_isa_forced.store(l);
+}
+
 double acos_throughput(bool single_precision, double seconds) {
   auto run = [&](auto tag) {
     using T = decltype(tag);
     std::vector<T> v(1024), w(1024);
     for (int j = 0; j < 1024; ++j) v[j] = T(-0.999 + 1.998 * j / 1023.0);
+    const auto loop = select_acos_loop<T>(active_isa());
     index_t total = 0;
     const auto t0 = std::chrono::steady_clock::now();
     double el = 0;
     while (el < seconds) {
-      total += acos_loop<T>(v.data(), w.data(), 2000);
+      total += loop(v.data(), w.data(), 2000);
       el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     }
     return double(total) / el;

@@ -67,16 +67,36 @@ struct tile_args {
   T bv, gs, sq_gs, w_sd;  // w_var itself is folded into the activation (activations.hpp)
 };
 
-// |u + sgn v|^2 for the unit vectors u = x a_inv, v = y b_inv, in double, every product and sum rounded on
-// its own (no FMA), so that it matches the CPU engine's unit_dist2 bit for bit and a duplicate row gives 0.
+// |x| as hi + lo (the CPU engine's norm_dd), every product and sum rounded on its own (no contraction).
 template <class T>
-__device__ __noinline__ double unit_dist2_dev(const T* x, const T* y, index_t d, T a_inv, T b_inv, double sgn) {
-  const double ia = double(a_inv), ib = double(b_inv);
+__device__ void norm_dd_dev(const T* x, index_t d, double& hi, double& lo) {
+  double s = 0.0, c = 0.0;
+  for (index_t k = 0; k < d; ++k) {
+    const double v = double(x[k]), p = __dmul_rn(v, v), pe = std::fma(v, v, -p);
+    const double t = __dadd_rn(s, p), bb = __dadd_rn(t, -s);
+    c = __dadd_rn(c, __dadd_rn(__dadd_rn(__dadd_rn(s, -__dadd_rn(t, -bb)), __dadd_rn(p, -bb)), pe));
+    s = t;
+  }
+  const double t = __dadd_rn(s, c), tl = __dadd_rn(c, -__dadd_rn(t, -s));
+  hi = std::sqrt(t);
+  lo = hi > 0 ? (__dadd_rn(std::fma(-hi, hi, t), tl)) / __dmul_rn(2.0, hi) : 0.0;
+}
+
+// |u + sgn v|^2 for the unit vectors u = x / |x|, v = y / |y|, in double: the CPU engine's unit_dist2 (each
+// component as quotient plus its rounding error) bit for bit, every product and sum rounded on its own, so a
+// duplicate row gives 0.
+template <class T>
+__device__ __noinline__ double unit_dist2_dev(const T* x, const T* y, index_t d, double sgn) {
+  double ha, la, hb, lb;
+  norm_dd_dev(x, d, ha, la);
+  norm_dd_dev(y, d, hb, lb);
   double acc = 0.0;
   for (index_t k = 0; k < d; ++k) {
-    const double pa = __dmul_rn(double(x[k]), ia);
-    const double pb = __dmul_rn(double(y[k]), ib);
-    const double u = __dadd_rn(pa, sgn * pb);
+    const double xa = double(x[k]), yb = double(y[k]);
+    const double qa = xa / ha, qb = yb / hb;
+    const double ea = __dadd_rn(std::fma(-qa, ha, xa), -__dmul_rn(qa, la)) / ha;
+    const double eb = __dadd_rn(std::fma(-qb, hb, yb), -__dmul_rn(qb, lb)) / hb;
+    const double u = __dadd_rn(__dadd_rn(qa, __dmul_rn(sgn, qb)), __dadd_rn(ea, __dmul_rn(sgn, eb)));
     acc = __dadd_rn(acc, __dmul_rn(u, u));
   }
   return acc;
@@ -154,9 +174,7 @@ __global__ void __launch_bounds__(NTHREADS, ARCFLOW_CUDA_MIN_BLOCKS)
   const int layers = g.depth + 1;
   const index_t np1 = g.np1, np2 = g.np2;
   const T* nrm1 = g.tab1 + index_t(layers) * 5 * np1;
-  const T* inv1 = nrm1 + np1;
   const T* nrm2 = g.tab2 + index_t(layers) * 5 * np2;
-  const T* inv2 = nrm2 + np2;
   const T tau = sizeof(T) == 4 ? T(1e-2) : T(1e-3);
   const bool bias = g.bv > T(0);
   const T bv = g.bv, gs = g.gs;
@@ -183,7 +201,7 @@ __global__ void __launch_bounds__(NTHREADS, ARCFLOW_CUDA_MIN_BLOCKS)
 
       // First layer: Sigma^1 = gs G + b, gaps |x||y| -/+ G (refined where they cancel), Theta^1.
       {
-        const T n1v = nrm1[i], iv1 = inv1[i], r0a = g.tab1[i];
+        const T n1v = nrm1[i], r0a = g.tab1[i];
         const T q1 = g.sq_gs * n1v;
 #pragma unroll
         for (int n = 0; n < TN; ++n) {
@@ -195,7 +213,7 @@ __global__ void __launch_bounds__(NTHREADS, ARCFLOW_CUDA_MIN_BLOCKS)
           const bool near_m = mv < tau * nn, near_p = pv < tau * nn;
           if ((near_m || near_p) && nn > T(0) && i < n1 && j < n2) {
             const T v = T(double(nn) * 0.5 *
-                          unit_dist2_dev(g.x1 + i * d, g.x2 + j * d, d, iv1, inv2[j], near_m ? -1.0 : 1.0));
+                          unit_dist2_dev(g.x1 + i * d, g.x2 + j * d, d, near_m ? -1.0 : 1.0));
             if (near_m)
               mv = v;
             else
