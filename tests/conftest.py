@@ -1,6 +1,6 @@
-"""Shared test helpers: a 50-digit mpmath evaluation of the kernel recursion of SPEC.md, section 1.
+"""Shared test helpers: a 50-digit mpmath evaluation of the kernel recursion of docs/mathematics.md §1.
 
-It is the tie-breaker of the numerical notes in SPEC.md: where neural-tangents (or the NumPy
+It is the tie-breaker of the numerical notes in docs/mathematics.md §1.3: where neural-tangents (or the NumPy
 reference) and arcflow disagree by more than 1e-10, this decides. Pairs are evaluated one at a time,
 so keep the inputs small (a few rows, depth <= 8). A cosine within 1e-40 of +-1 is taken as exactly
 +-1 (exactly collinear inputs), so Step and Sign keep their exact angle 0 or pi through the layers.
@@ -141,7 +141,7 @@ def mp_oracle():
 
 
 def rel_err(got, want) -> float:
-    """max |got - want| relative to max |want| (the convention of SPEC.md's 1e-10 bar)."""
+    """max |got - want| relative to max |want| (the convention of the 1e-10 bar, docs/mathematics.md §1.4)."""
     got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
     if want.size == 0:
         return 0.0

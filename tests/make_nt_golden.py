@@ -11,7 +11,7 @@ Each case is ``stax.serial(Dense(w, W_std, b_std), [phi, Dense(w, W_std, b_std)]
 1-wide read-out, in the ntk parameterisation, ``kernel_fn(x1, x2, ('nngp', 'ntk'))`` in float64.
 Layout of the .npz: ``meta`` is a JSON string (versions, notes and a list of cases); case k stores
 ``case_{k:03d}_x1``, ``case_{k:03d}_x2`` (absent for the symmetric case x2=None), ``case_{k:03d}_nngp``
-and ``case_{k:03d}_ntk`` (absent where the activation has no NTK in SPEC.md: Step, Sign).
+and ``case_{k:03d}_ntk`` (absent where the activation has no NTK in docs/mathematics.md: Step, Sign).
 A case's ``activation`` is ``[name, args]`` with ``name`` a constructor in ``arcflow.activations``.
 
 The seed is fixed, so re-running reproduces the file (up to jax's own version-to-version rounding).
@@ -67,7 +67,7 @@ def activation_specs(rng):
             ("Identity", []), ("Erf", []), ("Sign", [])]
 
 
-NO_NTK = {"Sign", "Step"}   # SPEC.md: phi' is a Dirac delta; nt returns Theta computed with Tdot = 0
+NO_NTK = {"Sign", "Step"}   # docs/mathematics.md §1.2: phi' is a Dirac delta; nt returns Theta computed with Tdot = 0
 
 
 def main() -> int:
@@ -112,7 +112,7 @@ def main() -> int:
             x2[0] = 0.0
             add(name, args, depth, w, b, x1, x2, "zero_row")
 
-    # RectifiedMonomial: record what neural-tangents does, keep no numbers (SPEC.md, numerical notes).
+    # RectifiedMonomial: record what neural-tangents does, keep no numbers (docs/mathematics.md §1.3).
     probe1, probe2 = rng.standard_normal((3, D)), rng.standard_normal((2, D))
     monomial = {}
     for n in range(0, 4):
@@ -137,7 +137,7 @@ def main() -> int:
             "depth 2 on: arccos(1) = 0, then a division by sin(0)). At depth 1 with x2 given (no diagonal "
             "needed) its NNGP and NTK are finite and agree with arcflow.reference to ~1e-15. See "
             "rectified_monomial_probe.",
-            "Sign: nt returns Theta computed with Tdot = 0; SPEC.md says Sign has no NTK, so only the "
+            "Sign: nt returns Theta computed with Tdot = 0; docs/mathematics.md says Sign has no NTK, so only the "
             "NNGP is stored.",
             "Zero rows: nt uses theta = pi/2 where Sigma(x,x) Sigma(y,y) = 0 (fill_zero in _arctan2).",
         ],

@@ -74,7 +74,7 @@ def conv2d_loop(x, w, stride, padding):
 
 
 def psi_oracle(x, b):
-    """SPEC.md section 2: psi(x)[n, (dy*b + dx)*C + c, i, j] = x[n, c, i*b + dy, j*b + dx], element by element."""
+    """docs/mathematics.md §2: psi(x)[n, (dy*b + dx)*C + c, i, j] = x[n, c, i*b + dy, j*b + dx], element by element."""
     n, c, h, w = x.shape
     y = np.empty((n, b * b * c, h // b, w // b), x.dtype)
     for dy in range(b):

@@ -1,4 +1,4 @@
-"""Collinear inputs against the recursion evaluated at 50 digits (SPEC.md, numerical notes).
+"""Collinear inputs against the recursion evaluated at 50 digits (docs/mathematics.md §1.3).
 
 Duplicate rows, positive and negative multiples, d = 1 and the diagonal of the symmetric case have
 c = +-1 exactly; a naive float64 recursion turns the rounding of s12 / sqrt(s1 s2) into a spurious

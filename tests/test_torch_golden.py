@@ -5,7 +5,7 @@ The PyTorch weights load into arcflow through from_torch / load_state_dict (stri
 must be reproduced: forward outputs, the logits, the inverses (arcflow's inverse of PyTorch's output against
 PyTorch's inverse and against the input) and the log-determinants (the closed forms, and for one small
 sample the log|det J| that autograd computed). Tolerances are relative (Frobenius) errors: float64 1e-12,
-float32 1e-5 (SPEC.md: the inversion bounds)."""
+float32 1e-5 (docs/mathematics.md §2: the inversion bounds)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""arcflow and arcflow.reference against neural-tangents 0.6.5 (SPEC.md: 1e-10 relative, float64).
+"""arcflow and arcflow.reference against neural-tangents 0.6.5 (docs/mathematics.md §1.4: 1e-10 relative, float64).
 
 The recorded numbers come from tests/make_nt_golden.py (tests/data/nt_golden.npz), so CI needs no jax.
 neural-tangents is the only oracle here that shares no code or formulas with arcflow, so every case must
@@ -29,7 +29,7 @@ GOLDEN = Path(__file__).resolve().parent / "data" / "nt_golden.npz"
 
 
 def rel_err(got, want) -> float:
-    """max |got - want| / max |want| (SPEC.md's measure)."""
+    """max |got - want| / max |want| (docs/mathematics.md §1.4)."""
     got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
     scale = float(np.max(np.abs(want))) if want.size else 0.0
     return float(np.max(np.abs(got - want), initial=0.0)) / (scale if scale > 0 else 1.0)

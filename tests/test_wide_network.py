@@ -1,6 +1,6 @@
 """The analytic kernels against a wide finite network (issue 2, acceptance: "wide finite network").
 
-A NumPy MLP of width 2048 in the ntk parameterization (SPEC.md section 1),
+A NumPy MLP of width 2048 in the ntk parameterization (docs/mathematics.md §1),
 ``h1 = w_std * x W1 / sqrt(d) + b_std * b1``, ``h(l+1) = w_std * phi(h(l)) W(l+1) / sqrt(n) + b_std * b(l+1)``,
 read-out ``Dense(1)`` the same way, all weights and biases i.i.d. N(0, 1). For several independent
 seeds we measure

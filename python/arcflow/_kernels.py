@@ -127,7 +127,7 @@ def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu",
             threads: Optional[int] = None, out=None, progress: bool = False, device: str = "auto") -> Kernels:
     """NNGP and NTK of ``Dense(w_std, b_std) -> [activation -> Dense(w_std, b_std)] * depth`` in one pass.
 
-    The recursion (ntk parameterization, as neural-tangents' ``stax.serial``; SPEC.md section 1)::
+    The recursion (ntk parameterization, as neural-tangents' ``stax.serial``; docs/mathematics.md §1)::
 
         Sigma^1 = w_std^2 <x, y> / d + b_std^2,          Theta^1 = Sigma^1
         Sigma^(l+1) = w_std^2 E[phi(u) phi(v)] + b_std^2

@@ -1,6 +1,6 @@
 """Activation functions of the fully-connected network whose infinite-width kernels arcflow computes.
 
-Each activation fixes the two Gaussian expectations of the recursion (see SPEC.md, section 1):
+Each activation fixes the two Gaussian expectations of the recursion (see docs/mathematics.md §1):
 ``T = E[phi(u) phi(v)]`` and ``Tdot = E[phi'(u) phi'(v)]`` for ``(u, v)`` centred Gaussian.
 
 Strings are accepted everywhere an activation is: ``"relu"``, ``"leaky_relu"`` (alpha = 0.01),

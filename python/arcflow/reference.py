@@ -1,4 +1,4 @@
-"""Plain NumPy float64 oracle for the infinite-width kernels of SPEC.md, section 1.
+"""Plain NumPy float64 oracle for the infinite-width kernels of docs/mathematics.md §1.
 
 This module is deliberately simple: one vectorised layer recursion per call, float64 throughout,
 no C++ (it never imports ``arcflow._core``). The tests use it as an oracle and the benchmarks as the
@@ -28,7 +28,7 @@ Conventions
 * Diagonal: in the symmetric case (``x2 is None``) and for ``diag=True`` the cosine of a pair (x, x)
   is pinned to exactly 1. Off-diagonal collinear pairs (duplicate rows, multiples, d = 1) are computed
   naively: ``s12 / sqrt(s1 s2)`` rounds to 1 - eps, and the spurious angle ~1e-8 makes this oracle
-  off by up to a few 1e-8 there (see SPEC.md, numerical notes). The C++ engine is stable there;
+  off by up to a few 1e-8 there (see docs/mathematics.md §1.3). The C++ engine is stable there;
   tests/test_mpmath_collinear.py checks it against a 50-digit evaluation instead of this module.
 * Step and Sign have no NTK (phi' is a Dirac delta): asking for it is a ValueError.
   (neural-tangents 0.6.5 silently treats their derivative as 0 and returns Theta = NNGP-like values.)

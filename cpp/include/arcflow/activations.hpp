@@ -4,7 +4,7 @@
 // struct, a template parameter of the kernels, so the per-element code is specialised and inlined.
 //
 // Per pair the recursion carries s12 = Sigma(x,y) and the two gaps gm = P - s12, gp = P + s12, where
-// P = sqrt(Sigma(x,x) Sigma(y,y)). The gaps are what keeps collinear pairs exact (SPEC.md, numerical notes):
+// P = sqrt(Sigma(x,x) Sigma(y,y)). The gaps are what keeps collinear pairs exact (docs/mathematics.md §1.3):
 // with sigma = sin(theta/2) = sqrt(gm / 2P) and kappa = cos(theta/2) = sqrt(gp / 2P) the angle is taken
 // from the smaller of the two half-angle sines, never from arccos(1 - eps). Each activation returns, in
 // absolute units, T = E[phi phi], Tdot = E[phi' phi'] and its own gaps sqrt(T11 T22) -/+ T computed

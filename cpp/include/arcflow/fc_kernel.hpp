@@ -1,4 +1,4 @@
-// NNGP and NTK of a deep fully-connected network: the fused, tiled recursion (SPEC.md section 1).
+// NNGP and NTK of a deep fully-connected network: the fused, tiled recursion (docs/mathematics.md §1).
 #pragma once
 // Contract:
 // - x1 (n1 x d) and x2 (n2 x d) are C-contiguous host arrays of T (float or double) that outlive the

@@ -7,7 +7,7 @@
 //   mirrored, so the result is exactly symmetric). nngp and ntk are C-contiguous n1 x n2 DEVICE arrays or
 //   nullptr. The work is queued on `stream` (a cudaStream_t as an integer, 0 = the legacy default stream) of
 //   `device` (-1 = the current device) and is asynchronous except for one small synchronisation: the row
-//   norms (n doubles) come back to the host, which builds the per-row tables of SPEC.md's recursion in
+//   norms (n doubles) come back to the host, which builds the per-row tables (docs/mathematics.md §1) in
 //   double exactly as the CPU engine does and uploads them. Temporaries are stream-ordered
 //   (cudaMallocAsync / cudaFreeAsync; cudaMalloc where memory pools are unsupported). As for any asynchronous
 //   CUDA call, the caller keeps x1, x2 and the outputs alive until the stream has reached this work.

@@ -1,6 +1,6 @@
 // psi: the i-RevNet space-to-depth permutation (block size b) and its inverse, NCHW.
 #pragma once
-// Contract (SPEC.md section 2): x is (n, c, h, w) with h and w divisible by b; y = psi(x) is
+// Contract (docs/mathematics.md §2): x is (n, c, h, w) with h and w divisible by b; y = psi(x) is
 // (n, b*b*c, h/b, w/b) with
 //   y[n, (dy*b + dx)*c + ci, i, j] = x[n, ci, i*b + dy, j*b + dx]
 // (position inside the block first, then the channel: the order of the reference i-RevNet code, not

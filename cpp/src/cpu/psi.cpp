@@ -1,4 +1,4 @@
-// psi_forward_cpu / psi_inverse_cpu: the reference i-RevNet space-to-depth order (SPEC.md section 2).
+// psi_forward_cpu / psi_inverse_cpu: the reference i-RevNet space-to-depth order (docs/mathematics.md §2).
 #include "arcflow/psi.hpp"
 
 #include "arcflow/omp_threads.hpp"

@@ -221,7 +221,7 @@ ARCFLOW_HD void conv_store(const conv_args<T>& g, int tid, index_t m0, index_t p
 
 // ---- elementwise ops, one output element per thread ------------------------------------------------
 
-// psi (SPEC.md section 2): offset in x (n, c, h, w) of element `idx` of y = psi(x) (n, b*b*c, h/b, w/b).
+// psi (docs/mathematics.md §2): offset in x (n, c, h, w) of element `idx` of y = psi(x) (n, b*b*c, h/b, w/b).
 // psi reads y[idx] = x[src]; psi_inverse writes x[src] = y[idx] (a permutation: every x written once).
 ARCFLOW_HD index_t psi_source(index_t idx, index_t c, index_t h, index_t w, index_t b) {
   const index_t ho = h / b, wo = w / b;

@@ -1,7 +1,7 @@
 """Invertible-network blocks of the i-RevNet family with exact forward and inverse (NCHW NumPy arrays).
 
 Blocks: SpaceToDepth (psi), InjectivePad, IRevNetBlock, IRevNet (the whole reference architecture),
-AffineCoupling, ActNorm, InvertibleConv1x1 and Sequential. See SPEC.md section 2.
+AffineCoupling, ActNorm, InvertibleConv1x1 and Sequential. See docs/mathematics.md §2.
 """
 from __future__ import annotations
 

@@ -266,7 +266,7 @@ def relu(x, *, dtype=None, threads: Optional[int] = None) -> np.ndarray:
 
 
 def psi(x, block: int = 2, *, dtype=None, threads: Optional[int] = None) -> np.ndarray:
-    """Space-to-depth in the reference i-RevNet channel order (SPEC.md section 2):
+    """Space-to-depth in the reference i-RevNet channel order (docs/mathematics.md §2):
     ``psi(x)[n, (dy*b + dx)*C + c, i, j] = x[n, c, i*b + dy, j*b + dx]``, shape (N, b*b*C, H/b, W/b)."""
     where = f"psi(block={block!r})"
     block = as_int(block, "block", where, 1)

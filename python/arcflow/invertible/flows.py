@@ -12,7 +12,7 @@ input is computed in float64. GPU arrays (CuPy, ``__cuda_array_interface__``) ar
 arcflow's CUDA kernels and come back as CuPy arrays (see ``_cuda_ops``). Bad input raises ValueError naming the
 block and the expected shape; a float32 result that overflows raises FloatingPointError naming the block and
 the layer or formula.
-Formulas: SPEC.md section 2; RealNVP (Dinh, Sohl-Dickstein & Bengio, ICLR 2017) and Glow (Kingma &
+Formulas: docs/mathematics.md §2; RealNVP (Dinh, Sohl-Dickstein & Bengio, ICLR 2017) and Glow (Kingma &
 Dhariwal, NeurIPS 2018).
 
 >>> import numpy as np
@@ -268,7 +268,7 @@ class AffineCoupling(_FlowBlock):
 # ActNorm
 
 class ActNorm(_FlowBlock):
-    """Per-channel affine normalisation y = (x - loc) / scale (Glow's ActNorm, written as in SPEC.md).
+    """Per-channel affine normalisation y = (x - loc) / scale (Glow's ActNorm, written as in docs/mathematics.md §2).
 
     log|det J| = -H * W * sum_c log|scale_c| per sample.
 
