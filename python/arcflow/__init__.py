@@ -23,13 +23,19 @@ __version__ = "0.1.0"
 
 
 def build_info() -> dict:
-    """How this copy of arcflow was built: OpenMP, CUDA, and the visible CUDA devices."""
+    """How this copy of arcflow was built: OpenMP, CUDA, the visible CUDA devices, and the SIMD level the CPU
+    kernels run at (the best this CPU runs, or the cap of the environment variable ARCFLOW_ISA)."""
+    try:
+        simd = {"levels": list(_core._isa_levels()), "kernels": _core._fc_isa(), "conv2d": _core._conv2d_isa()}
+    except ValueError as e:  # an invalid ARCFLOW_ISA: say so here rather than fail
+        simd = {"error": str(e)}
     return {
         "version": __version__,
         "openmp": bool(_core.built_with_openmp),
         "max_threads": int(_core.omp_max_threads()),
         "cuda_built": bool(_core.built_with_cuda),
         "cuda_devices": int(_core.cuda_device_count()),
+        "simd": simd,
     }
 
 
