@@ -3,7 +3,8 @@
 Layers, so that most of it runs without a GPU:
 1. host emulation: tests/invertible_cuda_emulation.cpp runs the CUDA kernels' tile and element logic
    (cpp/src/cuda/invertible_tile.cuh) on the CPU against the CPU ops (g++; runs everywhere);
-2. orchestration: python/arcflow/invertible/_cuda_ops.py (what IRevNet and the flow blocks do with device arrays)
+2. orchestration: the blocks' algorithms (irevnet.py, flows.py) on a device provider (what they do with device
+   arrays), with NumPy twins of the CUDA provider _cuda_ops._CudaOps
    runs with a NumPy twin of its kernel launcher built on the CPU ops, against the CPU path of the blocks;
 3a. on a GPU without CuPy: the real kernels on host copies (cuda_buffer_* bindings), through _cuda_ops;
 3b. on a GPU with CuPy: every op, block and the full CIFAR-10 i-RevNet on CuPy arrays against the CPU NumPy path;
@@ -24,7 +25,8 @@ import pytest
 
 from arcflow import _core, _cuda
 from arcflow.invertible import (ActNorm, AffineCoupling, InjectivePad, IRevNet, IRevNetBlock, InvertibleConv1x1,
-                                Sequential, SpaceToDepth, _cuda_ops, _ops)
+                                Sequential, SpaceToDepth, _cuda_ops, _ops, _providers)
+from arcflow.invertible._backend import DeviceOps
 from arcflow.invertible.flows import soft_clamp
 from test_irevnet import BLOCK_CASES, assert_differs, randomize_bn  # the CPU tests' block cases and helpers
 
@@ -114,9 +116,10 @@ def test_invertible_kernels_in_host_emulation(tmp_path):
 
 # ---- 2. the device orchestration with a NumPy twin of the kernels (no GPU needed) ------------------------------
 
-class _HostOps:
-    """_cuda_ops._CudaOps's interface on NumPy arrays, each kernel replaced by the CPU op (or NumPy formula) it
-    must match. With it, _cuda_ops's block logic must give the CPU path's numbers exactly."""
+class _HostOps(DeviceOps):
+    """_cuda_ops._CudaOps's kernels on NumPy arrays, each replaced by the CPU op (or NumPy formula) it must
+    match. With it as the provider, the blocks' algorithms take the device path (no fused NaN/Inf tests, every
+    input tested up front) and must give the CPU path's numbers exactly."""
 
     xp = np
 
@@ -162,10 +165,31 @@ class _HostOps:
         dst[:, d0:d0 + count] = src[:, s0:s0 + count]
 
 
+class _Twin:
+    """The old per-block entry points of the device path, as the public methods run on a forced provider."""
+
+    _METHODS = {"block_forward": "forward", "block_inverse": "inverse", "block_bottleneck": "bottleneck",
+                "irevnet_forward": "forward", "irevnet_inverse": "inverse", "irevnet_classify": "classify",
+                "psi_forward": "forward", "psi_inverse": "inverse", "pad_forward": "forward",
+                "pad_inverse": "inverse", "actnorm_initialize": "initialize", "actnorm_forward": "forward",
+                "actnorm_inverse": "inverse", "coupling_forward": "forward", "coupling_inverse": "inverse",
+                "conv1x1_forward": "forward", "conv1x1_inverse": "inverse", "sequential_forward": "forward"}
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def __getattr__(self, name):
+        method = self._METHODS[name]
+
+        def call(obj, *args):
+            with _providers.forced(self.ops):
+                return getattr(obj, method)(*args)
+        return call
+
+
 @pytest.fixture
-def host_twin(monkeypatch):
-    monkeypatch.setattr(_cuda_ops, "_backend", lambda: _HostOps())
-    return _cuda_ops
+def host_twin():
+    return _Twin(_HostOps())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
@@ -465,9 +489,8 @@ class _GpuViaHostOps(_HostOps):
 
 
 @pytest.fixture
-def gpu_twin(monkeypatch):
-    monkeypatch.setattr(_cuda_ops, "_backend", lambda: _GpuViaHostOps())
-    return _cuda_ops
+def gpu_twin():
+    return _Twin(_GpuViaHostOps())
 
 
 @pytest.mark.skipif(_NO_GPU != f"no CUDA device usable ({_cuda.status()})", reason="needs the CUDA build without a GPU")
@@ -641,8 +664,7 @@ def _patch_emulated_core(lib, monkeypatch) -> dict:
 def emulated_gpu(emulation_library, monkeypatch):
     """The emulated _core launchers, and _cuda_ops with the host-copy twin (_GpuViaHostOps) as its backend."""
     buffers = _patch_emulated_core(emulation_library, monkeypatch)
-    monkeypatch.setattr(_cuda_ops, "_backend", lambda: _GpuViaHostOps())
-    yield _cuda_ops
+    yield _Twin(_GpuViaHostOps())
     assert not buffers, "device buffers leaked"
 
 

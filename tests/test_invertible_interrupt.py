@@ -23,7 +23,7 @@ def long_net():
 
 
 def _count_calls(net, monkeypatch, name, handled):
-    """Wrap every block's _forward_pair / _inverse_pair and count the calls. The third call starts a timer
+    """Wrap every block's forward_pair / inverse_pair and count the calls. The third call starts a timer
     thread that sends SIGINT to this process and waits (at most 30 s) until the main thread has handled it,
     so that however the OS schedules the threads, the workers cannot run on to the end of the batch before
     the interrupt is seen; what they run after it is the code under test."""
@@ -62,10 +62,10 @@ def test_ctrl_c_stops_the_network_promptly(long_net, monkeypatch, threads, direc
     n = 4
     if direction == "forward":
         arg = np.random.default_rng(0).standard_normal((n,) + long_net.in_shape)
-        name, run = "_forward_pair", long_net.forward
+        name, run = "forward_pair", long_net.forward
     else:
         arg = np.random.default_rng(0).standard_normal((n,) + long_net.out_shape) * 1e-3
-        name, run = "_inverse_pair", long_net.inverse
+        name, run = "inverse_pair", long_net.inverse
     handled = threading.Event()
 
     def on_sigint(signum, frame):  # what the default handler does, and a note that it ran

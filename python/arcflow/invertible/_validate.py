@@ -11,7 +11,7 @@ import numpy as np
 from . import _ops
 from ._ops import as_int  # noqa: F401  (re-exported: the blocks take it from here)
 
-__all__ = ["as_int", "rng", "to_numpy", "check_nchw", "load_checked", "check_finite_output"]
+__all__ = ["as_int", "rng", "to_numpy", "check_nchw", "load_checked"]
 
 
 def rng(seed) -> np.random.Generator:
@@ -53,13 +53,6 @@ def check_nchw(x, where: str, expected: str, channels: Optional[int] = None, blo
     if finite and not _ops.all_finite(xa):
         raise ValueError(f"{where}: {what} contains NaN or Inf")
     return xa
-
-
-def check_finite_output(y: np.ndarray, where: str, what: str) -> np.ndarray:
-    """FloatingPointError when y (computed from finite input) holds NaN or Inf: ``what`` overflowed."""
-    if not _ops.all_finite(y):
-        raise FloatingPointError(f"{where}: {what} overflowed {y.dtype} (NaN or Inf from finite input and weights)")
-    return y
 
 
 def _cast(v: np.ndarray, ref: np.ndarray, k: str) -> Tuple[Optional[np.ndarray], Optional[str]]:

@@ -9,7 +9,8 @@ Every block maps an (N, C, H, W) array to an array of the same shape and has
 
 float32 input stays float32 (weights are kept in float64 and cast per call); every other real numeric
 input is computed in float64. GPU arrays (CuPy, ``__cuda_array_interface__``) are computed on their device by
-arcflow's CUDA kernels and come back as CuPy arrays (see ``_cuda_ops``). Bad input raises ValueError naming the
+arcflow's CUDA kernels and come back as CuPy arrays: each block's forward and inverse is written once against an
+ops provider (``_backend``) chosen per call from the input (``_providers``). Bad input raises ValueError naming the
 block and the expected shape; a float32 result that overflows raises FloatingPointError naming the block and
 the layer or formula.
 Formulas: docs/mathematics.md §2; RealNVP (Dinh, Sohl-Dickstein & Bengio, ICLR 2017) and Glow (Kingma &
@@ -29,8 +30,10 @@ from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _cuda_ops, _ops
-from ._validate import as_int, check_finite_output, check_nchw, load_checked, rng as _rng
+from . import _ops
+from ._backend import Ops, cached, soft_clamp  # noqa: F401  (soft_clamp: part of this module's API)
+from ._providers import provider_for
+from ._validate import as_int, load_checked, rng as _rng
 
 __all__ = ["AffineCoupling", "ActNorm", "InvertibleConv1x1", "Sequential"]
 
@@ -44,16 +47,9 @@ _MAX_COND_EPS = 1e-3
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 
-def _check_nchw(x, where: str, channels: Optional[int], what: str = "x") -> np.ndarray:
-    """x as an aligned C-contiguous float32/float64 (N, channels, H, W) array with finite entries, or
-    ValueError/TypeError."""
-    expected = f"(N, {channels}, H, W)" if channels is not None else "(N, C, H, W)"
-    return check_nchw(x, where, expected, channels, what=what)
-
-
 def _conv2d_numpy(x: np.ndarray, w: np.ndarray, b: Optional[np.ndarray], padding: int) -> np.ndarray:
     """Stride-1 cross-correlation (torch.nn.functional.conv2d convention), im2col + GEMM in NumPy: the
-    slow path that tests compare the C++ convolution with (``_ops_conv2d = None``)."""
+    oracle that tests compare the C++ convolution with."""
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
     if padding:
@@ -72,20 +68,6 @@ def _conv2d_numpy(x: np.ndarray, w: np.ndarray, b: Optional[np.ndarray], padding
     if b is not None:
         y += b.reshape(1, o, 1, 1)
     return y
-
-
-def _conv_relu_flags(x: np.ndarray, w: np.ndarray, b: np.ndarray, padding: int, relu_in: bool, where: str):
-    """(conv2d([relu](x), w) + b, 1 if x holds NaN/Inf else 0): the C++ op with the ReLU and the NaN/Inf
-    test fused into its input pass, or NumPy where ``_ops_conv2d`` is None."""
-    if _ops_conv2d is not None:
-        return _ops_conv2d(x, w, b, 1, padding, in_relu=relu_in, check_finite=False,
-                           fused_finite=("x",) if relu_in else (), where=where)
-    bad = 1 if relu_in and not _ops.all_finite(x) else 0
-    with np.errstate(over="ignore", invalid="ignore"):
-        return _conv2d_numpy(np.maximum(x, 0) if relu_in else x, w, b, padding), bad
-
-
-_ops_conv2d = _ops.conv2d_flags
 
 
 def _cast_weight(w: np.ndarray, dt: np.dtype, where: str, key: str) -> np.ndarray:
@@ -114,14 +96,6 @@ class _FlowBlock:
 
 # ----------------------------------------------------------------------------------------------------------
 # affine coupling
-
-def soft_clamp(s_raw: np.ndarray, clamp: float) -> np.ndarray:
-    """s = clamp * 0.636 * arctan(s_raw / clamp): |s| < clamp, slope 0.636 at 0 (FrEIA's GLOWCouplingBlock)."""
-    if clamp <= 0:
-        return s_raw
-    dt = s_raw.dtype.type
-    return dt(clamp * 0.636) * np.arctan(s_raw / dt(clamp))
-
 
 class AffineCoupling(_FlowBlock):
     """RealNVP / Glow affine coupling on the channel axis.
@@ -161,6 +135,7 @@ class AffineCoupling(_FlowBlock):
         self.clamp = float(clamp)
         self.subnet = subnet
         self._params: Dict[str, np.ndarray] = {}
+        self._device_cache: dict = {}
         if subnet is None:
             g = _rng(rng)
             c1, c2 = self.c1, self.c2
@@ -180,63 +155,60 @@ class AffineCoupling(_FlowBlock):
         return f"AffineCoupling(channels={self.channels}, hidden={self.hidden}, clamp={self.clamp}, subnet={net})"
 
     # -- the network
-    def _net(self, x1: np.ndarray, where: str) -> Tuple[np.ndarray, np.ndarray]:
-        """(s, t) of the coupling network. x1 and the weights are finite, so NaN/Inf in a layer's output is an
-        overflow of that layer: FloatingPointError naming it. The default network's ReLUs are fused into the
-        next convolution, which also tests its raw input for NaN/Inf in the pass that reads it."""
+    def _layers(self, ops: Ops, like, where: str):
+        """The default network's [(weight, bias)] in like's dtype on ops' memory, cached until they change;
+        FloatingPointError when a weight does not fit the dtype."""
+        dt = np.dtype(like.dtype)
+        p = self._params
+        keys = ("subnet.0", "subnet.2", "subnet.4")
+        refs = [p[k + s] for k in keys for s in (".weight", ".bias")]
+        return cached(self._device_cache, (ops.device_key(like), dt.str), refs,
+                      lambda: [(ops.upload(_cast_weight(p[k + ".weight"], dt, where, k + ".weight"), dt),
+                                ops.upload(_cast_weight(p[k + ".bias"], dt, where, k + ".bias"), dt)) for k in keys])
+
+    def _net(self, ops: Ops, x1, where: str):
+        """NN(x1), (N, 2 * c2, H, W): s_raw then t. x1 and the weights are finite, so NaN/Inf in a layer's output
+        is an overflow of that layer: FloatingPointError naming it. The default network's ReLUs are fused into
+        the next convolution, which also tests its raw input for NaN/Inf in the pass that reads it."""
         n, _, h, w = x1.shape
         dt = x1.dtype
         if self.subnet is None:
-            p = self._params
             a = x1
-            for i, (key, pad) in enumerate((("subnet.0", 1), ("subnet.2", 0), ("subnet.4", 1))):
-                wk = _cast_weight(p[key + ".weight"], dt, where, key + ".weight")
-                bk = _cast_weight(p[key + ".bias"], dt, where, key + ".bias")
-                a, bad = _conv_relu_flags(a, wk, bk, pad, i > 0, where)
+            for i, ((wk, bk), pad) in enumerate(zip(self._layers(ops, x1, where), (1, 0, 1))):
+                a, bad = ops.conv(a, wk, bk, 1, pad, in_relu=i > 0, fused=("x",) if i > 0 else (), where=where)
                 if bad:
                     prev = ("subnet.0", "subnet.2")[i - 1]
                     raise FloatingPointError(f"{where}: the coupling network overflowed {dt}: the output of {prev} "
                                              f"(a convolution) holds NaN or Inf")
-            check_finite_output(a, where, "the coupling network's last layer subnet.4")
-        else:
-            a = np.asarray(self.subnet(x1))
-            want = (n, 2 * self.c2, h, w)
-            if a.shape != want:
-                raise ValueError(f"AffineCoupling: subnet returned shape {a.shape}, expected {want}")
-            a = a.astype(x1.dtype, copy=False)
-            check_finite_output(a, where, "the user subnet's output")
-        return soft_clamp(a[:, :self.c2], self.clamp), a[:, self.c2:]
+            return ops.check_finite_output(a, where, "the coupling network's last layer subnet.4")
+        a = ops.as_array(self.subnet(x1))
+        want = (n, 2 * self.c2, h, w)
+        if a.shape != want:
+            raise ValueError(f"AffineCoupling: subnet returned shape {a.shape}, expected {want}")
+        a = ops.xp.ascontiguousarray(a, dtype=dt)
+        return ops.check_finite_output(a, where, "the user subnet's output")
 
     def forward(self, x, return_logdet: bool = False):
         """y = (x1, x2 * exp(s(x1)) + t(x1)); with return_logdet, also sum(s) per sample.
         FloatingPointError (naming the layer) when the network or y2 overflows the dtype."""
-        if _cuda_ops.is_device_array(x):
-            return _cuda_ops.coupling_forward(self, x, return_logdet)
-        x = _check_nchw(x, "AffineCoupling", self.channels)
-        x1, x2 = x[:, :self.c1], x[:, self.c1:]
-        s, t = self._net(np.ascontiguousarray(x1), "AffineCoupling")
-        y = np.empty_like(x)
-        y[:, :self.c1] = x1
-        with np.errstate(over="ignore", invalid="ignore"):
-            y2 = x2 * np.exp(s) + t
-        y[:, self.c1:] = check_finite_output(y2, "AffineCoupling", "y2 = x2 * exp(s) + t")
-        if return_logdet:
-            return y, s.reshape(s.shape[0], -1).sum(axis=1)
-        return y
+        where = "AffineCoupling"
+        with provider_for(x, where=where) as ops:
+            x = ops.input(x, where, f"(N, {self.channels}, H, W)", self.channels, what="x")
+            a = self._net(ops, ops.gather([x], 0, self.c1), where)
+            y, s = ops.affine_coupling(x, a, self.c1, self.c2, self.clamp, False, return_logdet)
+            ops.check_finite_output(y, where, "y2 = x2 * exp(s) + t")
+            if return_logdet:
+                return y, s.reshape(s.shape[0], -1).sum(axis=1)
+            return y
 
     def inverse(self, y) -> np.ndarray:
         """x = (y1, (y2 - t(y1)) * exp(-s(y1)))."""
-        if _cuda_ops.is_device_array(y):
-            return _cuda_ops.coupling_inverse(self, y)
-        y = _check_nchw(y, "AffineCoupling.inverse", self.channels, "y")
-        y1, y2 = y[:, :self.c1], y[:, self.c1:]
-        s, t = self._net(np.ascontiguousarray(y1), "AffineCoupling.inverse")
-        x = np.empty_like(y)
-        x[:, :self.c1] = y1
-        with np.errstate(over="ignore", invalid="ignore"):
-            x2 = (y2 - t) * np.exp(-s)
-        x[:, self.c1:] = check_finite_output(x2, "AffineCoupling.inverse", "x2 = (y2 - t) * exp(-s)")
-        return x
+        where = "AffineCoupling.inverse"
+        with provider_for(y, where=where) as ops:
+            y = ops.input(y, where, f"(N, {self.channels}, H, W)", self.channels, what="y")
+            a = self._net(ops, ops.gather([y], 0, self.c1), where)
+            x = ops.affine_coupling(y, a, self.c1, self.c2, self.clamp, True, False)[0]
+            return ops.check_finite_output(x, where, "x2 = (y2 - t) * exp(-s)")
 
     # -- weights
     def state_dict(self) -> Dict[str, np.ndarray]:
@@ -286,56 +258,56 @@ class ActNorm(_FlowBlock):
         self.loc = np.zeros(channels)
         self.scale = np.ones(channels)
         self.initialized = False
+        self._device_cache: dict = {}
 
     def __repr__(self) -> str:
         return f"ActNorm(channels={self.channels}, initialized={self.initialized})"
 
     def initialize(self, x) -> None:
         """Set loc, scale from the batch x (N, C, H, W): per-channel mean and standard deviation over N, H, W."""
-        if _cuda_ops.is_device_array(x):
-            return _cuda_ops.actnorm_initialize(self, x)
-        x = _check_nchw(x, "ActNorm.initialize", self.channels)
-        if x.shape[0] * x.shape[2] * x.shape[3] == 0:
-            raise ValueError(f"ActNorm.initialize: expected a non-empty batch of shape (N, {self.channels}, H, W), "
-                             f"got shape {x.shape}")
-        xd = x.astype(np.float64, copy=False)
-        loc = xd.mean(axis=(0, 2, 3))
-        scale = np.sqrt(((xd - loc.reshape(1, -1, 1, 1)) ** 2).mean(axis=(0, 2, 3)))
+        where = "ActNorm.initialize"
+        with provider_for(x, where=where) as ops:
+            x = ops.input(x, where, f"(N, {self.channels}, H, W)", self.channels, what="x")
+            if x.shape[0] * x.shape[2] * x.shape[3] == 0:
+                raise ValueError(f"{where}: expected a non-empty batch of shape (N, {self.channels}, H, W), "
+                                 f"got shape {x.shape}")
+            xd = x.astype(np.float64, copy=False)
+            loc = xd.mean(axis=(0, 2, 3))
+            scale = ops.xp.sqrt(((xd - loc.reshape(1, -1, 1, 1)) ** 2).mean(axis=(0, 2, 3)))
+            loc, scale = ops.to_host(loc), ops.to_host(scale)
         scale[~(scale > 0)] = 1.0
         self.loc, self.scale, self.initialized = loc, scale, True
 
-    def _coeffs(self, dt) -> Tuple[np.ndarray, np.ndarray]:
-        return (_cast_weight(self.loc, dt, "ActNorm", "loc").reshape(1, -1, 1, 1),
-                _cast_weight(self.scale, dt, "ActNorm", "scale").reshape(1, -1, 1, 1))
+    def _coeffs(self, ops: Ops, like):
+        """(loc, scale) in like's dtype on ops' memory, cached until they change."""
+        dt = np.dtype(like.dtype)
+        return cached(self._device_cache, (ops.device_key(like), dt.str), [self.loc, self.scale],
+                      lambda: (ops.upload(_cast_weight(self.loc, dt, "ActNorm", "loc"), dt),
+                               ops.upload(_cast_weight(self.scale, dt, "ActNorm", "scale"), dt)))
 
     def forward(self, x, return_logdet: bool = False):
         """y = (x - loc) / scale (initialising loc, scale from x first if not yet initialised)."""
-        if _cuda_ops.is_device_array(x):
-            return _cuda_ops.actnorm_forward(self, x, return_logdet)
-        x = _check_nchw(x, "ActNorm", self.channels)
-        if not self.initialized:
-            self.initialize(x)
-        loc, scale = self._coeffs(x.dtype)
-        with np.errstate(over="ignore", invalid="ignore"):
-            y = (x - loc) / scale
-        check_finite_output(y, "ActNorm", "y = (x - loc) / scale")
-        if return_logdet:
-            ld = -x.shape[2] * x.shape[3] * np.sum(np.log(np.abs(self.scale)))
-            return y, np.full(x.shape[0], ld, dtype=x.dtype)
-        return y
+        with provider_for(x, where="ActNorm") as ops:
+            x = ops.input(x, "ActNorm", f"(N, {self.channels}, H, W)", self.channels, what="x")
+            if not self.initialized:
+                self.initialize(x)
+            loc, scale = self._coeffs(ops, x)
+            y = ops.check_finite_output(ops.actnorm(x, loc, scale, False), "ActNorm", "y = (x - loc) / scale")
+            if return_logdet:
+                ld = -x.shape[2] * x.shape[3] * np.sum(np.log(np.abs(self.scale)))
+                return y, ops.full(x.shape[0], ld, x.dtype)
+            return y
 
     def inverse(self, y) -> np.ndarray:
         """x = y * scale + loc."""
-        if _cuda_ops.is_device_array(y):
-            return _cuda_ops.actnorm_inverse(self, y)
         if not self.initialized:
             raise ValueError("ActNorm.inverse: the block is not initialised (run forward or initialize(x) on data, "
                              "or load_state_dict, first)")
-        y = _check_nchw(y, "ActNorm.inverse", self.channels, "y")
-        loc, scale = self._coeffs(y.dtype)
-        with np.errstate(over="ignore", invalid="ignore"):
-            x = y * scale + loc
-        return check_finite_output(x, "ActNorm.inverse", "x = y * scale + loc")
+        with provider_for(y, where="ActNorm.inverse") as ops:
+            y = ops.input(y, "ActNorm.inverse", f"(N, {self.channels}, H, W)", self.channels, what="y")
+            loc, scale = self._coeffs(ops, y)
+            return ops.check_finite_output(ops.actnorm(y, loc, scale, True), "ActNorm.inverse",
+                                           "x = y * scale + loc")
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         return {"loc": self.loc.copy(), "scale": self.scale.copy()}
@@ -393,6 +365,7 @@ class InvertibleConv1x1(_FlowBlock):
         else:
             self._params = {"weight": q}
         self._cache: Optional[Tuple[np.ndarray, np.ndarray, float]] = None
+        self._device_cache: dict = {}
 
     def __repr__(self) -> str:
         return f"InvertibleConv1x1(channels={self.channels}, lu={self.lu})"
@@ -473,38 +446,34 @@ class InvertibleConv1x1(_FlowBlock):
         """The (C, C) matrix W (a copy, float64)."""
         return self._matrices()[0].copy()
 
-    @staticmethod
-    def _apply(m: np.ndarray, x: np.ndarray) -> np.ndarray:
-        # one BLAS GEMM (C, C) @ (C, H*W) per image: np.matmul with a broadcast (C, C) operand takes a slow
-        # non-BLAS loop (30x slower at C=64, 32x32)
-        n, c, h, w = x.shape
-        m = _cast_weight(m, x.dtype, "InvertibleConv1x1", "W")
-        xs = x.reshape(n, c, h * w)
-        out = np.empty_like(xs)
-        with np.errstate(over="ignore", invalid="ignore"):  # the callers test the result
-            for i in range(n):
-                np.matmul(m, xs[i], out=out[i])
-        return out.reshape(n, c, h, w)
+    def _weights(self, ops: Ops, like, where: str):
+        """(W, W^-1, log|det W|), the matrices in like's dtype on ops' memory; ValueError when W^-1 is not
+        accurate in that dtype."""
+        dt = np.dtype(like.dtype)
+        self._check_dtype(dt, where)
+        mats = self._matrices()  # a new tuple whenever the weights change
+        return cached(self._device_cache, (ops.device_key(like), dt.str), [mats],
+                      lambda: (ops.upload(_cast_weight(mats[0], dt, "InvertibleConv1x1", "W"), dt),
+                               ops.upload(_cast_weight(mats[1], dt, "InvertibleConv1x1", "W"), dt), mats[2]))
 
     def forward(self, x, return_logdet: bool = False):
         """y = W x per pixel; with return_logdet, also H * W * log|det W| per sample."""
-        if _cuda_ops.is_device_array(x):
-            return _cuda_ops.conv1x1_forward(self, x, return_logdet)
-        x = _check_nchw(x, "InvertibleConv1x1", self.channels)
-        self._check_dtype(x.dtype, "InvertibleConv1x1")
-        w, _, ld = self._matrices()
-        y = check_finite_output(self._apply(w, x), "InvertibleConv1x1", "y = W x")
-        if return_logdet:
-            return y, np.full(x.shape[0], x.shape[2] * x.shape[3] * ld, dtype=x.dtype)
-        return y
+        where = "InvertibleConv1x1"
+        with provider_for(x, where=where) as ops:
+            x = ops.input(x, where, f"(N, {self.channels}, H, W)", self.channels, what="x")
+            w, _, ld = self._weights(ops, x, where)
+            y = ops.check_finite_output(ops.conv1x1(x, w), where, "y = W x")
+            if return_logdet:
+                return y, ops.full(x.shape[0], x.shape[2] * x.shape[3] * ld, x.dtype)
+            return y
 
     def inverse(self, y) -> np.ndarray:
         """x = W^-1 y per pixel."""
-        if _cuda_ops.is_device_array(y):
-            return _cuda_ops.conv1x1_inverse(self, y)
-        y = _check_nchw(y, "InvertibleConv1x1.inverse", self.channels, "y")
-        self._check_dtype(y.dtype, "InvertibleConv1x1.inverse")
-        return check_finite_output(self._apply(self._matrices()[1], y), "InvertibleConv1x1.inverse", "x = W^-1 y")
+        where = "InvertibleConv1x1.inverse"
+        with provider_for(y, where=where) as ops:
+            y = ops.input(y, where, f"(N, {self.channels}, H, W)", self.channels, what="y")
+            _, w_inv, _ = self._weights(ops, y, where)
+            return ops.check_finite_output(ops.conv1x1(y, w_inv), where, "x = W^-1 y")
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self._params.items()}
@@ -538,15 +507,9 @@ class InvertibleConv1x1(_FlowBlock):
 # Sequential
 
 def _is_volume_preserving(block) -> bool:
-    if getattr(block, "volume_preserving", False):
-        return True
-    # psi is a permutation. (IRevNetBlock has its own logdet, 0, which refuses injective blocks; InjectivePad,
-    # not a bijection, has no log-determinant at all.)
-    try:
-        from .irevnet import SpaceToDepth
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(block, SpaceToDepth)
+    # (SpaceToDepth, a permutation, says so; IRevNetBlock has its own logdet, 0, which refuses injective blocks;
+    # InjectivePad, not a bijection, has no log-determinant at all.)
+    return bool(getattr(block, "volume_preserving", False))
 
 
 class Sequential(_FlowBlock):
@@ -586,12 +549,11 @@ class Sequential(_FlowBlock):
 
     def forward(self, x, return_logdet: bool = False):
         """y = f_k(... f_1(x)); with return_logdet, also the summed log|det J| per sample."""
-        if return_logdet and _cuda_ops.is_device_array(x):
-            return _cuda_ops.sequential_forward(self, x, return_logdet)
-        return self._forward(x, return_logdet, np)
+        with provider_for(x, where="Sequential") as ops:
+            return self._forward(x, return_logdet, ops.xp)
 
     def _forward(self, x, return_logdet: bool, xp):
-        """forward() with the array module of x (NumPy, or CuPy from the CUDA path)."""
+        """forward() with the array module of x (NumPy or CuPy), the log-determinants kept on its device."""
         at = [0]  # the block running, for the message (no state on self: blocks may run in several threads)
         try:
             return self._forward_blocks(x, return_logdet, xp, at)

@@ -6,7 +6,8 @@ Jacobsen, Smeulders & Oyallon, "i-RevNet: Deep Invertible Networks", ICLR 2018
 shapes as that module, so a trained checkpoint converted to NumPy arrays loads with
 ``load_state_dict(..., strict=True)`` (or through :func:`from_torch`). Batch-norm always runs in inference
 form (running statistics); dropout is the identity. GPU arrays (CuPy, ``__cuda_array_interface__``) run on
-their device through arcflow's CUDA kernels (``_cuda_ops``) and come back as CuPy arrays of the same dtype.
+their device through arcflow's CUDA kernels and come back as CuPy arrays of the same dtype: every method is
+written once against an ops provider (``_backend``), chosen per call from its input (``_providers``).
 
 Two places where this code deliberately differs from the reference, because the reference inverse is
 wrong there (its forward is unchanged):
@@ -27,9 +28,10 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _cuda_ops, _ops
-from ._validate import as_int, check_finite_output, check_nchw, load_checked, rng as _rng, to_numpy
-from .._dispatch import check_threads
+from . import _ops
+from ._backend import Ops, cached, compute_dtype
+from ._providers import provider_for
+from ._validate import as_int, load_checked, rng as _rng, to_numpy
 
 __all__ = ["SpaceToDepth", "InjectivePad", "IRevNetBlock", "IRevNet", "from_torch"]
 
@@ -43,24 +45,6 @@ def _param_dtype(dtype) -> np.dtype:
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"dtype must be float32 or float64, got {dt}")
     return dt
-
-
-def _check_array(x, where: str, expected: str, channels: Optional[int] = None, even_hw: bool = False,
-                 allow_int: bool = True, hw: Optional[Tuple[int, int]] = None, finite: bool = True) -> np.ndarray:
-    """Shape and finiteness checks shared by the blocks; returns an aligned C-contiguous float32/float64 array.
-    ``finite=False`` leaves the NaN/Inf test to the caller (IRevNetBlock fuses it into its convolutions)."""
-    return check_nchw(x, where, expected, channels, 2 if even_hw else None, " (stride 2)", hw,
-                      "fiub" if allow_int else "f", finite)
-
-
-def _check_shape(x, where: str, expected: str, channels: Optional[int] = None, even_hw: bool = False) -> np.ndarray:
-    """_check_array without the NaN/Inf pass."""
-    return _check_array(x, where, expected, channels, even_hw, finite=False)
-
-
-def _pair_dtype(x1: np.ndarray, x2: np.ndarray) -> Pair:
-    dt = _ops.result_dtype(x1, x2)
-    return np.ascontiguousarray(x1, dtype=dt), np.ascontiguousarray(x2, dtype=dt)
 
 
 class _Stopped(Exception):
@@ -86,6 +70,9 @@ class SpaceToDepth:
     (1, 12, 2, 2)
     """
 
+    #: a permutation: the Jacobian determinant is +-1 (Sequential counts its logdet as 0)
+    volume_preserving = True
+
     def __init__(self, block: int = 2):
         self.block = as_int(block, "block", "SpaceToDepth", 1)
 
@@ -93,35 +80,31 @@ class SpaceToDepth:
         return f"SpaceToDepth(block={self.block})"
 
     def forward(self, x) -> np.ndarray:
-        if _cuda_ops.is_device_array(x):
-            return _cuda_ops.psi_forward(self, x)
         b = self.block
         where = repr(self)
-        xa = np.asarray(x)
-        if xa.ndim != 4 or xa.shape[2] % b or xa.shape[3] % b:
-            raise ValueError(f"{where}: expected input of shape (N, C, H, W) with H and W divisible by {b}, "
-                             f"got shape {xa.shape}")
-        _check_array(xa, where, f"(N, C, H, W) with H, W divisible by {b}")
-        return _ops.psi(xa, b)
+        with provider_for(x, where=where) as ops:
+            xa = ops.as_array(x)
+            if xa.ndim != 4 or xa.shape[2] % b or xa.shape[3] % b:
+                raise ValueError(f"{where}: expected input of shape (N, C, H, W) with H and W divisible by {b}, "
+                                 f"got shape {xa.shape}")
+            return ops.psi(ops.input(xa, where, f"(N, C, H, W) with H, W divisible by {b}"), b)
 
     __call__ = forward
 
     def inverse(self, y) -> np.ndarray:
-        if _cuda_ops.is_device_array(y):
-            return _cuda_ops.psi_inverse(self, y)
         b = self.block
-        ya = np.asarray(y)
-        if ya.ndim != 4 or ya.shape[1] % (b * b):
-            raise ValueError(f"{self!r}.inverse: expected input of shape (N, C*{b * b}, H, W), got shape {ya.shape}")
-        _check_array(ya, f"{self!r}.inverse", f"(N, C*{b * b}, H, W)")
-        return _ops.psi_inverse(ya, b)
+        with provider_for(y, where=repr(self)) as ops:
+            ya = ops.as_array(y)
+            if ya.ndim != 4 or ya.shape[1] % (b * b):
+                raise ValueError(f"{self!r}.inverse: expected input of shape (N, C*{b * b}, H, W), got shape "
+                                 f"{ya.shape}")
+            return ops.psi_inverse(ops.input(ya, f"{self!r}.inverse", f"(N, C*{b * b}, H, W)"), b)
 
     def logdet(self, x) -> np.ndarray:
         """0 for every sample (a permutation)."""
-        if _cuda_ops.is_device_array(x):
-            return _cuda_ops.zeros_logdet(x)
-        xa = np.asarray(x)
-        return np.zeros(xa.shape[0], dtype=_ops.result_dtype(xa))
+        with provider_for(x, where=repr(self)) as ops:
+            xa = ops.as_array(x)
+            return ops.zeros(xa.shape[0], compute_dtype(xa.dtype))
 
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
         return OrderedDict()
@@ -144,25 +127,20 @@ class InjectivePad:
         return f"InjectivePad(pad={self.pad})"
 
     def forward(self, x) -> np.ndarray:
-        if _cuda_ops.is_device_array(x):
-            return _cuda_ops.pad_forward(self, x)
-        xa = _check_array(x, repr(self), "(N, C, H, W)")
-        n, c, h, w = xa.shape
-        out = np.zeros((n, c + self.pad, h, w), dtype=xa.dtype)
-        out[:, :c] = xa
-        return out
+        with provider_for(x, where=repr(self)) as ops:
+            xa = ops.input(x, repr(self), "(N, C, H, W)")
+            return ops.gather([xa], 0, xa.shape[1] + self.pad)
 
     __call__ = forward
 
     def inverse(self, y) -> np.ndarray:
-        if _cuda_ops.is_device_array(y):
-            return _cuda_ops.pad_inverse(self, y)
-        ya = np.asarray(y)
-        if ya.ndim != 4 or ya.shape[1] < self.pad:
-            raise ValueError(f"{self!r}.inverse: expected input of shape (N, C + {self.pad}, H, W), got shape "
-                             f"{ya.shape}")
-        ya = _check_array(ya, f"{self!r}.inverse", f"(N, C + {self.pad}, H, W)")
-        return np.ascontiguousarray(ya[:, : ya.shape[1] - self.pad])
+        with provider_for(y, where=repr(self)) as ops:
+            ya = ops.as_array(y)
+            if ya.ndim != 4 or ya.shape[1] < self.pad:
+                raise ValueError(f"{self!r}.inverse: expected input of shape (N, C + {self.pad}, H, W), got shape "
+                                 f"{ya.shape}")
+            ya = ops.input(ya, f"{self!r}.inverse", f"(N, C + {self.pad}, H, W)")
+            return ops.gather([ya], 0, ya.shape[1] - self.pad)
 
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
         return OrderedDict()
@@ -304,20 +282,31 @@ class IRevNetBlock:
             self._cache[dt] = c
         return c
 
-    def _conv_keys(self):
+    def conv_keys(self):
+        """The state_dict prefixes of the three convolutions of F, in order (for error messages)."""
         return [f"bottleneck_block.{j}" for kind, j, _ in self._layout if kind == "conv"]
 
+    def layers(self, ops: Ops, like):
+        """[(bn (scale, shift) or None, conv weight)] in like's dtype on ops' memory, cached until the weights
+        change. Call it once before several threads share the block."""
+        dt = np.dtype(like.dtype)
+        key = (ops.device_key(like), dt.str)
+        c = self._cache.get(key)
+        if c is None:
+            c = [(None if bn is None else (ops.upload(bn[0], dt), ops.upload(bn[1], dt)), ops.upload(w, dt))
+                 for bn, w in self._compute(dt)]
+            self._cache[key] = c
+        return c
+
     # ---- the bottleneck and the coupling --------------------------------------------------------
-    def _residual(self, x2: np.ndarray, out: np.ndarray, alpha: float, addend: Optional[np.ndarray] = None,
-                  threads: Optional[int] = None, where: Optional[str] = None) -> None:
+    def _residual(self, ops: Ops, x2, out, alpha: float, addend=None, where: Optional[str] = None) -> None:
         """out = addend + alpha * F(x2) (addend None: out += alpha * F(x2)), F run with fused (BN, ReLU) -> conv.
         ``where``: NaN/Inf tests fused into the passes that read the values anyway (every conv's input pass
         reads its raw input once, the last conv's epilogue every addend value, ``out``'s old values when
         None). NaN/Inf in x2 or the addend raises _NonFiniteInput (a ValueError, f"{where}: input contains NaN
         or Inf") after that conv, so ``out`` must be the caller's own buffer; in a hidden layer's input (x2
         and the weights finite) it raises FloatingPointError naming the layer that overflowed."""
-        layers = self._compute(x2.dtype)
-        keys = self._conv_keys()
+        layers = self.layers(ops, x2)
         h = x2
         last = len(layers) - 1
         for i, (bn, w) in enumerate(layers):
@@ -326,126 +315,118 @@ class IRevNetBlock:
             fused = ()
             if where is not None:
                 fused = ("x",) + (("addend",) if i == last else ())
-            kw.update(fused_finite=fused, where=where or "conv2d")
+            kw.update(fused=fused, where=where or "conv2d")
             if i < last:
-                h, bad = _ops.conv2d_flags(h, w, None, stride, 1, check_finite=False, threads=threads, **kw)
+                h, bad = ops.conv(h, w, None, stride, 1, **kw)
             else:
-                _, bad = _ops.conv2d_flags(h, w, None, stride, 1, out=out, accumulate=addend is None, addend=addend,
-                                           alpha=alpha, check_finite=False, threads=threads, **kw)
+                _, bad = ops.conv(h, w, None, stride, 1, out=out, accumulate=addend is None, addend=addend,
+                                  alpha=alpha, **kw)
             if bad & 1 and i > 0:
-                raise FloatingPointError(f"{where}: the bottleneck F overflowed {x2.dtype} in {keys[i - 1]} (a 3x3 "
-                                         f"convolution, with the batch-norm and ReLU before it): its output holds "
-                                         f"NaN or Inf")
+                raise FloatingPointError(f"{where}: the bottleneck F overflowed {x2.dtype} in "
+                                         f"{self.conv_keys()[i - 1]} (a 3x3 convolution, with the batch-norm and "
+                                         f"ReLU before it): its output holds NaN or Inf")
             if bad:
                 raise _NonFiniteInput(f"{where}: input contains NaN or Inf")
 
     def bottleneck(self, x2) -> np.ndarray:
         """F(x2) alone (the non-invertible residual branch); FloatingPointError when it overflows."""
-        if _cuda_ops.is_device_array(x2):
-            return _cuda_ops.block_bottleneck(self, x2)
         where = f"{self!r}.bottleneck"
-        x2 = _check_array(x2, where, f"(N, {self.f_in}, H, W)", self.f_in, self.stride == 2, finite=False)
-        n, _, h, w = x2.shape
-        out = np.zeros((n, self.out_ch, h // self.stride, w // self.stride), dtype=x2.dtype)
-        self._residual(x2, out, 1.0, where=where)
-        return check_finite_output(out, where, "F(x2)")
+        with provider_for(x2, where=where) as ops:
+            x2 = ops.input(x2, where, f"(N, {self.f_in}, H, W)", self.f_in, 2 if self.stride == 2 else None,
+                           " (stride 2)", finite=False)
+            n, _, h, w = x2.shape
+            out = ops.zeros((n, self.out_ch, h // self.stride, w // self.stride), x2.dtype)
+            self._residual(ops, x2, out, 1.0, where=where)
+            return ops.check_finite_output(out, where, "F(x2)")
 
-    def _forward_pair(self, x1: np.ndarray, x2: np.ndarray, threads: Optional[int] = None,
-                      where: Optional[str] = None) -> Pair:
-        """``where``: test x1 and x2 for NaN/Inf in the convolutions (see _residual): x2 (padded) is the first
-        conv's input, x1 (padded; psi(x1) at stride 2) the last conv's addend, so every value is read."""
+    def forward_pair(self, ops: Ops, x1, x2, where: Optional[str] = None):
+        """(x1, x2) -> (a, b) on validated C-contiguous arrays of one dtype. ``where``: test x1 and x2 for NaN/Inf
+        in the convolutions (see _residual): x2 (padded) is the first conv's input, x1 (padded; psi(x1) at
+        stride 2) the last conv's addend, so every value is read."""
         if self.injective:
-            n, _, h, w = x1.shape
-            x = np.zeros((n, 2 * self.out_ch, h, w), dtype=x1.dtype)
-            c1 = x1.shape[1]
-            x[:, :c1] = x1
-            x[:, c1:c1 + x2.shape[1]] = x2
-            x1 = x[:, : self.out_ch]
-            x2 = np.ascontiguousarray(x[:, self.out_ch:])
+            parts = [x1, x2]
+            x1, x2 = ops.gather(parts, 0, self.out_ch), ops.gather(parts, self.out_ch, 2 * self.out_ch)
         if self.stride == 2:
-            y1 = _ops.psi(x1, 2, threads=threads)
-            a = _ops.psi(x2, 2, threads=threads)
-            self._residual(x2, y1, 1.0, threads=threads, where=where)
+            y1 = ops.psi(x1, 2)
+            a = ops.psi(x2, 2)
+            self._residual(ops, x2, y1, 1.0, where=where)
         else:
-            y1 = np.empty(x1.shape, x1.dtype)
+            y1 = ops.empty(x1.shape, x1.dtype)
             a = x2
-            self._residual(x2, y1, 1.0, addend=np.ascontiguousarray(x1), threads=threads, where=where)
+            self._residual(ops, x2, y1, 1.0, addend=x1, where=where)
         return a, y1
 
-    def _inverse_pair(self, a: np.ndarray, b: np.ndarray, threads: Optional[int] = None,
-                      where: Optional[str] = None, check_out: bool = False) -> Pair:
-        """``where``: test a and b for NaN/Inf in the convolutions (see _residual): x2 = psi_s^-1(a) is the
-        first conv's input, b the last conv's addend. ``check_out``: FloatingPointError when b - F(x2)
-        overflows (x2 is a permutation of a, so it needs no test)."""
-        x2 = _ops.psi_inverse(a, 2, threads=threads) if self.stride == 2 else a
-        t = np.empty(b.shape, b.dtype)
-        self._residual(x2, t, -1.0, addend=np.ascontiguousarray(b), threads=threads, where=where)
+    def inverse_pair(self, ops: Ops, a, b, where: Optional[str] = None, check_out: bool = False):
+        """(a, b) -> (x1, x2). ``where``: test a and b for NaN/Inf in the convolutions (see _residual):
+        x2 = psi_s^-1(a) is the first conv's input, b the last conv's addend. ``check_out``: FloatingPointError
+        when b - F(x2) overflows (x2 is a permutation of a, so it needs no test)."""
+        x2 = ops.psi_inverse(a, 2) if self.stride == 2 else a
+        t = ops.empty(b.shape, b.dtype)
+        self._residual(ops, x2, t, -1.0, addend=b, where=where)
         if check_out:
-            check_finite_output(t, where, "x1 = b - F(x2)")
-        x1 = _ops.psi_inverse(t, 2, threads=threads) if self.stride == 2 else t
+            ops.check_finite_output(t, where, "x1 = b - F(x2)")
+        x1 = ops.psi_inverse(t, 2) if self.stride == 2 else t
         if self.injective:
-            x = np.concatenate([x1, x2], axis=1)[:, : self.in_ch]
             n1 = self.in_ch // 2
-            return np.ascontiguousarray(x[:, :n1]), np.ascontiguousarray(x[:, n1:])
+            parts = [x1, x2]
+            return ops.gather(parts, 0, n1), ops.gather(parts, n1, self.in_ch)
         return x1, x2
 
-    def _input_pair(self, x, where: str, inverse: bool, check=_check_array, unify=_pair_dtype, split=None):
-        """Validate a pair or a merged array; returns (x1, x2, merged?). ``check(x, where, expected, channels,
-        even_hw)``, ``unify(x1, x2)`` and ``split(xa, c1)`` are the array backend's (NumPy here; the CUDA path
-        passes its own)."""
+    def _input_pair(self, ops: Ops, x, where: str, inverse: bool, finite: bool = False):
+        """Validate a pair or a merged array; returns (x1, x2, merged?)."""
         if inverse:
             c1 = c2 = self.out_ch
             hw = "H, W"
         else:
             c1, c2 = self.in_ch // 2, self.in_ch - self.in_ch // 2
             hw = "H, W" if self.stride == 1 else "H, W (even)"
-        even = self.stride == 2 and not inverse
+        block = 2 if self.stride == 2 and not inverse else None
+
+        def check(a, expected, channels):
+            return ops.input(a, where, expected, channels, block, " (stride 2)", finite=finite)
+
         if isinstance(x, (tuple, list)):
             if len(x) != 2:
                 raise ValueError(f"{where}: expected a pair (x1, x2) of shapes (N, {c1}, {hw}) and "
                                  f"(N, {c2}, {hw}), got {len(x)} arrays")
-            x1 = check(x[0], where, f"(N, {c1}, {hw}) for x1", c1, even)
-            x2 = check(x[1], where, f"(N, {c2}, {hw}) for x2", c2, even)
+            x1 = check(x[0], f"(N, {c1}, {hw}) for x1", c1)
+            x2 = check(x[1], f"(N, {c2}, {hw}) for x2", c2)
             if x1.shape[0] != x2.shape[0] or x1.shape[2:] != x2.shape[2:]:
                 raise ValueError(f"{where}: x1 {x1.shape} and x2 {x2.shape} must agree in N, H and W")
-            x1, x2 = unify(x1, x2)
+            x1, x2 = ops.unify(x1, x2)
             return x1, x2, False
-        xa = check(x, where, f"(N, {c1 + c2}, {hw})", c1 + c2, even)
-        if split is not None:
-            return split(xa, c1) + (True,)
-        return np.ascontiguousarray(xa[:, :c1]), np.ascontiguousarray(xa[:, c1:]), True
+        xa = check(x, f"(N, {c1 + c2}, {hw})", c1 + c2)
+        return ops.gather([xa], 0, c1), ops.gather([xa], c1, xa.shape[1]), True
 
     def forward(self, x: Union[np.ndarray, Pair], threads: Optional[int] = None):
         """(x1, x2) -> (psi_s(x2), psi_s(x1) + F(x2)); a merged array gives a merged array.
         ``threads``: OpenMP threads of the ops (default arcflow.get_num_threads()). GPU arrays (CuPy) compute
         on their device and come back as GPU arrays (``threads`` is then ignored)."""
-        if _cuda_ops.is_device_array(x):
-            return _cuda_ops.block_forward(self, x)
         where = repr(self)
-        x1, x2, merged = self._input_pair(x, where, inverse=False, check=_check_shape)
-        a, b = self._forward_pair(x1, x2, threads=check_threads(threads, where), where=where)
-        check_finite_output(b, where, "the output psi(x1) + F(x2)" if self.stride == 2 else "the output x1 + F(x2)")
-        return np.concatenate([a, b], axis=1) if merged else (a, b)
+        with provider_for(x, threads=threads, where=where) as ops:
+            x1, x2, merged = self._input_pair(ops, x, where, inverse=False)
+            a, b = self.forward_pair(ops, x1, x2, where=where)
+            ops.check_finite_output(b, where, "the output psi(x1) + F(x2)" if self.stride == 2 else
+                                    "the output x1 + F(x2)")
+            return ops.gather([a, b], 0, a.shape[1] + b.shape[1]) if merged else (a, b)
 
     __call__ = forward
 
     def inverse(self, y: Union[np.ndarray, Pair], threads: Optional[int] = None):
         """(a, b) -> (psi_s^-1(b - F(x2)), x2) with x2 = psi_s^-1(a) (undoing the injective padding)."""
-        if _cuda_ops.is_device_array(y):
-            return _cuda_ops.block_inverse(self, y)
         where = f"{self!r}.inverse"
-        a, b, merged = self._input_pair(y, where, inverse=True, check=_check_shape)
-        x1, x2 = self._inverse_pair(a, b, threads=check_threads(threads, repr(self)), where=where, check_out=True)
-        return np.concatenate([x1, x2], axis=1) if merged else (x1, x2)
+        with provider_for(y, threads=threads, where=repr(self)) as ops:
+            a, b, merged = self._input_pair(ops, y, where, inverse=True)
+            x1, x2 = self.inverse_pair(ops, a, b, where=where, check_out=True)
+            return ops.gather([x1, x2], 0, x1.shape[1] + x2.shape[1]) if merged else (x1, x2)
 
     def logdet(self, x) -> np.ndarray:
         """0 for every sample: the additive coupling and psi preserve volume (bijective blocks only)."""
         if self.injective:
             raise ValueError(f"{self!r}: an injective (channel-padding) block has no log-determinant")
-        if _cuda_ops.is_device_array(x):
-            return _cuda_ops.zeros_logdet(x)
-        x1, _, _ = self._input_pair(x, repr(self), inverse=False)
-        return np.zeros(x1.shape[0], dtype=x1.dtype)
+        with provider_for(x, where=repr(self)) as ops:
+            x1, _, _ = self._input_pair(ops, x, repr(self), inverse=False, finite=True)
+            return ops.zeros(x1.shape[0], x1.dtype)
 
 
 class IRevNet:
@@ -510,6 +491,7 @@ class IRevNet:
         self.out_shape = (2 * self.n_channels[-1], h, w)
         nf = 2 * self.n_channels[-1]
         self._head = OrderedDict()
+        self._head_cache = {}
         self._head["bn1.weight"] = np.ones(nf, self.dtype)
         self._head["bn1.bias"] = np.zeros(nf, self.dtype)
         self._head["bn1.running_mean"] = np.zeros(nf, self.dtype)
@@ -543,24 +525,26 @@ class IRevNet:
                 f"affine_bn={self.affine_bn}, n_classes={self.n_classes})")
 
     # ---- the invertible part --------------------------------------------------------------------
-    def _run(self, fn, x: np.ndarray, threads: Optional[int], where: str) -> np.ndarray:
-        """fn(chunk, threads, stop) over the batch. With several threads and images, the batch is split into one
+    def _run(self, ops: Ops, fn, x):
+        """fn(ops, chunk, stop) over the batch. With several CPU threads and images, the batch is split into one
         chunk per thread, each run through the whole network on one thread (the C++ ops release the GIL):
         no barrier per op, so a thread that the OS parks does not stall the others. Per-image results do not
         depend on the split (every op computes an image the same way whatever the thread count).
         Ctrl-C (or any error) reaches the waiting main thread at once; it sets ``stop``, which every worker
         tests between blocks, so the workers give up after their current block instead of finishing the batch."""
-        nt = check_threads(threads, where)
+        nt = ops.threads
         n = x.shape[0]
         if nt == 1 or n < 2:
-            return fn(x, nt, None)  # the main thread: Python checks for signals between the ops
+            return fn(ops, x, None)  # the main thread: Python checks for signals between the ops
+        one = ops.with_threads(1)
         for blk in self.stack:
-            blk._compute(x.dtype)  # fill the weight caches before the threads share them
+            blk.layers(one, x)  # fill the weight caches before the threads share them
         parts = np.array_split(np.arange(n), min(nt, n))
         stop = threading.Event()
         ex = ThreadPoolExecutor(max_workers=len(parts))
         try:
-            futs = [ex.submit(lambda idx: fn(np.ascontiguousarray(x[idx[0]:idx[-1] + 1]), 1, stop), p) for p in parts]
+            futs = [ex.submit(lambda idx: fn(one, ops.xp.ascontiguousarray(x[idx[0]:idx[-1] + 1]), stop), p)
+                    for p in parts]
             done, pending = wait(futs, return_when=FIRST_EXCEPTION)
             if pending:  # a worker failed: stop the others, report the first real error
                 stop.set()
@@ -575,75 +559,73 @@ class IRevNet:
             raise
         finally:
             ex.shutdown(wait=True, cancel_futures=True)
-        return np.concatenate(outs, axis=0)
+        return ops.xp.concatenate(outs, axis=0)
 
-    def _forward_chunk(self, x: np.ndarray, threads: int, stop: Optional[threading.Event]) -> np.ndarray:
+    def _forward_chunk(self, ops: Ops, x, stop: Optional[threading.Event]):
         """The blocks in order, with the fused NaN/Inf tests: NaN/Inf in block i's input is the input's
         (i = 0, ValueError) or block i-1's overflow (FloatingPointError naming it); the last block's sum is
         tested once at the end."""
         if self.init_ds:
-            x = _ops.psi(x, self.init_ds, threads=threads)
+            x = ops.psi(x, self.init_ds)
         n = self.in_ch // 2
-        pair = (np.ascontiguousarray(x[:, :n]), np.ascontiguousarray(x[:, n:]))
+        pair = (ops.gather([x], 0, n), ops.gather([x], n, x.shape[1]))
         for i, blk in enumerate(self.stack):
             if stop is not None and stop.is_set():
                 raise _Stopped()
             try:
-                pair = blk._forward_pair(*pair, threads=threads, where=f"IRevNet.forward: block {i} (stack.{i})")
+                pair = blk.forward_pair(ops, *pair, where=f"IRevNet.forward: block {i} (stack.{i})")
             except _NonFiniteInput:
                 if i == 0:
                     raise ValueError("IRevNet.forward: input contains NaN or Inf") from None
-                last_conv = self.stack[i - 1]._conv_keys()[-1]
+                last_conv = self.stack[i - 1].conv_keys()[-1]
                 raise FloatingPointError(f"IRevNet.forward: block {i - 1} (stack.{i - 1}) overflowed {x.dtype}: its "
                                          f"output psi(x1) + F(x2) (the last convolution {last_conv} and the sum) "
                                          f"holds NaN or Inf") from None
         last = len(self.stack) - 1
-        check_finite_output(pair[1], f"IRevNet.forward: block {last} (stack.{last})",
-                            f"its output psi(x1) + F(x2) (the last convolution {self.stack[last]._conv_keys()[-1]} "
-                            f"and the sum)")
-        return np.concatenate(pair, axis=1)
+        ops.check_finite_output(pair[1], f"IRevNet.forward: block {last} (stack.{last})",
+                                f"its output psi(x1) + F(x2) (the last convolution "
+                                f"{self.stack[last].conv_keys()[-1]} and the sum)")
+        return ops.gather(list(pair), 0, pair[0].shape[1] + pair[1].shape[1])
 
-    def _inverse_chunk(self, z: np.ndarray, threads: int, stop: Optional[threading.Event]) -> np.ndarray:
+    def _inverse_chunk(self, ops: Ops, z, stop: Optional[threading.Event]):
         half = z.shape[1] // 2
-        pair = (np.ascontiguousarray(z[:, :half]), np.ascontiguousarray(z[:, half:]))
+        pair = (ops.gather([z], 0, half), ops.gather([z], half, z.shape[1]))
         last = len(self.stack) - 1
         for i in range(last, -1, -1):
             if stop is not None and stop.is_set():
                 raise _Stopped()
             try:
-                pair = self.stack[i]._inverse_pair(*pair, threads=threads, check_out=i == 0,
-                                                   where=f"IRevNet.inverse: block {i} (stack.{i})")
+                pair = self.stack[i].inverse_pair(ops, *pair, check_out=i == 0,
+                                                  where=f"IRevNet.inverse: block {i} (stack.{i})")
             except _NonFiniteInput:
                 if i == last:
                     raise ValueError("IRevNet.inverse: input contains NaN or Inf") from None
                 raise FloatingPointError(f"IRevNet.inverse: block {i + 1} (stack.{i + 1}) overflowed {z.dtype}: "
                                          f"its x1 = b - F(x2) (the last convolution "
-                                         f"{self.stack[i + 1]._conv_keys()[-1]} and the difference) holds NaN or "
+                                         f"{self.stack[i + 1].conv_keys()[-1]} and the difference) holds NaN or "
                                          f"Inf") from None
-        x = np.concatenate(pair, axis=1)
+        x = ops.gather(list(pair), 0, pair[0].shape[1] + pair[1].shape[1])
         if self.init_ds:
-            x = _ops.psi_inverse(x, self.init_ds, threads=threads)
+            x = ops.psi_inverse(x, self.init_ds)
         return x
 
     def forward(self, x, threads: Optional[int] = None) -> np.ndarray:
         """x (N, C, H, W) = (N, *in_shape) -> z (N, *out_shape). ``threads``: default arcflow.get_num_threads().
         A GPU array (CuPy, ``__cuda_array_interface__``) runs on its device and gives a CuPy array.
         NaN/Inf input: ValueError; a block whose output overflows the dtype: FloatingPointError naming it."""
-        if _cuda_ops.is_device_array(x):
-            return _cuda_ops.irevnet_forward(self, x)
         c, h, w = self.in_shape
-        x = _check_array(x, "IRevNet.forward", f"(N, {c}, {h}, {w})", c, hw=(h, w), finite=False)
-        return self._run(self._forward_chunk, x, threads, "IRevNet.forward")
+        with provider_for(x, threads=threads, where="IRevNet.forward") as ops:
+            x = ops.input(x, "IRevNet.forward", f"(N, {c}, {h}, {w})", c, hw=(h, w), finite=False)
+            return self._run(ops, self._forward_chunk, x)
 
     __call__ = forward
 
     def inverse(self, z, threads: Optional[int] = None) -> np.ndarray:
         """z (N, *out_shape) -> x (N, *in_shape), exact up to rounding (on the GPU for a GPU array)."""
-        if _cuda_ops.is_device_array(z):
-            return _cuda_ops.irevnet_inverse(self, z)
         c, h, w = self.out_shape
-        z = _check_array(z, "IRevNet.inverse", f"(N, {c}, {h}, {w})", c, hw=(h, w), finite=False)
-        return self._run(self._inverse_chunk, z, threads, "IRevNet.inverse")
+        with provider_for(z, threads=threads, where="IRevNet.inverse") as ops:
+            z = ops.input(z, "IRevNet.inverse", f"(N, {c}, {h}, {w})", c, hw=(h, w), finite=False)
+            return self._run(ops, self._inverse_chunk, z)
 
     def logdet(self, x) -> np.ndarray:
         """0 for every sample when every block is bijective (no injective padding). A block with injective
@@ -658,40 +640,50 @@ class IRevNet:
                              f"{blk.in_ch} channels to {2 * blk.out_ch} (injective, not bijective), so the "
                              f"Jacobian is not square and has no determinant; logdet exists only when every "
                              f"block keeps the channel count (2 * out_ch == in_ch at stride 1)")
-        if _cuda_ops.is_device_array(x):
-            return _cuda_ops.zeros_logdet(x)
         c, h, w = self.in_shape
-        xa = _check_array(x, "IRevNet.logdet", f"(N, {c}, {h}, {w})", c, hw=(h, w))
-        return np.zeros(xa.shape[0], dtype=xa.dtype)
+        with provider_for(x, where="IRevNet.logdet") as ops:
+            xa = ops.input(x, "IRevNet.logdet", f"(N, {c}, {h}, {w})", c, hw=(h, w))
+            return ops.zeros(xa.shape[0], xa.dtype)
 
     # ---- the classifier head (not invertible) ---------------------------------------------------
+    def _head_weights(self, ops: Ops, like):
+        """(bn1 scale, bn1 shift, linear weight, linear bias) in like's dtype on ops' memory, cached until the
+        head's weights change."""
+        dt = np.dtype(like.dtype)
+        p = self._head
+        keys = ("bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "linear.weight", "linear.bias")
+
+        def build():
+            scale, shift = _ops.batchnorm_scale_shift(p["bn1.weight"], p["bn1.bias"], p["bn1.running_mean"],
+                                                      p["bn1.running_var"], _BN_EPS, dtype=dt)
+            return (ops.upload(scale, dt), ops.upload(shift, dt), ops.upload(p["linear.weight"], dt),
+                    ops.upload(p["linear.bias"], dt))
+
+        return cached(self._head_cache, (ops.device_key(like), dt.str), [p[k] for k in keys], build)
+
     def classify(self, z) -> np.ndarray:
         """Logits (N, n_classes) = linear(avg_pool(relu(bn1(z)), ds)) as the reference forward (on the GPU for
         a GPU array)."""
-        if _cuda_ops.is_device_array(z):
-            return _cuda_ops.irevnet_classify(self, z)
         c, h, w = self.out_shape
-        z = _check_array(z, "IRevNet.classify", f"(N, {c}, {h}, {w})", c)
-        if z.shape[2:] != (h, w):
-            raise ValueError(f"IRevNet.classify: expected input of shape (N, {c}, {h}, {w}), got shape {z.shape}")
-        dt = z.dtype
-        p = self._head
-        scale, shift = _ops.batchnorm_scale_shift(p["bn1.weight"], p["bn1.bias"], p["bn1.running_mean"],
-                                                  p["bn1.running_var"], _BN_EPS, dtype=dt)
-        a = _ops.batchnorm_inference(z, scale, shift, relu=True)
-        ds = self.ds
-        hq, wq = h // ds, w // ds
-        if hq < 1 or wq < 1:
-            raise ValueError(f"IRevNet.classify: pooling window {ds} larger than the representation {h}x{w}")
-        n = a.shape[0]
-        pooled = a[:, :, : hq * ds, : wq * ds].reshape(n, c, hq, ds, wq, ds).mean(axis=(3, 5)).reshape(n, -1)
-        wl = p["linear.weight"].astype(dt)
-        if pooled.shape[1] != wl.shape[1]:
-            raise ValueError(f"IRevNet.classify: pooled features {pooled.shape[1]} do not match linear.weight "
-                             f"{wl.shape} (the reference needs the pooled map to be 1x1)")
-        with np.errstate(over="ignore", invalid="ignore"):
-            logits = pooled @ wl.T + p["linear.bias"].astype(dt)
-        return check_finite_output(logits, "IRevNet.classify", "the logits (bn1, pooling, linear)")
+        where = "IRevNet.classify"
+        with provider_for(z, where=where) as ops:
+            z = ops.input(z, where, f"(N, {c}, {h}, {w})", c)
+            if z.shape[2:] != (h, w):
+                raise ValueError(f"{where}: expected input of shape (N, {c}, {h}, {w}), got shape {z.shape}")
+            ds = self.ds
+            hq, wq = h // ds, w // ds
+            if hq < 1 or wq < 1:
+                raise ValueError(f"{where}: pooling window {ds} larger than the representation {h}x{w}")
+            scale, shift, wl, bl = self._head_weights(ops, z)
+            nf = c * hq * wq
+            if wl.shape[1] != nf:
+                raise ValueError(f"{where}: pooled features {nf} do not match linear.weight {wl.shape} (the "
+                                 f"reference needs the pooled map to be 1x1)")
+            a = ops.channel_affine(z, scale, shift, True)
+            n = a.shape[0]
+            pooled = a[:, :, : hq * ds, : wq * ds].reshape(n, c, hq, ds, wq, ds).mean(axis=(3, 5)).reshape(n, -1)
+            logits = ops.linear(pooled, wl, bl)
+            return ops.check_finite_output(logits, where, "the logits (bn1, pooling, linear)")
 
     def predict(self, x) -> np.ndarray:
         """classify(forward(x))."""
@@ -702,8 +694,8 @@ class IRevNet:
         """Copies of all parameters and buffers with the reference module's keys and shapes."""
         out = OrderedDict()
         for i, blk in enumerate(self.stack):
-            for k, v in blk._params.items():
-                out[f"stack.{i}.{k}"] = v.copy()
+            for k, v in blk.state_dict().items():
+                out[f"stack.{i}.{k}"] = v
         for k, v in self._head.items():
             out[k] = v.copy()
         return out
@@ -712,18 +704,13 @@ class IRevNet:
         """Load weights (NumPy arrays or torch tensors) keyed as the reference module. Missing,
         unexpected (strict=True) or wrongly shaped keys raise ValueError listing them; then no weight
         changes."""
-        expected = OrderedDict()
-        for i, blk in enumerate(self.stack):
-            for k, v in blk._params.items():
-                expected[f"stack.{i}.{k}"] = v
-        expected.update(self._head)
+        expected = OrderedDict(self.state_dict())
         new = _load_checked("IRevNet", expected, mapping, strict)
         for i, blk in enumerate(self.stack):
             pre = f"stack.{i}."
             upd = {k[len(pre):]: v for k, v in new.items() if k.startswith(pre)}
             if upd:
-                blk._params.update(upd)
-                blk._cache = {}
+                blk.load_state_dict(upd, strict=False)
         for k in self._head:
             if k in new:
                 self._head[k] = new[k]
