@@ -18,9 +18,10 @@ The interface, all on C-contiguous (N, C, H, W) arrays of one compute dtype:
     all_finite, check_finite_output     the NaN/Inf tests
     upload, device_key, scope           weights on the provider's memory, their cache key, the device context
 
-Dtype rule (one for the whole package, the kernels' rule of ``arcflow._dispatch.result_dtype``): the blocks
-compute in float32 when every input is a float of at most 4 bytes (float16, float32), else in float64
-(float64, integers, bools); :func:`compute_dtype` applies it.
+Dtype rule (one for the whole package, the kernels' rule of ``arcflow._dispatch.result_dtype``, applied by
+``_ops.result_dtype`` and :func:`compute_dtype`): the blocks compute in float32 when every input is a float of
+at most 4 bytes (float16, float32), else in float64 (float64, integers, bools); results come back in that
+dtype, and the weights are cast to it.
 
 ``conv``'s flags: bit 0 when x held NaN/Inf, bit 1 when the addend did, tested inside the C++ passes that read
 those values anyway. Providers whose kernels do not test (``fused_checks = False``: the device) test every
@@ -33,7 +34,6 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .. import _dispatch
 from . import _ops
 from ._validate import check_nchw
 
@@ -43,11 +43,7 @@ __all__ = ["compute_dtype", "is_device_array", "Ops", "CpuOps", "DeviceOps", "ca
 def compute_dtype(*dtypes) -> np.dtype:
     """The blocks' compute dtype for inputs of these dtypes: float32 when every one is a float of at most 4
     bytes, else float64. TypeError for a non-real dtype."""
-    dts = [np.dtype(d) for d in dtypes]
-    for dt in dts:
-        if dt.kind not in "fiub":
-            raise TypeError(f"expected a real numeric array, got dtype {dt}")
-    return np.dtype(np.float32) if dts and all(dt == np.float32 for dt in dts) else np.dtype(np.float64)
+    return _ops.result_dtype(*(np.empty(0, d) for d in dtypes))
 
 
 def is_device_array(x) -> bool:

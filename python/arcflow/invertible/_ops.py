@@ -1,7 +1,8 @@
 """Validated NumPy wrappers around the C++ ops of the invertible blocks (NCHW / OIHW).
 
-Each function checks its input, picks the compute dtype from the data input ``x`` (float32 stays
-float32; float64 and every other numeric type go to float64; ``dtype=`` overrides), casts the other
+Each function checks its input, picks the compute dtype from the data input ``x`` (:func:`result_dtype`:
+float16 and float32 compute in float32, float64 and every other real type in float64, the rule of the
+kernels; ``dtype=`` overrides), casts the other
 arrays (weights, scale, ...) to it, makes everything C-contiguous and calls the C++ op, which runs
 without the GIL. ``threads=None`` uses arcflow's default (``arcflow.set_num_threads`` / OMP_NUM_THREADS).
 
@@ -18,7 +19,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .. import _core
+from .. import _core, _dispatch
 from .._dispatch import check_threads
 
 __all__ = ["conv2d", "batchnorm_inference", "batchnorm_scale_shift", "relu", "psi", "psi_inverse",
@@ -61,7 +62,8 @@ def as_int(value, name: str, where: str, minimum: Optional[int] = None) -> int:
 
 
 def result_dtype(*arrays, dtype=None) -> np.dtype:
-    """``dtype`` if given (float32 or float64), else float32 if every array is float32, else float64."""
+    """``dtype`` if given (float32 or float64), else the package's rule (``arcflow._dispatch.result_dtype``):
+    float32 when every array is a float of at most 4 bytes (float16, float32), else float64."""
     if dtype is not None:
         dt = np.dtype(dtype)
         if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
@@ -71,9 +73,7 @@ def result_dtype(*arrays, dtype=None) -> np.dtype:
     for dt in dts:
         if dt.kind not in "fiub":
             raise TypeError(f"expected a real numeric array, got dtype {dt}")
-    if dts and all(dt == np.float32 for dt in dts):
-        return np.dtype(np.float32)
-    return np.dtype(np.float64)
+    return _dispatch.result_dtype(*(np.empty(0, dt) for dt in dts))
 
 
 def _suffix(dt: np.dtype) -> str:

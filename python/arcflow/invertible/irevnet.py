@@ -8,6 +8,8 @@ shapes as that module, so a trained checkpoint converted to NumPy arrays loads w
 form (running statistics); dropout is the identity. GPU arrays (CuPy, ``__cuda_array_interface__``) run on
 their device through arcflow's CUDA kernels and come back as CuPy arrays of the same dtype: every method is
 written once against an ops provider (``_backend``), chosen per call from its input (``_providers``).
+Dtype: float16 and float32 input compute in float32, every other real type in float64 (the package's rule,
+``_backend``); the result has the compute dtype.
 
 Two places where this code deliberately differs from the reference, because the reference inverse is
 wrong there (its forward is unchanged):
@@ -160,7 +162,8 @@ class IRevNetBlock:
 
     Input/output: a pair ``(x1, x2)`` of (N, C, H, W) arrays (returns a pair), or one merged array
     (N, in_ch, H, W) split as the reference does (first ``in_ch // 2`` channels, returns a merged array).
-    float32 input computes in float32, anything else in float64; the weights are cast once and cached.
+    float16 and float32 input compute in float32, anything else in float64 (the package's dtype rule); the
+    weights are cast once and cached.
 
     >>> blk = IRevNetBlock(32, 16, stride=1, rng=0)
     >>> x = np.random.default_rng(1).standard_normal((2, 32, 8, 8)).astype(np.float32)
