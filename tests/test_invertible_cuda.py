@@ -6,7 +6,7 @@ Layers, so that most of it runs without a GPU:
 2. orchestration: the blocks' algorithms (irevnet.py, flows.py) on a device provider (what they do with device
    arrays), with NumPy twins of the CUDA provider _cuda_ops._CudaOps
    runs with a NumPy twin of its kernel launcher built on the CPU ops, against the CPU path of the blocks;
-3a. on a GPU without CuPy: the real kernels on host copies (cuda_buffer_* bindings), through _cuda_ops;
+3a. on a GPU without CuPy: the real kernels on host copies (cuda_buffer_* bindings), as the blocks' provider;
 3b. on a GPU with CuPy: every op, block and the full CIFAR-10 i-RevNet on CuPy arrays against the CPU NumPy path;
 3c/3d. without a GPU, the tests of 3a and 3b themselves run on the emulated kernels (the emulation built as a
    shared library in place of the _core CUDA launchers) and, for 3b, on a NumPy stand-in for CuPy: so the hooks,
@@ -416,7 +416,7 @@ class _DeviceScratch:
 
 class _GpuViaHostOps(_HostOps):
     """The real CUDA kernels (the launchers _CudaOps calls, with its arguments) on NumPy arrays copied to and
-    from the device: _cuda_ops's block logic on GPU kernels where CuPy is not installed."""
+    from the device: the blocks' device path on GPU kernels where CuPy is not installed."""
 
     @staticmethod
     def _fn(name, dt):
@@ -597,7 +597,7 @@ def test_gpu_kernels_flows_match_cpu(gpu_twin):
 # host pointers (every kernel emulated from invertible_tile.cuh, make_conv_args and the tile choice included);
 # ctypes puts them in place of the _core CUDA bindings, with host memory as the "device" buffers. The GPU tests
 # above then run unchanged: the kernels' logic, called with the arguments the real bindings get, end to end
-# through _cuda_ops (IRevNet, the blocks, the flows).
+# through the device provider (IRevNet, the blocks, the flows).
 
 def _build_emulation_library(out_dir: Path) -> Path:
     root = Path(__file__).resolve().parents[1]
@@ -662,7 +662,7 @@ def _patch_emulated_core(lib, monkeypatch) -> dict:
 
 @pytest.fixture
 def emulated_gpu(emulation_library, monkeypatch):
-    """The emulated _core launchers, and _cuda_ops with the host-copy twin (_GpuViaHostOps) as its backend."""
+    """The emulated _core launchers, and the host-copy twin (_GpuViaHostOps) as the blocks' provider."""
     buffers = _patch_emulated_core(emulation_library, monkeypatch)
     yield _Twin(_GpuViaHostOps())
     assert not buffers, "device buffers leaked"
@@ -795,8 +795,8 @@ class _FakeCupy:
 
 @pytest.fixture
 def fake_cupy(emulation_library, monkeypatch):
-    """_cuda_ops's real CuPy backend (_CudaOps) on _FakeCupy, the _core launchers emulated: the hooks in irevnet.py
-    and flows.py, _CudaOps's calls and the GPU tests of section 3b run as they would on a GPU."""
+    """_cuda_ops's real CuPy provider (_CudaOps) on _FakeCupy, the _core launchers emulated: provider_for's
+    choice, _CudaOps's calls and the GPU tests of section 3b run as they would on a GPU."""
     _patch_emulated_core(emulation_library, monkeypatch)
     ops = _cuda_ops._CudaOps(_FakeCupy)
     monkeypatch.setattr(_cuda_ops, "_backend", lambda: ops)
@@ -822,6 +822,8 @@ def test_fake_cupy_public_api_returns_device_arrays(fake_cupy):
     half = np.zeros((2, 16, 16, 16), np.float32)
     with pytest.raises(TypeError, match="mixing"):
         net.stack[1].forward((cp.asarray(half), half))
+    with pytest.raises(TypeError, match="mixing"):  # the host array first: the device scope comes from the pair
+        net.stack[1].forward((half, cp.asarray(half)))
     seq = Sequential(SpaceToDepth(2), InjectivePad(4), ActNorm(16), InvertibleConv1x1(16, rng=0),
                      AffineCoupling(16, hidden=8, rng=1, zero_init=False))
     xs = np.random.default_rng(2).standard_normal((2, 3, 8, 8))

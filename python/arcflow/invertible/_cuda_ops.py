@@ -46,6 +46,8 @@ class _CudaOps(DeviceOps):
     def scope(self, x):
         """The device of the call's first array (the first of a pair)."""
         first = x[0] if isinstance(x, (tuple, list)) else x
+        if not hasattr(first, "__cuda_array_interface__"):  # a host array next to a device one: input() says so
+            return super().scope(x)
         return self.xp.cuda.Device(self.xp.asarray(first).device.id)
 
     def device_key(self, a):
