@@ -8,8 +8,9 @@ input arrays: :class:`CpuOps` for NumPy input, the CUDA provider (``_cuda_ops._C
 The interface, all on C-contiguous (N, C, H, W) arrays of one compute dtype:
 
     xp                                  the array module (NumPy or CuPy)
-    threads                             CPU threads of one op (1 on a device)
-    input(x, where, expected, ...)      a validated, contiguous array in the compute dtype
+    threads, with_threads(n)            CPU threads of one op (1 on a device); the same provider with n
+    as_array(x), input(x, where, ...)   x as the provider's array; validated, contiguous, in the compute dtype
+    unify(x1, x2), to_host(a)           a pair in one compute dtype; a float64 NumPy copy
     empty / zeros / full, gather        allocation; channel slices and concatenation (zero-filled past the end)
     conv(x, w, b, stride, pad, ...)     conv2d with the fused input BN/ReLU and addend epilogue -> (out, flags)
     channel_affine, psi, psi_inverse    batch-norm (scale, shift) [+ ReLU]; space-to-depth and its inverse
@@ -24,8 +25,8 @@ at most 4 bytes (float16, float32), else in float64 (float64, integers, bools); 
 dtype, and the weights are cast to it.
 
 ``conv``'s flags: bit 0 when x held NaN/Inf, bit 1 when the addend did, tested inside the C++ passes that read
-those values anyway. Providers whose kernels do not test (``fused_checks = False``: the device) test every
-input up front in :meth:`input` instead and return flags 0.
+those values anyway. Providers whose kernels do not test (the device ones) test every input up front in
+``input`` instead and return flags 0.
 """
 from __future__ import annotations
 
@@ -69,7 +70,6 @@ class Ops:
 
     xp = np
     threads = 1
-    fused_checks = False
 
     def as_array(self, x):
         return self.xp.asarray(x)
@@ -128,8 +128,6 @@ class Ops:
 
 class CpuOps(Ops):
     """The C++ CPU ops (``_ops``) on NumPy arrays, each with ``threads`` OpenMP threads."""
-
-    fused_checks = True
 
     def __init__(self, threads: int):
         self.threads = threads
