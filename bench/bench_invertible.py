@@ -223,7 +223,8 @@ def block_flops(blk, n, h, w):
 def conv_breakdown(blk, x2, reps):
     """arcflow's three convolutions of F(x2) (forward), each timed alone: [(label, seconds, flop)]."""
     from arcflow.invertible import _ops
-    layers = blk._compute(x2.dtype)
+    from arcflow.invertible._backend import CpuOps
+    layers = blk.layers(CpuOps(1), x2)
     h, out = x2, []
     for i, (bn, w) in enumerate(layers):
         stride = blk.stride if i == 0 else 1
