@@ -21,7 +21,7 @@ import arcflow
 from arcflow import reference
 from arcflow.activations import RectifiedMonomial
 
-from _helpers.kernels import DTYPES, RTOL, assert_close
+from _helpers.kernels import DTYPES, assert_close
 from _helpers.mp_oracle import mp_kernels
 from _helpers.numeric import assert_differs, rel_err
 

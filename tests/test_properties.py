@@ -10,9 +10,9 @@ import pytest
 
 import arcflow
 from arcflow import reference
-from arcflow.activations import ABReLU, Abs, Erf, Identity, LeakyReLU, RectifiedMonomial, ReLU, Sign, Step
+from arcflow.activations import ABReLU, Erf, LeakyReLU, RectifiedMonomial
 
-from _helpers.kernels import ACTIVATIONS, DTYPES, RTOL, assert_close
+from _helpers.kernels import ACTIVATIONS, DTYPES, assert_close
 from _helpers.numeric import assert_differs
 
 # Every test here runs with both layouts of the CPU layer loops (conftest.fc_layout).
