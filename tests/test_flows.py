@@ -5,7 +5,7 @@ import pytest
 
 from arcflow.invertible import ActNorm, AffineCoupling, InvertibleConv1x1, Sequential
 from arcflow.invertible.flows import _conv2d_numpy
-from test_irevnet import assert_differs
+from _helpers.invertible import assert_differs
 
 DTYPES = [np.float32, np.float64]
 TOL = {np.float32: 1e-5, np.float64: 1e-12}

@@ -26,7 +26,7 @@ from arcflow import _core, _cuda
 from arcflow.invertible import (ActNorm, AffineCoupling, InjectivePad, IRevNet, IRevNetBlock, InvertibleConv1x1,
                                 Sequential, SpaceToDepth, _cuda_ops, _ops)
 from arcflow.invertible.flows import soft_clamp
-from test_irevnet import BLOCK_CASES, assert_differs, randomize_bn  # the CPU tests' block cases and helpers
+from _helpers.invertible import BLOCK_CASES, assert_differs, randomize_bn  # the CPU tests' block cases and helpers
 
 
 def _gpu_skip_reason() -> str:
