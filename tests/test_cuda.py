@@ -22,7 +22,7 @@ from arcflow import _core, _cuda, reference
 from arcflow import activations as acts
 from arcflow._kernels import _act_numbers  # the (a, b, n) the bindings take, as the public API passes them
 from arcflow.activations import ReLU
-from test_properties import ACTIVATIONS as PROPERTY_ACTIVATIONS
+from _helpers.kernels import ACTIVATIONS as PROPERTY_ACTIVATIONS
 
 HAVE_GPU = _cuda.available()
 if not _cuda.built():

@@ -1,7 +1,7 @@
 """Inputs and weights far from 1: tiny rows, huge rows, kernels that underflow or overflow, nearly
 (anti)collinear float32 pairs, and the instruction-set variants of the fused kernel.
 
-Oracles: arcflow.reference (NumPy float64), the 50-digit mpmath recursion (conftest.mp_kernels), and exact
+Oracles: arcflow.reference (NumPy float64), the 50-digit mpmath recursion (_helpers.mp_oracle), and exact
 scaling laws (ReLU-family kernels without bias are homogeneous of degree 2 in the inputs, Sign and Erf-free
 angle kernels of degree 0), which hold whatever the scale and need no second implementation.
 """
@@ -19,7 +19,7 @@ from arcflow import _core, compat
 from arcflow.activations import ABReLU, Erf, LeakyReLU, RectifiedMonomial, Sign
 from arcflow.reference import kernels as ref_kernels
 
-from conftest import mp_kernels
+from _helpers.mp_oracle import mp_kernels
 
 ALL_ACTS = [ABReLU(0.0, 1.0), LeakyReLU(0.1), ABReLU(-1.0, 1.0), ABReLU(0.3, -0.7), RectifiedMonomial(0),
             RectifiedMonomial(1), RectifiedMonomial(2), RectifiedMonomial(3), Sign(), Erf()]

@@ -7,7 +7,7 @@ from arcflow.invertible import ActNorm, AffineCoupling, InvertibleConv1x1, Seque
 from arcflow.invertible import _providers
 from arcflow.invertible._backend import CpuOps
 from arcflow.invertible.flows import _conv2d_numpy
-from test_irevnet import assert_differs
+from _helpers.invertible import assert_differs
 
 DTYPES = [np.float32, np.float64]
 TOL = {np.float32: 1e-5, np.float64: 1e-12}

@@ -3,7 +3,7 @@
 Random activation, depth 0..6, w_std, b_std, fix_dep, get, diag, symmetric or not; inputs whose rows are
 scaled over many orders of magnitude (1e-30 ... 1e30 in float64, 1e-18 ... 1e15 in float32), with nearly
 collinear and anti-collinear pairs. float64 must be within 1e-10 (relative to the largest entry) of the
-truth: the NumPy reference where it agrees, else the 50-digit recursion (conftest.mp_kernels) decides.
+truth: the NumPy reference where it agrees, else the 50-digit recursion (_helpers.mp_oracle) decides.
 float32 must be within 1e-4 of the float64 result of the same float32 inputs. Where the exact kernel
 overflows the dtype, FloatingPointError; NaN or inf never.
 
@@ -24,7 +24,7 @@ import arcflow  # noqa: E402
 from arcflow.activations import ABReLU, Erf, LeakyReLU, RectifiedMonomial, Sign  # noqa: E402
 from arcflow.reference import kernels as ref_kernels  # noqa: E402
 
-from conftest import mp_kernels  # noqa: E402
+from _helpers.mp_oracle import mp_kernels  # noqa: E402
 
 ACTS = [ABReLU(0.0, 1.0), LeakyReLU(0.2), ABReLU(-1.0, 1.0), ABReLU(0.5, -1.5), ABReLU(1.0, 1.0),
         RectifiedMonomial(0), RectifiedMonomial(1), RectifiedMonomial(2), RectifiedMonomial(3), Sign(), Erf()]

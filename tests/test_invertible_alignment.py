@@ -12,8 +12,7 @@ import pytest
 from arcflow import _core
 from arcflow.invertible import ActNorm, AffineCoupling, IRevNet, IRevNetBlock, InvertibleConv1x1, SpaceToDepth
 from arcflow.invertible import _ops
-from test_invertible_ops import conv2d_oracle
-from test_irevnet import psi_np
+from _helpers.invertible import conv2d_oracle, psi_np
 
 ROOT = Path(__file__).resolve().parents[1]
 

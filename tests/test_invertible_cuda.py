@@ -28,7 +28,7 @@ from arcflow.invertible import (ActNorm, AffineCoupling, InjectivePad, IRevNet, 
                                 Sequential, SpaceToDepth, _cuda_ops, _ops, _providers)
 from arcflow.invertible._backend import DeviceOps
 from arcflow.invertible.flows import soft_clamp
-from test_irevnet import BLOCK_CASES, assert_differs, randomize_bn  # the CPU tests' block cases and helpers
+from _helpers.invertible import BLOCK_CASES, assert_differs, randomize_bn  # the CPU tests' block cases and helpers
 
 
 def _gpu_skip_reason() -> str:

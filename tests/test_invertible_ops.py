@@ -12,43 +12,9 @@ import pytest
 from arcflow import _core
 from arcflow.invertible import _ops
 
-
-def conv2d_levels():
-    """conv2d's micro-kernel levels this CPU runs: "generic", and "avx2" where the CPU has AVX2+FMA
-    ("avx512" selects conv2d's avx2 kernel again, so it adds no case)."""
-    return [lv for lv in _core._conv2d_isa_levels() if lv != "avx512"]
-
-
-@pytest.fixture(params=conv2d_levels())
-def conv2d_isa(request):
-    """Run the test with conv2d forced to one micro-kernel level, then restore the automatic choice."""
-    _core._set_conv2d_isa(request.param)
-    try:
-        assert _core._conv2d_isa() == request.param
-        yield request.param
-    finally:
-        _core._set_conv2d_isa("auto")
+from _helpers.invertible import conv2d_oracle  # direct float64 cross-correlation (conv2d_isa: conftest.py)
 
 TOL = {np.float32: 2e-5, np.float64: 1e-12}
-
-
-def conv2d_oracle(x, w, b=None, stride=1, padding=0):
-    """Direct float64 cross-correlation: a sum over the kernel taps of shifted, strided slices."""
-    x = np.asarray(x, np.float64)
-    w = np.asarray(w, np.float64)
-    n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    ho = (h + 2 * padding - kh) // stride + 1
-    wo = (wd + 2 * padding - kw) // stride + 1
-    y = np.zeros((n, o, ho, wo))
-    for u in range(kh):
-        for v in range(kw):
-            patch = xp[:, :, u:u + stride * (ho - 1) + 1:stride, v:v + stride * (wo - 1) + 1:stride]
-            y += np.einsum("nchw,oc->nohw", patch, w[:, :, u, v])
-    if b is not None:
-        y += np.asarray(b, np.float64)[None, :, None, None]
-    return y
 
 
 def conv2d_loop(x, w, stride, padding):

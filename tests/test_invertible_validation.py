@@ -8,8 +8,7 @@ import pytest
 from arcflow.invertible import (ActNorm, AffineCoupling, InjectivePad, IRevNet, IRevNetBlock, InvertibleConv1x1,
                                 Sequential, SpaceToDepth, from_torch)
 from arcflow.invertible import _ops
-from test_invertible_ops import conv2d_oracle
-from test_irevnet import bn_relu_np, psi_np, randomize_bn
+from _helpers.invertible import bn_relu_np, conv2d_oracle, psi_np, randomize_bn
 
 F32_MAX = float(np.finfo(np.float32).max)
 

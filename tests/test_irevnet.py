@@ -4,22 +4,10 @@ import pytest
 
 from arcflow.invertible import InjectivePad, IRevNet, IRevNetBlock, SpaceToDepth, from_torch
 from arcflow.invertible import _ops
-from test_invertible_ops import conv2d_isa  # noqa: F401  (fixture: every conv2d micro-kernel level the CPU runs)
-from test_invertible_ops import conv2d_oracle  # direct float64 cross-correlation: a sum over shifted slices
 
-REL = {np.float32: 1e-5, np.float64: 1e-12}
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(np.asarray(b, np.float64)))
-
-
-def assert_differs(a, b, rel=1e-3):
-    """A negative control that cannot pass on NaN (``not np.allclose`` and ``not np.array_equal`` do): both
-    arrays finite, and max|a - b| above ``rel`` times max|b|."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape and np.isfinite(a).all() and np.isfinite(b).all()
-    assert np.abs(a - b).max() > rel * np.abs(b).max()
+from _helpers.invertible import (  # the float64 NumPy oracle of the reference block, and the block cases
+    BLOCK_CASES, REL, assert_differs, block_forward_np, bn_relu_np, bottleneck_np, psi_inv_np, psi_np, randomize_bn,
+    rel_err)
 
 
 def test_assert_differs_is_a_real_negative_control():
@@ -28,73 +16,6 @@ def test_assert_differs_is_a_real_negative_control():
     with pytest.raises(AssertionError):
         assert_differs(np.ones(3), np.ones(3) + 1e-9)
     assert_differs(np.ones(3), np.zeros(3) + 2)
-
-
-# ---- an independent float64 NumPy oracle of the reference block -----------------------------------
-
-
-def psi_np(x, b=2):
-    n, c, h, w = x.shape
-    return x.reshape(n, c, h // b, b, w // b, b).transpose(0, 3, 5, 1, 2, 4).reshape(n, b * b * c, h // b, w // b)
-
-
-def psi_inv_np(y, b=2):
-    n, cb, h, w = y.shape
-    c = cb // (b * b)
-    return y.reshape(n, b, b, c, h, w).transpose(0, 3, 4, 1, 5, 2).reshape(n, c, h * b, w * b)
-
-
-def bn_relu_np(x, sd, pre):
-    g = sd.get(pre + "weight", np.ones_like(sd[pre + "running_mean"]))
-    b = sd.get(pre + "bias", np.zeros_like(sd[pre + "running_mean"]))
-    m, v = sd[pre + "running_mean"], sd[pre + "running_var"]
-    e = lambda a: np.asarray(a, np.float64)[None, :, None, None]  # noqa: E731
-    return np.maximum((x - e(m)) / np.sqrt(e(v) + 1e-5) * e(g) + e(b), 0)
-
-
-def bottleneck_np(blk, x2):
-    sd = blk.state_dict()
-    j = 0 if blk.first else 2
-    h = x2
-    if not blk.first:
-        h = bn_relu_np(h, sd, "bottleneck_block.0.")
-    h = conv2d_oracle(h, sd[f"bottleneck_block.{j}.weight"], None, blk.stride, 1)
-    h = bn_relu_np(h, sd, f"bottleneck_block.{j + 1}.")
-    h = conv2d_oracle(h, sd[f"bottleneck_block.{j + 3}.weight"], None, 1, 1)
-    h = bn_relu_np(h, sd, f"bottleneck_block.{j + 5}.")
-    return conv2d_oracle(h, sd[f"bottleneck_block.{j + 7}.weight"], None, 1, 1)
-
-
-def block_forward_np(blk, x1, x2):
-    if blk.pad and blk.stride == 1:
-        x = np.concatenate([x1, x2, np.zeros((x1.shape[0], blk.pad) + x1.shape[2:])], axis=1)
-        x1, x2 = x[:, : x.shape[1] // 2], x[:, x.shape[1] // 2:]
-    f = bottleneck_np(blk, x2)
-    if blk.stride == 2:
-        x1, x2 = psi_np(x1), psi_np(x2)
-    return x2, f + x1
-
-
-def randomize_bn(blk_or_net, rng):
-    """Non-trivial running statistics and affine parameters (torch's init makes BN the identity)."""
-    sd = blk_or_net.state_dict()
-    for k, v in sd.items():
-        if k.endswith("running_mean") or k.endswith(".bias"):
-            sd[k] = rng.standard_normal(v.shape).astype(v.dtype) * 0.1
-        elif k.endswith("running_var") or (k.endswith(".weight") and v.ndim == 1):
-            sd[k] = rng.uniform(0.5, 1.5, v.shape).astype(v.dtype)
-    blk_or_net.load_state_dict(sd)
-
-
-BLOCK_CASES = [
-    # in_ch, out_ch, stride, first, mult, affine_bn, h
-    (32, 16, 1, False, 4, True, 8),     # plain stride-1 block
-    (32, 16, 1, True, 4, True, 6),      # first block: no leading BN-ReLU
-    (16, 32, 2, False, 4, True, 8),     # stride 2: psi on both halves
-    (3, 16, 1, True, 4, True, 8),       # injective: 3 -> 32 channels (the CIFAR stem)
-    (12, 16, 1, False, 2, False, 5),    # injective, odd H/W, affine=False BN
-    (8, 16, 2, True, 8, False, 4),
-]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -6,9 +6,7 @@ import pytest
 
 from arcflow.invertible import IRevNetBlock
 from arcflow.invertible import _ops
-from test_invertible_ops import conv2d_isa  # noqa: F401  (fixture: every conv2d micro-kernel level)
-from test_invertible_ops import conv2d_oracle
-from test_irevnet import REL, block_forward_np, bottleneck_np, psi_inv_np, randomize_bn, rel_err
+from _helpers.invertible import REL, block_forward_np, bottleneck_np, conv2d_oracle, psi_inv_np, randomize_bn, rel_err
 
 FINITE_CASES = [
     # in_ch, out_ch, stride, first; H, W: W leaves a vector part and a tail in the input pass (stride 2:

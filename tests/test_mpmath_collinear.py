@@ -17,6 +17,8 @@ import pytest
 import arcflow
 from arcflow import activations as acts
 
+from _helpers.numeric import rel_err
+
 TOL = 1e-10
 
 # Every test here runs with both layouts of the CPU layer loops (conftest.fc_layout).
@@ -25,12 +27,6 @@ pytestmark = pytest.mark.usefixtures("fc_layout")
 ACTIVATIONS = [acts.ReLU(), acts.LeakyReLU(0.1), acts.Abs(), acts.RectifiedMonomial(2), acts.Step(),
                acts.Sign(), acts.Erf()]
 ILL_CONDITIONED = (acts.Step(), acts.Sign())
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    scale = float(np.max(np.abs(want))) if want.size else 0.0
-    return float(np.max(np.abs(got - want), initial=0.0)) / (scale if scale > 0 else 1.0)
 
 
 def _inputs(kind):

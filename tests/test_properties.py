@@ -10,33 +10,15 @@ import pytest
 
 import arcflow
 from arcflow import reference
-from arcflow.activations import (
-    ABReLU, Abs, Erf, Identity, LeakyReLU, RectifiedMonomial, ReLU, Sign, Step)
+from arcflow.activations import ABReLU, Erf, LeakyReLU, RectifiedMonomial
+
+from _helpers.kernels import ACTIVATIONS, DTYPES, assert_close
+from _helpers.numeric import assert_differs
 
 # Every test here runs with both layouts of the CPU layer loops (conftest.fc_layout).
 pytestmark = pytest.mark.usefixtures("fc_layout")
 
-RTOL = {np.float32: 1e-5, np.float64: 1e-12}
-
-# (activation, w_std, b_std): the weight scale keeps every depth up to 8 finite and well conditioned
-# (relu(x)^n with n >= 2 maps the variance s -> w^2 (2n-1)!!/2 s^n + b^2: with these scales every input
-# row starts below the map's unstable fixed point, so nothing overflows by depth 8).
-ACTIVATIONS = {
-    "relu": (ReLU(), 1.3, 0.4),
-    "leaky_relu_0.2": (LeakyReLU(0.2), 1.3, 0.4),
-    "abrelu_-0.3_1.7": (ABReLU(-0.3, 1.7), 0.9, 0.2),
-    "abs": (Abs(), 1.1, 0.3),
-    "monomial_0": (RectifiedMonomial(0), 1.3, 0.4),
-    "monomial_1": (RectifiedMonomial(1), 1.3, 0.4),
-    "monomial_2": (RectifiedMonomial(2), 0.5, 0.4),
-    "monomial_3": (RectifiedMonomial(3), 0.3, 0.4),
-    "step": (Step(), 1.3, 0.4),
-    "sign": (Sign(), 1.3, 0.4),
-    "erf": (Erf(), 1.5, 0.2),
-    "identity": (Identity(), 1.1, 0.3),
-}
 DEPTHS = (0, 1, 3, 8)
-DTYPES = (np.float32, np.float64)
 
 
 def _data(n1, n2, d, seed=0, collinear=False):
@@ -71,25 +53,6 @@ def _cast(x, dtype):
 
 def _as64(x):
     return None if x is None else np.asarray(x, dtype=np.float64)
-
-
-def assert_close(actual, expected, dtype, what=""):
-    """Relative error, relative to the largest |entry| of the oracle, the diagonal included."""
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, what
-    assert np.all(np.isfinite(actual)), f"{what}: non-finite entries"
-    scale = float(np.max(np.abs(expected))) if expected.size else 1.0
-    err = float(np.max(np.abs(actual.astype(np.float64) - expected))) if expected.size else 0.0
-    assert err <= RTOL[dtype] * max(scale, np.finfo(np.float64).tiny), (
-        f"{what}: max abs error {err:.3e} = {err / scale if scale else err:.3e} of the largest entry "
-        f"{scale:.3e} (tolerance {RTOL[dtype]:.0e})")
-
-
-def assert_differ(a, b, rtol, what=""):
-    """A negative control: both finite and apart by more than rtol of max |b| (np.allclose is False on NaN)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    assert np.all(np.isfinite(a)) and np.all(np.isfinite(b)), f"{what}: non-finite entries"
-    assert np.max(np.abs(a - b)) > rtol * np.max(np.abs(b)), f"{what}: no difference above {rtol:.0e}"
 
 
 def _get(act):
@@ -258,7 +221,7 @@ def test_fix_dep_equal_depth_gives_nngp(depth, dtype):
     assert_close(k.ntk, k.nngp, dtype, "ntk with fix_dep = depth")
     if depth > 0:
         k0 = arcflow.kernels(x1, x2, depth=depth, fix_dep=0, w_std=1.3, b_std=0.5)
-        assert_differ(k0.ntk, k.ntk, 1e-3, "fix_dep=0 vs fix_dep=depth")   # the frozen layers' share is gone
+        assert_differs(k0.ntk, k.ntk, 1e-3, "fix_dep=0 vs fix_dep=depth")   # the frozen layers' share is gone
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import scipy.special
 from arcflow import activations as acts
 from arcflow import reference
 
+from _helpers.numeric import rel_err
+
 ALL_ACTIVATIONS = [
     acts.ReLU(), acts.LeakyReLU(0.2), acts.ABReLU(-0.4, 1.3), acts.Abs(), acts.Identity(),
     acts.RectifiedMonomial(2), acts.RectifiedMonomial(3), acts.Step(), acts.Sign(), acts.Erf(),
@@ -19,12 +21,6 @@ ALL_ACTIVATIONS = [
 
 def _id(act):
     return repr(act)
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    scale = float(np.max(np.abs(want))) if want.size else 0.0
-    return float(np.max(np.abs(got - want), initial=0.0)) / (scale if scale > 0 else 1.0)
 
 
 def _get(act):

@@ -2,7 +2,7 @@
 
 The recorded numbers come from tests/make_nt_golden.py (tests/data/nt_golden.npz), so CI needs no jax.
 neural-tangents is the only oracle here that shares no code or formulas with arcflow, so every case must
-agree with it to 1e-10. The 50-digit recursion (conftest.mp_kernels) retypes the closed forms of
+agree with it to 1e-10. The 50-digit recursion (_helpers.mp_oracle) retypes the closed forms of
 arcflow.reference: a formula error shared by both would pass against it, so it may settle a disagreement
 only for a case listed in NT_DEFECTS with the neural-tangents defect that excuses it. Elsewhere it only
 says, in the failure message, who is off. A live comparison runs only where neural-tangents imports.
@@ -21,18 +21,13 @@ import arcflow
 from arcflow import activations as acts
 from arcflow import reference
 
+from _helpers.numeric import rel_err
+
 # Every test here runs with both layouts of the CPU layer loops (conftest.fc_layout).
 pytestmark = pytest.mark.usefixtures("fc_layout")
 
 TOL = 1e-10
 GOLDEN = Path(__file__).resolve().parent / "data" / "nt_golden.npz"
-
-
-def rel_err(got, want) -> float:
-    """max |got - want| / max |want| (docs/mathematics.md §1.4)."""
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    scale = float(np.max(np.abs(want))) if want.size else 0.0
-    return float(np.max(np.abs(got - want), initial=0.0)) / (scale if scale > 0 else 1.0)
 
 
 def _load():

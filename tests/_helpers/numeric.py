@@ -1,0 +1,20 @@
+"""Error measures and the negative-control assertion shared by the kernel and the invertible tests."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def rel_err(got, want) -> float:
+    """max |got - want| relative to max |want| (the convention of the 1e-10 bar of the kernel tests)."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    return float(np.max(np.abs(got - want), initial=0.0)) / (scale if scale > 0 else 1.0)
+
+
+def assert_differs(a, b, rel=1e-3, what=""):
+    """A negative control that cannot pass on NaN (``not np.allclose`` and ``not np.array_equal`` do): both
+    arrays finite, of one shape, and max|a - b| above ``rel`` times max|b|."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, f"{what}: shapes {a.shape} and {b.shape}"
+    assert np.isfinite(a).all() and np.isfinite(b).all(), f"{what}: non-finite entries"
+    assert np.abs(a - b).max() > rel * np.abs(b).max(), f"{what}: no difference above {rel:.0e}"
