@@ -86,7 +86,7 @@ int active_isa() {
 int fc_layout = -1;  // set_fc_layout
 
 // Whether the layers run as one fused loop (see run_tile) and the Gram tile uses 64-byte vectors
-// (gram_rows<T, R, 64>): by default where the AVX-512 variant runs (in the AVX2 variant they were 6x slower).
+// (gram_rows<T, R, 64>): by default only where the AVX-512 variant runs (on AVX2 both are slower).
 bool fused_layout() {
   if (fc_layout >= 0) return fc_layout == 1;
   return active_isa() == isa_avx512;
@@ -249,8 +249,7 @@ struct slow_pairs {
 };
 
 // One thread's tile buffers, each aligned to 64 bytes: the loops load and store whole vectors of the tile,
-// and a vector that straddles two cache lines costs two accesses (std::vector's 16-byte alignment did that to
-// every AVX-512 access and to half the AVX2 ones).
+// and a vector that straddles two cache lines costs two accesses.
 template <class T>
 struct workspace {
   struct free_deleter {
@@ -479,9 +478,8 @@ inline void pack_panels(const T* x2, index_t d, index_t tj, T* bt) {
 // G rows [i, i+R) = a (R x d) times the packed bt, R rows x 2 vectors of VB bytes at a time (GCC vector
 // extensions), 2R accumulators. VB = 32, sized for AVX2's 16 registers: the two vectors are the halves of one
 // panel row; on SSE2 each vector splits in two. VB = 64 (AVX-512, 32 registers, R = 8): one vector per panel
-// row and the same row of two panels; gram_rows<.., 32> left half of each AVX-512 FMA unused (depth 0,
-// float64, 1 thread: 4.0 -> 2.75 ns per pair). Either way each element sums the same products in the same
-// order, so the bits are the same.
+// row and the same row of two panels (gram_rows<.., 32> would leave half of each AVX-512 FMA unused). Either
+// way each element sums the same products in the same order, so the bits are the same.
 template <class T, int R, int VB>
 inline __attribute__((always_inline)) void gram_rows(const T* a, index_t d, const T* bt, T* g) {
   typedef T V __attribute__((vector_size(VB)));
@@ -528,9 +526,8 @@ inline __attribute__((always_inline)) void gram_tile(const T* a, index_t ti, ind
 
 // Copies n contiguous values to dst. With stream, non-temporal stores on the whole cache lines of dst: a large
 // output is written once and not read back by the kernel, so streaming it past the caches saves the
-// read-for-ownership of every output line and keeps the tile's working set in cache (measured, quiet VM,
-// 2 threads: kernel_value_batch(X, 5) at N = 3000 0.29-0.31 -> 0.23-0.27 s, symmetric kernels at N = 6000
-// 0.41-0.45 -> 0.33-0.41 s). Small outputs keep plain stores, so the caller finds them in cache.
+// read-for-ownership of every output line and keeps the tile's working set in cache. Small outputs keep
+// plain stores, so the caller finds them in cache.
 // The caller fences (store_fence).
 template <class T>
 inline void stream_row(T* dst, const T* src, index_t n, bool stream) {
@@ -538,10 +535,8 @@ inline void stream_row(T* dst, const T* src, index_t n, bool stream) {
 #if defined(__SSE2__)
   if (stream) {
     // Non-temporal stores only on whole cache lines: the line the row starts in and the line it ends in are
-    // shared with the neighbouring tiles, so they take plain stores. A partly written line in a
-    // write-combining buffer goes out as a partial write, which cost the Intel Xeon VM 3.5-4 ns per pair
-    // at depth 0 (9.0 instead of 5.5 ns, 1 thread, 2048 x 2048 float64): np.empty puts large arrays 16
-    // bytes past a page boundary, so with 16-byte alignment alone every row segment began mid-line.
+    // shared with the neighbouring tiles, so they take plain stores: a partly written line in a
+    // write-combining buffer goes out as a slow partial write (and np.empty's large arrays start mid-line).
     constexpr index_t W = 16 / index_t(sizeof(T));
     constexpr index_t L = 64 / index_t(sizeof(T));
     for (; j < n && (reinterpret_cast<std::uintptr_t>(dst + j) & 63) != 0; ++j) dst[j] = src[j];
@@ -600,8 +595,8 @@ inline void store_tile(T* out, index_t n2, index_t i0, index_t ti, index_t j0, i
   }
   if (symmetric) {
     // The mirror, in strips of one cache line of columns: transpose the strip into a small buffer (each
-    // line of the tile read once), then write its rows. Gathering each column straight from the tile read
-    // 64 lines 512 bytes apart per column, which thrashed L1 and made the mirror cost twice the direct half.
+    // line of the tile read once), then write its rows: gathering each column straight from the tile reads
+    // 64 lines 512 bytes apart per column, which thrashes L1.
     constexpr index_t SB = 64 / index_t(sizeof(T));
     T strip[SB * TILE];
     for (index_t jb = 0; jb < tj; jb += SB) {
@@ -895,23 +890,8 @@ inline __attribute__((always_inline)) void run_tile(const tile_ctx<T>& c, const 
       const T qa = w_sd * ta;
       if constexpr (Act::angle_based) {
         // The angle in loops of their own: its dependency chain (square root, division, polynomial) is
-        // long, and in one loop with the rest the out-of-order window held too few pairs to hide it.
-        // Measured (1 thread, process time, 2048 x 2048, ReLU): one angle loop in front of the pair loop
-        // 5.83 -> 5.06 ns per pair-layer; the angle split again in two (angle_reduce, angle_finish)
-        // 4.26 -> 3.93 ns in float64, 1.98 -> 1.67 ns in float32. Tried and slower: the three stages
-        // software-pipelined across rows in one loop (reduce row i+2, finish row i+1, pair row i; 3.45 ->
-        // 4.4 ns), and the float64 division replaced by Newton steps (3.56 -> 4.27 ns): the FP pipes, not
-        // the divider, bound these loops. Per stage on one tile (float64, 1 thread): the square root and
-        // division loop 1.28-1.44 ns per pair (the divider alone: 13.5 cycles per 4 pairs), the arctangent
-        // 0.85-0.95, the pair loop 1.2-1.5. Also tried and slower: reduce(i+1) with finish(i) in one loop
-        // (3.10 -> 3.28), finish with the pair loop (-> 3.63), reduce(i+1) with pair(i) (-> 3.51), an Estrin
-        // arctangent (finish 0.85 -> 1.05); no gain: q = h sqrt(gm gp), off the sqrt's dependency chain, and
-        // (float) the square root and the division in two loops (one tile: 0.54 -> 0.48 ns; here 1.28 -> 1.27
-        // ns per pair-layer, 16 alternating runs).
-        // Here, unlike the scaled loop above, the fused layout with angle_direct was not faster on AVX-512
-        // (1 thread, N = 4000, depth 5, Intel Xeon VM: float64 ReLU with b_std = 0.1 0.285-0.318 s fused vs
-        // 0.275-0.287 s in three loops, RectifiedMonomial(2) 0.33-0.34 vs 0.29-0.30): the pair formulas with
-        // the bias (a division of their own) make the fused chain too long for the out-of-order window.
+        // long, and in one loop with the rest the out-of-order window holds too few pairs to hide it. Not
+        // fused here even on AVX-512: the bias's own division makes the fused chain too long.
         const T ha = T(0.5) * ira;
         if (ha > T(0) && cols_nonzero) {  // no zero-variance row: no selects for the pi/2 convention
 #pragma omp simd
@@ -1153,8 +1133,7 @@ fc_engine<T>::fc_engine(const T* x1, index_t n1, const T* x2, index_t n2, index_
   });
 }
 
-// The Gram micro-kernel reads x2 in panels; packing it once per engine, not per tile, saved the 2.4% of the
-// kernel's time that the per-tile packing took (perf, N = 4000, depth 5, 1 thread).
+// The Gram micro-kernel reads x2 in panels, packed once per engine rather than once per tile.
 template <class T>
 const T* fc_engine<T>::panels2() const {
   std::call_once(packed_, [this] {

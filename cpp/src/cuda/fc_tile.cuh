@@ -44,8 +44,7 @@ constexpr int GR = TY * RG;  // rows of one group: the mirror is staged a group 
 constexpr index_t TABLE_PAD = 128;  // tables are padded to a multiple of the largest tile
 
 // Tuning knob (compile with -DARCFLOW_CUDA_MIN_BLOCKS=2 to try): blocks per multiprocessor that ptxas must
-// fit. 1 leaves the float kernel at ~170 registers (8 warps per SM); 2 caps it at 128 and spills a little
-// (sm_90: 200-340 bytes). Which is faster is for a GPU to say.
+// fit. 1 lets the float kernel keep all its registers; 2 caps them at 128 at the cost of a few spills.
 #ifndef ARCFLOW_CUDA_MIN_BLOCKS
 #define ARCFLOW_CUDA_MIN_BLOCKS 1
 #endif
