@@ -128,6 +128,8 @@ def main(argv=None):
         return 0
     try:
         from arcflow import _cuda as arcflow_cuda
+        from arcflow._kernels import fc_params
+        from arcflow.activations import ReLU
     except ImportError as e:
         print(f"gpu_compare: arcflow is not importable: {e}")
         return 0
@@ -167,10 +169,11 @@ def main(argv=None):
         x = rng.standard_normal((n, args.d), dtype=cp.float32)
         x2 = None if args.mode == "symmetric" else x.copy()
         w2, b2 = W_STD * W_STD, B_STD * B_STD
+        params = fc_params(ReLU(), args.depth, w2, b2, w2 / args.d, 0)
         res = {"n": n}
 
         def run_arcflow():
-            return arcflow_cuda.kernels_cuda(x, x2, 0, 0.0, 1.0, 1, args.depth, w2, b2, w2 / args.d, 0, True, True)
+            return arcflow_cuda.kernels_cuda(x, x2, params, True, True)
 
         try:
             res["arcflow"] = _median_time(lambda: run_arcflow(), sync_cp, args.repeat)

@@ -96,7 +96,7 @@ double run_case(const act_params& ap, double wv, double bv, int depth, int fix, 
   const std::vector<double> q1 = norm2(x1, n1), q2 = norm2(x2, n2);
   const index_t np1 = (n1 + TABLE_PAD - 1) / TABLE_PAD * TABLE_PAD, np2 = (n2 + TABLE_PAD - 1) / TABLE_PAD * TABLE_PAD;
   std::vector<T> gn(size_t(n1) * n2, T(-9)), gt(size_t(n1) * n2, T(-9));  // sentinels: unwritten entries show
-  by_activation<T>(p, [&](auto act) {
+  by_activation<T, false>(p, [&](auto act) {
     using Act = decltype(act);
     const std::vector<T> t1 = build_table<T, Act>(q1, n1, np1, p), t2 = build_table<T, Act>(q2, n2, np2, p);
     tile_args<T> g;

@@ -66,7 +66,8 @@ def test_engine_never_starts_more_threads_than_tiles():
         import numpy as np
         from arcflow import _core, reference
         x = np.random.default_rng(0).standard_normal((50, 7))
-        e = _core.FcEngineF64(x, None, 0, 0.0, 1.0, 1, 2, 1.0, 0.0, 1.0 / 7, 0)
+        relu = _core.ActParams(kind=_core.ActKind.abrelu, a=0.0, b=1.0)
+        e = _core.FcEngineF64(x, None, _core.FcParams(act=relu, depth=2, w_var=1.0, gram_scale=1.0 / 7))
         out = np.full((50, 50), np.nan)
         e.rows(0, 50, out, None, None, 10**6)
         ref = reference.nngp(x, depth=2)
@@ -225,7 +226,9 @@ def _slow_rows():
 
 def _engine(x, y, depth, order=5, w_std=0.005, b_std=1.0):
     cls = _core.FcEngineF32 if x.dtype == np.float32 else _core.FcEngineF64
-    return cls(x, y, 1, 0.0, 1.0, order, depth, w_std**2, b_std**2, w_std**2 / x.shape[1], 0)
+    act = _core.ActParams(kind=_core.ActKind.monomial, n=order)
+    return cls(x, y, _core.FcParams(act=act, depth=depth, w_var=w_std**2, b_var=b_std**2,
+                                    gram_scale=w_std**2 / x.shape[1]))
 
 
 def test_ctrl_c_stops_one_long_engine_call():
@@ -371,12 +374,13 @@ def test_unaligned_out_is_refused():
 def test_bindings_refuse_unaligned_arrays(cls, dtype):
     x = _unaligned((6, 3), dtype)
     x[...] = 1
+    relu = _core.FcParams(act=_core.ActParams(kind=_core.ActKind.abrelu), depth=1)
     with pytest.raises(ValueError, match="x1 is not aligned"):
-        cls(x, None, 0, 0.0, 1.0, 1, 1, 1.0, 0.0, 1.0, 0)
+        cls(x, None, relu)
     good = np.ones((6, 3), dtype)
     with pytest.raises(ValueError, match="x2 is not aligned"):
-        cls(good, x, 0, 0.0, 1.0, 1, 1, 1.0, 0.0, 1.0, 0)
-    e = cls(good, None, 0, 0.0, 1.0, 1, 1, 1.0, 0.0, 1.0, 0)
+        cls(good, x, relu)
+    e = cls(good, None, relu)
     with pytest.raises(ValueError, match="not aligned"):
         e.rows(0, 6, _unaligned((6, 6), dtype), None, None, 1)
     with pytest.raises(ValueError, match="not aligned"):

@@ -20,7 +20,7 @@ import pytest
 import arcflow
 from arcflow import _core, _cuda, reference
 from arcflow import activations as acts
-from arcflow._kernels import _act_numbers  # the (a, b, n) the bindings take, as the public API passes them
+from arcflow._kernels import fc_params  # the FcParams the bindings take, as the public API builds them
 from arcflow.activations import ReLU
 from _helpers.kernels import ACTIVATIONS as PROPERTY_ACTIVATIONS
 
@@ -39,7 +39,6 @@ ACTIVATIONS = {"relu_nobias": (ReLU(), 1.4, 0.0), **PROPERTY_ACTIVATIONS}
 # (n1, n2 or None for the symmetric case, d): several tiles, ragged edges, d not a multiple of 8.
 SHAPES = {"1x1_d1": (1, 1, 1), "130x70_d21": (130, 70, 21), "sym_150_d13": (150, None, 13),
           "sym_5_d3": (5, None, 3)}
-_KIND = {"abrelu": 0, "monomial": 1, "sign": 2, "erf": 3}
 
 
 
@@ -69,9 +68,8 @@ def _cpu(x1, x2, act, depth, w, b, fix_dep, get, diag=False):
 
 def _gpu(x1, x2, act, depth, w, b, fix_dep, want_nngp=True, want_ntk=True, diag=False):
     d = x1.shape[1]
-    a, bb, n = _act_numbers(act)
-    return _cuda.kernels_cuda(x1, x2, _KIND[act.kind], a, bb, n, depth, w * w, b * b, (w * w) / max(d, 1), fix_dep,
-                              want_nngp, want_ntk, diag=diag)
+    params = fc_params(act, depth, w * w, b * b, (w * w) / max(d, 1), fix_dep)
+    return _cuda.kernels_cuda(x1, x2, params, want_nngp, want_ntk, diag=diag)
 
 
 def assert_close(actual, expected, dtype, what=""):
@@ -98,14 +96,38 @@ def test_available_is_built_and_device():
 def test_unavailable_raises_runtime_error():
     x = np.ones((3, 2))
     with pytest.raises(RuntimeError, match="built without CUDA|no CUDA device"):
-        _cuda.kernels_cuda(x, None, 0, 0.0, 1.0, 1, 2, 1.0, 0.0, 0.5, 0)
+        _cuda.kernels_cuda(x, None, fc_params(ReLU(), 2, 1.0, 0.0, 0.5, 0))
 
 
 @pytest.mark.skipif(not _cuda.built() or HAVE_GPU, reason="needs a CUDA build on a machine without a device")
 def test_binding_without_device_raises_runtime_error():
     x = np.ones((3, 2))
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        _core.fc_kernels_cuda_host_f64(x, None, 0, 0.0, 1.0, 1, 2, 1.0, 0.0, 0.5, 0, True, True)
+        _core.fc_kernels_cuda_host_f64(x, None, fc_params(ReLU(), 2, 1.0, 0.0, 0.5, 0), True, True)
+
+
+def test_binding_parameters_are_typed():
+    """The engines and the CUDA launchers take one FcParams built by keyword; the activation codes are
+    _core.ActKind (defined once, in C++), named as the Python activations' kinds."""
+    assert set(_core.ActKind.__members__) == {"abrelu", "monomial", "sign", "erf"}
+    for act in (ReLU(), acts.LeakyReLU(0.2), acts.RectifiedMonomial(3), acts.Sign(), acts.Erf()):
+        p = fc_params(act, 3, 2.0, 0.25, 0.5, 1)
+        assert p.act.kind == _core.ActKind.__members__[act.kind]
+        if act.kind == "abrelu":
+            assert (p.act.a, p.act.b) == tuple(float(v) for v in act.params())
+        if act.kind == "monomial":
+            assert p.act.n == act.params()[0]
+        assert (p.depth, p.w_var, p.b_var, p.gram_scale, p.fix_dep) == (3, 2.0, 0.25, 0.5, 1)
+        assert repr(p).startswith(f"FcParams(act=ActParams(kind=ActKind.{act.kind}, ")
+    relu = _core.ActParams(kind=_core.ActKind.abrelu)
+    with pytest.raises(TypeError):
+        _core.FcParams(relu, 2)  # keywords only
+    with pytest.raises(TypeError):
+        _core.FcEngineF64(np.ones((2, 2)), None, 0, 0.0, 1.0, 1, 2, 1.0, 0.0, 1.0, 0)  # no positional numbers
+    x = np.random.default_rng(0).standard_normal((5, 3))
+    out = np.empty((5, 5))
+    _core.FcEngineF64(x, None, _core.FcParams(act=relu, depth=2, gram_scale=1 / 3)).rows(0, 5, out, None, None, 1)
+    np.testing.assert_allclose(out, reference.nngp(x, depth=2), rtol=1e-12, atol=1e-14)
 
 
 # ---- without a GPU: the kernels' logic in a host emulation -------------------------------------------------
@@ -148,8 +170,10 @@ def test_kernel_logic_in_host_emulation(host_emulation):
     assert run.stdout.strip().startswith("worst f64"), run.stdout
 
 
-_EMULATED_ACTIVATIONS = {0: lambda a, b, n: acts.ABReLU(a, b), 1: lambda a, b, n: acts.RectifiedMonomial(n),
-                         2: lambda a, b, n: acts.Sign(), 3: lambda a, b, n: acts.Erf()}
+# The emulation's manifest writes int(act_kind); _core.ActKind is the one definition of those codes.
+_EMULATED_ACTIVATIONS = {_core.ActKind.abrelu: lambda a, b, n: acts.ABReLU(a, b),
+                         _core.ActKind.monomial: lambda a, b, n: acts.RectifiedMonomial(n),
+                         _core.ActKind.sign: lambda a, b, n: acts.Sign(), _core.ActKind.erf: lambda a, b, n: acts.Erf()}
 
 
 @pytest.mark.slow
@@ -164,7 +188,7 @@ def test_host_emulation_matches_reference(host_emulation):
     for file, dtype, kind, a, b, n, wv, bv, depth, fix, n1, n2, d, sym in rows:
         dtype = np.dtype(dtype).type
         n1, n2, d, sym, depth, fix = int(n1), int(n2), int(d), sym == "1", int(depth), int(fix)
-        act = _EMULATED_ACTIVATIONS[int(kind)](float(a), float(b), int(n))
+        act = _EMULATED_ACTIVATIONS[_core.ActKind(int(kind))](float(a), float(b), int(n))
         seen.add((repr(act), dtype, float(bv) > 0))
         v = np.fromfile(cases / file, dtype=np.float64)
         x1, v = v[:n1 * d].reshape(n1, d), v[n1 * d:]

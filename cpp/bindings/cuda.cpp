@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <string>
 
-#include "fc_params.hpp"
+#include "arcflow/fc_kernel.hpp"
 #include "registry.hpp"
 #ifdef ARCFLOW_WITH_CUDA
 #include "arcflow/fc_kernel_cuda.hpp"
@@ -31,17 +31,13 @@ template <class T>
 void bind_device(py::module_& m, const char* name) {
   m.def(
       name,
-      [](std::uintptr_t x1, std::uintptr_t x2, std::int64_t n1, std::int64_t n2, std::int64_t d, int kind, double a,
-         double b, int n, int depth, double w_var, double b_var, double gram_scale, int fix_dep, std::uintptr_t nngp,
-         std::uintptr_t ntk, int device, std::uintptr_t stream) {
-        const fc_params p = make_fc_params(kind, a, b, n, depth, w_var, b_var, gram_scale, fix_dep);
+      [](std::uintptr_t x1, std::uintptr_t x2, std::int64_t n1, std::int64_t n2, std::int64_t d, const fc_params& p,
+         std::uintptr_t nngp, std::uintptr_t ntk, int device, std::uintptr_t stream) {
         py::gil_scoped_release nogil;
         fc_kernels_cuda<T>(dev_ptr<const T>(x1), dev_ptr<const T>(x2), n1, n2, d, p, dev_ptr<T>(nngp), dev_ptr<T>(ntk),
                            device, stream);
       },
-      py::arg("x1"), py::arg("x2"), py::arg("n1"), py::arg("n2"), py::arg("d"), py::arg("kind"), py::arg("a"),
-      py::arg("b"), py::arg("n"), py::arg("depth"), py::arg("w_var"), py::arg("b_var"), py::arg("gram_scale"),
-      py::arg("fix_dep"), py::arg("nngp"), py::arg("ntk"), py::arg("device") = -1, py::arg("stream") = 0,
+      py::arg("x1"), py::arg("x2"), py::arg("n1"), py::arg("n2"), py::arg("d"), py::arg("params"), py::arg("nngp"), py::arg("ntk"), py::arg("device") = -1, py::arg("stream") = 0,
       "NNGP/NTK on device pointers (x2 = 0: symmetric); asynchronous on `stream`.");
 }
 
@@ -53,15 +49,13 @@ template <class T>
 void bind_host(py::module_& m, const char* name) {
   m.def(
       name,
-      [](carray<T> x1, py::object x2o, int kind, double a, double b, int n, int depth, double w_var, double b_var,
-         double gram_scale, int fix_dep, bool want_nngp, bool want_ntk, int device) {
+      [](carray<T> x1, py::object x2o, const fc_params& p, bool want_nngp, bool want_ntk, int device) {
         if (x1.ndim() != 2) throw std::invalid_argument("arcflow: x1 must be 2-D");
         const bool symmetric = x2o.is_none();
         carray<T> x2 = symmetric ? x1 : py::cast<carray<T>>(x2o);
         if (x2.ndim() != 2 || x2.shape(1) != x1.shape(1))
           throw std::invalid_argument("arcflow: x2 must be 2-D with as many columns as x1");
         const std::int64_t n1 = x1.shape(0), n2 = x2.shape(0), d = x1.shape(1);
-        const fc_params p = make_fc_params(kind, a, b, n, depth, w_var, b_var, gram_scale, fix_dep);
         py::object rn = py::none(), rt = py::none();
         T *pn = nullptr, *pt = nullptr;
         if (want_nngp) {
@@ -80,9 +74,8 @@ void bind_host(py::module_& m, const char* name) {
         }
         return py::make_tuple(rn, rt);
       },
-      py::arg("x1").noconvert(), py::arg("x2"), py::arg("kind"), py::arg("a"), py::arg("b"), py::arg("n"),
-      py::arg("depth"), py::arg("w_var"), py::arg("b_var"), py::arg("gram_scale"), py::arg("fix_dep"),
-      py::arg("want_nngp"), py::arg("want_ntk"), py::arg("device") = -1,
+      py::arg("x1").noconvert(), py::arg("x2"), py::arg("params"), py::arg("want_nngp"), py::arg("want_ntk"),
+      py::arg("device") = -1,
       "NNGP/NTK of host arrays on the GPU (x2 = None: symmetric); returns (nngp or None, ntk or None).");
 }
 
@@ -90,24 +83,18 @@ template <class T>
 void bind_diag(py::module_& m, const char* dev_name, const char* host_name) {
   m.def(
       dev_name,
-      [](std::uintptr_t x1, std::int64_t n1, std::int64_t d, int kind, double a, double b, int n, int depth,
-         double w_var, double b_var, double gram_scale, int fix_dep, std::uintptr_t nngp, std::uintptr_t ntk,
-         int device, std::uintptr_t stream) {
-        const fc_params p = make_fc_params(kind, a, b, n, depth, w_var, b_var, gram_scale, fix_dep);
+      [](std::uintptr_t x1, std::int64_t n1, std::int64_t d, const fc_params& p, std::uintptr_t nngp,
+         std::uintptr_t ntk, int device, std::uintptr_t stream) {
         py::gil_scoped_release nogil;
         fc_kernels_cuda_diag<T>(dev_ptr<const T>(x1), n1, d, p, dev_ptr<T>(nngp), dev_ptr<T>(ntk), device, stream);
       },
-      py::arg("x1"), py::arg("n1"), py::arg("d"), py::arg("kind"), py::arg("a"), py::arg("b"), py::arg("n"),
-      py::arg("depth"), py::arg("w_var"), py::arg("b_var"), py::arg("gram_scale"), py::arg("fix_dep"),
-      py::arg("nngp"), py::arg("ntk"), py::arg("device") = -1, py::arg("stream") = 0,
+      py::arg("x1"), py::arg("n1"), py::arg("d"), py::arg("params"), py::arg("nngp"), py::arg("ntk"), py::arg("device") = -1, py::arg("stream") = 0,
       "k(x, x) for the rows of x1 on device pointers; asynchronous on `stream`.");
   m.def(
       host_name,
-      [](carray<T> x1, int kind, double a, double b, int n, int depth, double w_var, double b_var, double gram_scale,
-         int fix_dep, bool want_nngp, bool want_ntk, int device) {
+      [](carray<T> x1, const fc_params& p, bool want_nngp, bool want_ntk, int device) {
         if (x1.ndim() != 2) throw std::invalid_argument("arcflow: x1 must be 2-D");
         const std::int64_t n1 = x1.shape(0), d = x1.shape(1);
-        const fc_params p = make_fc_params(kind, a, b, n, depth, w_var, b_var, gram_scale, fix_dep);
         py::object rn = py::none(), rt = py::none();
         T *pn = nullptr, *pt = nullptr;
         if (want_nngp) {
@@ -126,9 +113,7 @@ void bind_diag(py::module_& m, const char* dev_name, const char* host_name) {
         }
         return py::make_tuple(rn, rt);
       },
-      py::arg("x1").noconvert(), py::arg("kind"), py::arg("a"), py::arg("b"), py::arg("n"), py::arg("depth"),
-      py::arg("w_var"), py::arg("b_var"), py::arg("gram_scale"), py::arg("fix_dep"), py::arg("want_nngp"),
-      py::arg("want_ntk"), py::arg("device") = -1,
+      py::arg("x1").noconvert(), py::arg("params"), py::arg("want_nngp"), py::arg("want_ntk"), py::arg("device") = -1,
       "k(x, x) for the rows of a host array on the GPU; returns (nngp or None, ntk or None).");
 }
 

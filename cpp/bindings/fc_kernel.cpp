@@ -10,7 +10,6 @@
 #include <string>
 
 #include "arcflow/fc_kernel.hpp"
-#include "fc_params.hpp"
 #include "registry.hpp"
 
 namespace py = pybind11;
@@ -127,13 +126,10 @@ struct py_engine {
 template <class T>
 void bind_engine(py::module_& m, const char* name) {
   py::class_<py_engine<T>>(m, name)
-      .def(py::init([](carray<T> x1, py::object x2, int kind, double a, double b, int n, int depth, double w_var,
-                       double b_var, double gram_scale, int fix_dep) {
-             return new py_engine<T>(std::move(x1), std::move(x2),
-                                     make_fc_params(kind, a, b, n, depth, w_var, b_var, gram_scale, fix_dep));
+      .def(py::init([](carray<T> x1, py::object x2, const fc_params& params) {
+             return new py_engine<T>(std::move(x1), std::move(x2), params);
            }),
-           py::arg("x1").noconvert(), py::arg("x2"), py::arg("kind"), py::arg("a"), py::arg("b"), py::arg("n"),
-           py::arg("depth"), py::arg("w_var"), py::arg("b_var"), py::arg("gram_scale"), py::arg("fix_dep"))
+           py::arg("x1").noconvert(), py::arg("x2"), py::arg("params"))
       .def("rows", &py_engine<T>::rows, py::arg("r0"), py::arg("r1"), py::arg("nngp"), py::arg("ntk"),
            py::arg("ntk_all"), py::arg("threads"))
       .def("diag", &py_engine<T>::diag, py::arg("nngp"), py::arg("ntk"), py::arg("threads"));

@@ -18,6 +18,7 @@ PYBIND11_MODULE(_core, m) {
   m.attr("built_with_openmp") = false;
   m.def("omp_max_threads", []() { return 1; });
 #endif
+  arcflow::bind::register_fc_params(m);  // before the functions that take them
   arcflow::bind::register_fc_kernel(m);
   arcflow::bind::register_invertible(m);
   arcflow::bind::register_cuda(m);

@@ -65,8 +65,7 @@ def _device_matrix(cp, x, name: str, dtype):
     return x
 
 
-def kernels_cuda(a1, a2, kind: int, a: float, b: float, n: int, depth: int, w_var: float, b_var: float,
-                 gram_scale: float, fix_dep: int, want_nngp: bool = True, want_ntk: bool = True, *,
+def kernels_cuda(a1, a2, params, want_nngp: bool = True, want_ntk: bool = True, *,
                  diag: bool = False, device: Optional[int] = None) -> Tuple[Optional[object], Optional[object]]:
     """NNGP and NTK on the GPU with the CPU engine's arguments; returns ``(nngp or None, ntk or None)``.
 
@@ -75,8 +74,8 @@ def kernels_cuda(a1, a2, kind: int, a: float, b: float, n: int, depth: int, w_va
     ``_prepare`` does that); the result is NumPy of that dtype. Device arrays (``__cuda_array_interface__``)
     are taken as they are (cast to the common dtype, float32 if both are float32, else float64, and made
     contiguous by CuPy) and the result is CuPy arrays allocated on the input's device, written
-    asynchronously on CuPy's current stream. ``kind``, ``a``, ``b``, ``n``, ``depth``, ``w_var``,
-    ``b_var``, ``gram_scale``, ``fix_dep`` are the numbers of ``_core.FcEngineF32/F64``. With ``diag=True``
+    asynchronously on CuPy's current stream. ``params`` is the ``_core.FcParams`` that the CPU engine
+    takes (``arcflow._kernels.fc_params`` builds it). With ``diag=True``
     (``a2`` must be None) the results are the n1-vectors k(x, x), as ``engine.diag``.
 
     Raises RuntimeError without CUDA or without a device, and for failed CUDA calls (the message names the
@@ -85,8 +84,8 @@ def kernels_cuda(a1, a2, kind: int, a: float, b: float, n: int, depth: int, w_va
     _require()
     if diag and a2 is not None:
         raise ValueError("arcflow (CUDA): diag=True computes k(x, x) for the rows of x1; x2 must be None")
-    args = (int(kind), float(a), float(b), int(n), int(depth), float(w_var), float(b_var), float(gram_scale),
-            int(fix_dep))
+    if not isinstance(params, _core.FcParams):
+        raise TypeError(f"arcflow (CUDA): params must be an arcflow._core.FcParams, got {type(params).__name__}")
     if is_device_array(a1) or is_device_array(a2):
         try:
             import cupy as cp
@@ -113,10 +112,10 @@ def kernels_cuda(a1, a2, kind: int, a: float, b: float, n: int, depth: int, w_va
             if n1 > 0 and n2 > 0 and (want_nngp or want_ntk):
                 if diag:
                     fn = _core.fc_diag_cuda_f32 if f32 else _core.fc_diag_cuda_f64
-                    fn(ptr(x1), n1, d, *args, ptr(out_n), ptr(out_t), int(dev.id), stream)
+                    fn(ptr(x1), n1, d, params, ptr(out_n), ptr(out_t), int(dev.id), stream)
                 else:
                     fn = _core.fc_kernels_cuda_f32 if f32 else _core.fc_kernels_cuda_f64
-                    fn(ptr(x1), ptr(x2), n1, n2, d, *args, ptr(out_n), ptr(out_t), int(dev.id), stream)
+                    fn(ptr(x1), ptr(x2), n1, n2, d, params, ptr(out_n), ptr(out_t), int(dev.id), stream)
         return out_n, out_t
 
     a1 = np.asarray(a1)
@@ -138,9 +137,9 @@ def kernels_cuda(a1, a2, kind: int, a: float, b: float, n: int, depth: int, w_va
     f32 = dtype == np.float32
     if diag:
         fn = _core.fc_diag_cuda_host_f32 if f32 else _core.fc_diag_cuda_host_f64
-        return tuple(fn(a1, *args, bool(want_nngp), bool(want_ntk), dev))
+        return tuple(fn(a1, params, bool(want_nngp), bool(want_ntk), dev))
     fn = _core.fc_kernels_cuda_host_f32 if f32 else _core.fc_kernels_cuda_host_f64
-    return tuple(fn(a1, a2, *args, bool(want_nngp), bool(want_ntk), dev))
+    return tuple(fn(a1, a2, params, bool(want_nngp), bool(want_ntk), dev))
 
 
 def device_info(device: int = 0) -> dict:

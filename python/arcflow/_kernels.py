@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -12,7 +12,6 @@ from . import _cuda
 from . import _dispatch as dp
 from .activations import Activation, ActivationLike, resolve
 
-_KIND = {"abrelu": 0, "monomial": 1, "sign": 2, "erf": 3}
 _VALID_GET = ("nngp", "ntk")
 _VALID_DEVICES = ("auto", "cpu", "cuda")
 # device="auto" moves a problem to the GPU from this many pair-layers on (below, transfers dominate).
@@ -212,8 +211,8 @@ def _kernels(x1, x2, depth, activation, w_std, b_std, fix_dep, diag, get, thread
     if use_cuda == "auto":
         use_cuda = not diag and n1 * n2 * (depth + 1) >= _AUTO_CUDA_WORK
     if use_cuda and not diag and n1 > 0 and n2 > 0:
-        res = _cuda.kernels_cuda(a1, a2, _KIND[act.kind], *_act_numbers(act), depth, w * w, b * b,
-                                 (w * w) / max(d, 1), fix_dep, "nngp" in get, want_ntk)
+        res = _cuda.kernels_cuda(a1, a2, fc_params(act, depth, w * w, b * b, (w * w) / max(d, 1), fix_dep),
+                                 "nngp" in get, want_ntk)
         for g, r in zip(("nngp", "ntk"), res):
             if g in outs:
                 outs[g][...] = r
@@ -230,8 +229,8 @@ def _kernels(x1, x2, depth, activation, w_std, b_std, fix_dep, diag, get, thread
         outs[g] = dp.allocate(shape, dtype, where)
 
     if n1 > 0 and (diag or n2 > 0):
-        engine = _engine_call(where, _engine_class(dtype), a1, a2, _KIND[act.kind], *_act_numbers(act), depth,
-                              w * w, b * b, (w * w) / max(d, 1), fix_dep)
+        engine = _engine_call(where, _engine_class(dtype), a1, a2,
+                              fc_params(act, depth, w * w, b * b, (w * w) / max(d, 1), fix_dep))
         res = (outs.get("nngp"), outs.get("ntk"))
         if diag:
             _engine_call(where, engine.diag, *res, threads)
@@ -240,13 +239,22 @@ def _kernels(x1, x2, depth, activation, w_std, b_std, fix_dep, diag, get, thread
     return Kernels(outs.get("nngp"), outs.get("ntk"))
 
 
-def _act_numbers(act: Activation) -> Tuple[float, float, int]:
+def fc_params(act: Activation, depth: int, w_var: float, b_var: float, gram_scale: float,
+              fix_dep: int) -> _core.FcParams:
+    """The recursion's parameters as the C++ engines take them (the caller has validated the values).
+
+    ``act.kind`` names a member of ``_core.ActKind``, the one place the activation codes are defined.
+    """
+    kind = _core.ActKind.__members__[act.kind]
     if act.kind == "abrelu":
         a, b = act.params()
-        return float(a), float(b), 1
-    if act.kind == "monomial":
-        return 0.0, 1.0, int(act.params()[0])
-    return 0.0, 1.0, 1
+        ap = _core.ActParams(kind=kind, a=float(a), b=float(b))
+    elif act.kind == "monomial":
+        ap = _core.ActParams(kind=kind, n=int(act.params()[0]))
+    else:
+        ap = _core.ActParams(kind=kind)
+    return _core.FcParams(act=ap, depth=int(depth), w_var=float(w_var), b_var=float(b_var),
+                          gram_scale=float(gram_scale), fix_dep=int(fix_dep))
 
 
 def _collect_out(out, get, wanted, shape, dtype, where):
@@ -340,6 +348,6 @@ def _kernels_on_gpu_arrays(x1, x2, act, depth, w, b, fix_dep, diag, want_ntk, wa
     for name, x in (("x1", x1), ("x2", x2)):
         if x is not None and not bool(cp.isfinite(cp.asarray(x)).all()):
             raise ValueError(f"{where}: {name} contains NaN or Inf")
-    res = _cuda.kernels_cuda(x1, x2, _KIND[act.kind], *_act_numbers(act), depth, w * w, b * b,
-                             (w * w) / max(d, 1), fix_dep, want_nngp, want_ntk)
+    res = _cuda.kernels_cuda(x1, x2, fc_params(act, depth, w * w, b * b, (w * w) / max(d, 1), fix_dep),
+                             want_nngp, want_ntk)
     return Kernels(*res)

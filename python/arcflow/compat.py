@@ -17,7 +17,8 @@ import numpy as np
 
 from . import _core
 from . import _dispatch as dp
-from ._kernels import _choose_device, _engine_call, _run_rows, kernels
+from ._kernels import _choose_device, _engine_call, _run_rows, fc_params, kernels
+from .activations import ReLU
 
 __all__ = ["kernel_value_batch", "kernel_value"]
 
@@ -27,6 +28,11 @@ def _prepare(X, d_max, where):
     a = dp.as_matrix(X, "X", where)
     dp.check_finite(a, "X", where)
     return dp.as_engine_input(a, np.float64), d_max
+
+
+def _relu_params(depth, fix_dep):
+    # The reference code's recursion: ReLU, w_std = 1, no bias, Sigma^0 = X X^T (gram_scale 1, no 1/d).
+    return fc_params(ReLU(), depth, w_var=1.0, b_var=0.0, gram_scale=1.0, fix_dep=fix_dep)
 
 
 def _ntk_gpu(a, depth, fix_dep):
@@ -61,7 +67,7 @@ def kernel_value_batch(X, d_max: int, *, threads: Optional[int] = None, progress
                         hint="use fewer rows of X or a smaller d_max (the output grows as d_max^2 N^2)")
     K = dp.allocate(shape, np.float64, where, zero=True)
     if n:
-        eng = _engine_call(where, _core.FcEngineF64, a, None, 0, 0.0, 1.0, 1, d_max - 1, 1.0, 0.0, 1.0, 0)
+        eng = _engine_call(where, _core.FcEngineF64, a, None, _relu_params(d_max - 1, 0))
         _run_rows(eng, n, n, d_max * d_max, True, (None, None, K), threads, progress, where, a.shape[1])
     return K
 
@@ -83,7 +89,6 @@ def kernel_value(X, d_max: int, fix_dep: int, *, threads: Optional[int] = None,
                         hint="use fewer rows of X")
     K = dp.allocate((n, n), np.float64, where)
     if n:
-        eng = _engine_call(where, _core.FcEngineF64, a, None, 0, 0.0, 1.0, 1, d_max - 1, 1.0, 0.0, 1.0,
-                           min(fix_dep, d_max))
+        eng = _engine_call(where, _core.FcEngineF64, a, None, _relu_params(d_max - 1, min(fix_dep, d_max)))
         _run_rows(eng, n, n, d_max, True, (None, K, None), threads, False, where, a.shape[1])
     return K

@@ -50,9 +50,9 @@ struct angle {
 
 // The carried gaps are >= 0 by construction (every producer clamps), so no clamping here: sig2 and kap2
 // may exceed 1 by an ulp, which the ratio below does not mind. Few selects: this is the hot loop.
-// Split in two so that the CPU kernel can run the long-latency half (a square root, a division and the
-// arctangent polynomial) as a loop of its own: angle_half() gives sig2, kap2, x and sin(theta), and
-// angle_from() the rest. make_angle() is the two in a row.
+// Split so that the CPU kernel can run the long-latency part (a square root, a division and the arctangent
+// polynomial) in loops of their own: half_sines() gives sig2 and kap2, angle_core() (angle_reduce() then
+// angle_finish()) x and sin(theta), and angle_from() the rest. make_angle() is the three in a row.
 //
 // x = min(theta, pi - theta) and sin(theta) from the squared half-angle sines: x / 2 = atan2(min, max) =
 // atan(sqrt(lo hi) / hi), one square root and one division; sin(theta) = 2 sig kap = 2 sqrt(lo hi).
@@ -104,7 +104,7 @@ ARCFLOW_HD angle<T> angle_from(T sig2, T kap2, T x, T sin_t) {
 }
 
 // The same angle without a division, for kernels that run it in one loop with the pair formulas (the CPU
-// kernel on AVX-512, where the divider is slow: a vdivpd zmm every 16 cycles, vsqrtpd zmm 18, measured).
+// kernel on AVX-512, where the vector divider is slow).
 // x <= pi/4 where sin(theta) <= |cos(theta)|: x = asin(sin theta), else x = pi/2 - asin(|cos theta|); the
 // argument of asin is then at most 1/sqrt(2), and sin(theta) = 2 sqrt(lo hi) and |cos theta| = hi - lo come
 // without cancellation.

@@ -76,8 +76,7 @@ ARCFLOW_HD float atan_small<float>(float x) {
 // against mpmath: 2.2e-16 relative (1 ulp) in double, 6.4e-8 in float, both evaluated in their own precision). The
 // polynomial is evaluated in four (double) or two (float) interleaved Horner chains in powers of z^4 or z^2:
 // the same multiply-adds give a dependency chain a quarter as long, which the kernels that use it need (their
-// out-of-order window holds fewer pairs than one long chain would want; measured on one tile, float64,
-// AVX-512: one chain 1.43, two 1.27, four 1.21-1.25, Estrin 1.30-1.34 ns per pair and layer).
+// out-of-order window holds fewer pairs than one long chain would want).
 template <class T>
 ARCFLOW_HD T asin_poly(T u) {
   const T z = u * u, z2 = z * z, z4 = z2 * z2;

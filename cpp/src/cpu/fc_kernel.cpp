@@ -1,5 +1,6 @@
 // CPU bodies of the fused NNGP/NTK recursion: tiles of 64 x 64 pairs, OpenMP over tiles.
 #include "arcflow/fc_kernel.hpp"
+#include "arcflow/fc_recursion.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -86,13 +87,11 @@ int active_isa() {
 int fc_layout = -1;  // set_fc_layout
 
 // Whether the layers run as one fused loop (see run_tile) and the Gram tile uses 64-byte vectors
-// (gram_rows<T, R, 64>): by default where the AVX-512 variant runs (in the AVX2 variant they were 6x slower).
+// (gram_rows<T, R, 64>): by default only where the AVX-512 variant runs (on AVX2 both are slower).
 bool fused_layout() {
   if (fc_layout >= 0) return fc_layout == 1;
   return active_isa() == isa_avx512;
 }
-
-index_t round_up(index_t n, index_t m) { return (n + m - 1) / m * m; }
 
 std::string mib(double bytes) { return std::to_string(static_cast<long long>(bytes / (1 << 20) + 0.5)) + " MiB"; }
 
@@ -249,8 +248,7 @@ struct slow_pairs {
 };
 
 // One thread's tile buffers, each aligned to 64 bytes: the loops load and store whole vectors of the tile,
-// and a vector that straddles two cache lines costs two accesses (std::vector's 16-byte alignment did that to
-// every AVX-512 access and to half the AVX2 ones).
+// and a vector that straddles two cache lines costs two accesses.
 template <class T>
 struct workspace {
   struct free_deleter {
@@ -375,12 +373,11 @@ __attribute__((noinline)) bool slow_begin(const tile_ctx<T>& c, const Act&, inde
     const LD s = gs * dot + bv;
     LD bterm = 0;
     if (bv > 0) {
-      const LD q1 = sq_gs * na, q2 = sq_gs * nb;
-      bterm = bv * (q1 - q2) * (q1 - q2) / (tab(a, 0, 0) * tab(b, 0, 0) + q1 * q2 + bv);
+      bterm = bias_gap(bv, sq_gs * na, sq_gs * nb, tab(a, 0, 0), tab(b, 0, 0));
     }
     sp.s12[q] = s;
-    sp.gm[q] = std::max(LD(0), bterm + gs * (nn * LD(0.5) * dm));
-    sp.gp[q] = std::max(LD(0), bterm + 2 * bv + gs * (nn * LD(0.5) * dp));
+    sp.gm[q] = first_gap_minus(bterm, gs, nn * LD(0.5) * dm);
+    sp.gp[q] = first_gap_plus(bterm, bv, gs, nn * LD(0.5) * dp);
     sp.ntk[q] = p.fix_dep < 1 ? s : LD(0);
     if (n_all) sp.h[size_t(q) * n_all] = s;
     if (std::fabs(s) > tmax) sp.over_s[q] = 1;
@@ -407,20 +404,11 @@ __attribute__((noinline)) void slow_step(const tile_ctx<T>& c, int n_all, slow_p
     if (!std::isfinite(h)) h = 0;  // P underflows even in long double: the zero-variance limit
     const pair_out<LD> o = act.pair(sp.s12[q], sp.gm[q], sp.gp[q], r1 * r2, h, tab(a, l, 2), tab(a, l, 3), t1,
                                     tab(b, l, 2), tab(b, l, 3), t2);
-    LD s;
-    if (bv > 0) {
-      const LD qa = w_sd * t1, qb = w_sd * t2, dq = qa - qb;
-      const LD bterm = bv * dq * dq / (tab(a, l + 1, 0) * tab(b, l + 1, 0) + qa * qb + bv);
-      s = o.t + bv;
-      sp.gm[q] = bterm + o.gm;
-      sp.gp[q] = bterm + 2 * bv + o.gp;
-    } else {
-      s = o.t;
-      sp.gm[q] = o.gm;
-      sp.gp[q] = o.gp;
-    }
+    const LD bterm = bv > 0 ? bias_gap(bv, w_sd * t1, w_sd * t2, tab(a, l + 1, 0), tab(b, l + 1, 0)) : LD(0);
+    const LD s = bv > 0 ? next_sigma<true>(o.t, o.gm, o.gp, bv, bterm, sp.gm[q], sp.gp[q])
+                        : next_sigma<false>(o.t, o.gm, o.gp, bv, bterm, sp.gm[q], sp.gp[q]);
     sp.s12[q] = s;
-    sp.ntk[q] = M ? s + o.tdot * sp.ntk[q] : o.tdot * sp.ntk[q];
+    sp.ntk[q] = M ? next_theta<true>(s, o.tdot, sp.ntk[q]) : next_theta<false>(s, o.tdot, sp.ntk[q]);
     if (n_all) {
       LD* hq = sp.h.data() + size_t(q) * n_all;
       for (int k = 0; k <= l + 1; ++k) hq[k] = ((l + 2) > k ? s : LD(0)) + o.tdot * hq[k];
@@ -479,9 +467,8 @@ inline void pack_panels(const T* x2, index_t d, index_t tj, T* bt) {
 // G rows [i, i+R) = a (R x d) times the packed bt, R rows x 2 vectors of VB bytes at a time (GCC vector
 // extensions), 2R accumulators. VB = 32, sized for AVX2's 16 registers: the two vectors are the halves of one
 // panel row; on SSE2 each vector splits in two. VB = 64 (AVX-512, 32 registers, R = 8): one vector per panel
-// row and the same row of two panels; gram_rows<.., 32> left half of each AVX-512 FMA unused (depth 0,
-// float64, 1 thread: 4.0 -> 2.75 ns per pair). Either way each element sums the same products in the same
-// order, so the bits are the same.
+// row and the same row of two panels (gram_rows<.., 32> would leave half of each AVX-512 FMA unused). Either
+// way each element sums the same products in the same order, so the bits are the same.
 template <class T, int R, int VB>
 inline __attribute__((always_inline)) void gram_rows(const T* a, index_t d, const T* bt, T* g) {
   typedef T V __attribute__((vector_size(VB)));
@@ -528,9 +515,8 @@ inline __attribute__((always_inline)) void gram_tile(const T* a, index_t ti, ind
 
 // Copies n contiguous values to dst. With stream, non-temporal stores on the whole cache lines of dst: a large
 // output is written once and not read back by the kernel, so streaming it past the caches saves the
-// read-for-ownership of every output line and keeps the tile's working set in cache (measured, quiet VM,
-// 2 threads: kernel_value_batch(X, 5) at N = 3000 0.29-0.31 -> 0.23-0.27 s, symmetric kernels at N = 6000
-// 0.41-0.45 -> 0.33-0.41 s). Small outputs keep plain stores, so the caller finds them in cache.
+// read-for-ownership of every output line and keeps the tile's working set in cache. Small outputs keep
+// plain stores, so the caller finds them in cache.
 // The caller fences (store_fence).
 template <class T>
 inline void stream_row(T* dst, const T* src, index_t n, bool stream) {
@@ -538,10 +524,8 @@ inline void stream_row(T* dst, const T* src, index_t n, bool stream) {
 #if defined(__SSE2__)
   if (stream) {
     // Non-temporal stores only on whole cache lines: the line the row starts in and the line it ends in are
-    // shared with the neighbouring tiles, so they take plain stores. A partly written line in a
-    // write-combining buffer goes out as a partial write, which cost the Intel Xeon VM 3.5-4 ns per pair
-    // at depth 0 (9.0 instead of 5.5 ns, 1 thread, 2048 x 2048 float64): np.empty puts large arrays 16
-    // bytes past a page boundary, so with 16-byte alignment alone every row segment began mid-line.
+    // shared with the neighbouring tiles, so they take plain stores: a partly written line in a
+    // write-combining buffer goes out as a slow partial write (and np.empty's large arrays start mid-line).
     constexpr index_t W = 16 / index_t(sizeof(T));
     constexpr index_t L = 64 / index_t(sizeof(T));
     for (; j < n && (reinterpret_cast<std::uintptr_t>(dst + j) & 63) != 0; ++j) dst[j] = src[j];
@@ -600,8 +584,8 @@ inline void store_tile(T* out, index_t n2, index_t i0, index_t ti, index_t j0, i
   }
   if (symmetric) {
     // The mirror, in strips of one cache line of columns: transpose the strip into a small buffer (each
-    // line of the tile read once), then write its rows. Gathering each column straight from the tile read
-    // 64 lines 512 bytes apart per column, which thrashed L1 and made the mirror cost twice the direct half.
+    // line of the tile read once), then write its rows: gathering each column straight from the tile reads
+    // 64 lines 512 bytes apart per column, which thrashes L1.
     constexpr index_t SB = 64 / index_t(sizeof(T));
     T strip[SB * TILE];
     for (index_t jb = 0; jb < tj; jb += SB) {
@@ -616,43 +600,11 @@ inline void store_tile(T* out, index_t n2, index_t i0, index_t ti, index_t j0, i
   }
 }
 
-// |x| as an unevaluated sum hi + lo (about 1e-32 relative): the sum of squares with each square's rounding
-// error and each addition's, then one Newton correction of the square root.
+// unit_dist2 (fc_recursion.hpp) out of line and out of the vector kernels: compiled once, for baseline x86-64,
+// it has no FMA contraction and the same bits on every instruction-set variant.
 template <class T>
-void norm_dd(const T* x, index_t d, double& hi, double& lo) {
-  double s = 0.0, c = 0.0;
-  for (index_t k = 0; k < d; ++k) {
-    const double v = double(x[k]), p = v * v, pe = std::fma(v, v, -p);
-    const double t = s + p, bb = t - s;
-    c += ((s - (t - bb)) + (p - bb)) + pe;
-    s = t;
-  }
-  const double t = s + c, tl = c - (t - s);
-  hi = std::sqrt(t);
-  lo = hi > 0 ? (std::fma(-hi, hi, t) + tl) / (2.0 * hi) : 0.0;
-}
-
-// |u + sgn v|^2 for the unit vectors u = x / |x|, v = y / |y|, in double. |x||y| -/+ <x,y> equals
-// |x||y| |u -/+ v|^2 / 2 without the cancellation of the Gram route. Near-collinear rows have
-// |u -/+ v| ~ 1e-12 and less, and Sign or Step turn the gap into its square root at every layer, so each
-// component of u is carried as q + e to about 1e-32 (norm_dd; fma gives each quotient's exact remainder):
-// with the plain quotients (1e-16 each, and 1e-16 in |x|, whose square alone is 1e-32 against gaps of 1e-24)
-// only a few digits of the gap were left; from the float32 tables' 1/|x| none. Kept out of line and out of
-// the vector kernels: no FMA contraction, the same bits on every target, and a duplicate row gives exactly 0.
-template <class T>
-__attribute__((noinline)) double unit_dist2(const T* x, const T* y, index_t d, double sgn) {
-  double ha, la, hb, lb;
-  norm_dd(x, d, ha, la);
-  norm_dd(y, d, hb, lb);
-  double acc = 0.0;
-  for (index_t k = 0; k < d; ++k) {
-    const double xa = double(x[k]), yb = double(y[k]);
-    const double qa = xa / ha, qb = yb / hb;
-    const double ea = (std::fma(-qa, ha, xa) - qa * la) / ha, eb = (std::fma(-qb, hb, yb) - qb * lb) / hb;
-    const double u = (qa + sgn * qb) + (ea + sgn * eb);
-    acc += u * u;
-  }
-  return acc;
+__attribute__((noinline)) double unit_dist2_out_of_line(const T* x, const T* y, index_t d, double sgn) {
+  return unit_dist2(x, y, d, sgn);
 }
 
 // The tile kernel's body, inlined into one function per instruction-set level (run_tile_isa below).
@@ -696,11 +648,6 @@ inline __attribute__((always_inline)) void run_tile(const tile_ctx<T>& c, const 
   const T* r2_0 = c.tab2->field(0, 0) + j0;
   const T tau = sizeof(T) == 4 ? T(1e-2) : T(1e-3);
   const T mask0 = 1 > fix ? T(1) : T(0);
-  // The bias's share of the first gaps: b (q1 - q2)^2 / (r1 r2 + q1 q2 + b), q = sqrt(gs) |x|.
-  auto bias_gap = [=](T q1, T q2, T ra, T rb) __attribute__((always_inline)) {
-    const T dq = q1 - q2;
-    return bv * dq * dq / (ra * rb + q1 * q2 + bv);
-  };
   int near = 0;
   for (index_t i = 0; i < ti; ++i) {
     const T n1 = nrm1[i], q1 = sq_gs * n1, ra = r1_0[i];
@@ -710,13 +657,11 @@ inline __attribute__((always_inline)) void run_tile(const tile_ctx<T>& c, const 
       const T nn = n1 * nrm2[j];
       const T gme = nn - g[e], gpe = nn + g[e];
       near |= int(gme < tau * nn) | int(gpe < tau * nn);
-      const T bterm = Bias ? bias_gap(q1, sq_gs * nrm2[j], ra, r2_0[j]) : T(0);
+      const T bterm = Bias ? bias_gap(bv, q1, sq_gs * nrm2[j], ra, r2_0[j]) : T(0);
       const T s = gs * g[e] + bv;
       s12[e] = s;
-      // The gaps are >= 0 in exact arithmetic; clamp once here so that make_angle need not.
-      const T m = bterm + gs * gme, pl = bterm + T(2) * bv + gs * gpe;
-      gm[e] = m > T(0) ? m : T(0);
-      gp[e] = pl > T(0) ? pl : T(0);
+      gm[e] = first_gap_minus(bterm, gs, gme);
+      gp[e] = first_gap_plus(bterm, bv, gs, gpe);
       ntk[e] = mask0 * s;
     }
   }
@@ -729,15 +674,12 @@ inline __attribute__((always_inline)) void run_tile(const tile_ctx<T>& c, const 
         const bool near_m = gme < tau * nn, near_p = gpe < tau * nn;
         if (!(nn > T(0)) || !(near_m || near_p)) continue;
         const T v = T(double(nn) * 0.5 *
-                      unit_dist2(c.x1 + (i0 + i) * d, c.x2 + (j0 + j) * d, d, near_m ? -1.0 : 1.0));
-        const T bterm = Bias ? bias_gap(sq_gs * nrm1[i], sq_gs * nrm2[j], r1_0[i], r2_0[j]) : T(0);
-        if (near_m) {
-          const T m = bterm + gs * v;
-          gm[e] = m > T(0) ? m : T(0);
-        } else {
-          const T pl = bterm + T(2) * bv + gs * v;
-          gp[e] = pl > T(0) ? pl : T(0);
-        }
+                      unit_dist2_out_of_line(c.x1 + (i0 + i) * d, c.x2 + (j0 + j) * d, d, near_m ? -1.0 : 1.0));
+        const T bterm = Bias ? bias_gap(bv, sq_gs * nrm1[i], sq_gs * nrm2[j], r1_0[i], r2_0[j]) : T(0);
+        if (near_m)
+          gm[e] = first_gap_minus(bterm, gs, v);
+        else
+          gp[e] = first_gap_plus(bterm, bv, gs, v);
       }
     }
   }
@@ -809,7 +751,7 @@ inline __attribute__((always_inline)) void run_tile(const tile_ctx<T>& c, const 
             gp[e] = o.gp;
             s12[e] = o.t;
             if (n_all) td[e] = o.tdot;
-            ntk[e] = decltype(masked)::value ? o.t + o.tdot * ntk[e] : o.tdot * ntk[e];
+            ntk[e] = next_theta<decltype(masked)::value>(o.t, o.tdot, ntk[e]);
           };
           if (fused) {
             // AVX-512: the whole layer in one loop, the angle without a division (angle_direct).
@@ -895,23 +837,8 @@ inline __attribute__((always_inline)) void run_tile(const tile_ctx<T>& c, const 
       const T qa = w_sd * ta;
       if constexpr (Act::angle_based) {
         // The angle in loops of their own: its dependency chain (square root, division, polynomial) is
-        // long, and in one loop with the rest the out-of-order window held too few pairs to hide it.
-        // Measured (1 thread, process time, 2048 x 2048, ReLU): one angle loop in front of the pair loop
-        // 5.83 -> 5.06 ns per pair-layer; the angle split again in two (angle_reduce, angle_finish)
-        // 4.26 -> 3.93 ns in float64, 1.98 -> 1.67 ns in float32. Tried and slower: the three stages
-        // software-pipelined across rows in one loop (reduce row i+2, finish row i+1, pair row i; 3.45 ->
-        // 4.4 ns), and the float64 division replaced by Newton steps (3.56 -> 4.27 ns): the FP pipes, not
-        // the divider, bound these loops. Per stage on one tile (float64, 1 thread): the square root and
-        // division loop 1.28-1.44 ns per pair (the divider alone: 13.5 cycles per 4 pairs), the arctangent
-        // 0.85-0.95, the pair loop 1.2-1.5. Also tried and slower: reduce(i+1) with finish(i) in one loop
-        // (3.10 -> 3.28), finish with the pair loop (-> 3.63), reduce(i+1) with pair(i) (-> 3.51), an Estrin
-        // arctangent (finish 0.85 -> 1.05); no gain: q = h sqrt(gm gp), off the sqrt's dependency chain, and
-        // (float) the square root and the division in two loops (one tile: 0.54 -> 0.48 ns; here 1.28 -> 1.27
-        // ns per pair-layer, 16 alternating runs).
-        // Here, unlike the scaled loop above, the fused layout with angle_direct was not faster on AVX-512
-        // (1 thread, N = 4000, depth 5, Intel Xeon VM: float64 ReLU with b_std = 0.1 0.285-0.318 s fused vs
-        // 0.275-0.287 s in three loops, RectifiedMonomial(2) 0.33-0.34 vs 0.29-0.30): the pair formulas with
-        // the bias (a division of their own) make the fused chain too long for the out-of-order window.
+        // long, and in one loop with the rest the out-of-order window holds too few pairs to hide it. Not
+        // fused here even on AVX-512: the bias's own division makes the fused chain too long.
         const T ha = T(0.5) * ira;
         if (ha > T(0) && cols_nonzero) {  // no zero-variance row: no selects for the pi/2 convention
 #pragma omp simd
@@ -951,23 +878,11 @@ inline __attribute__((always_inline)) void run_tile(const tile_ctx<T>& c, const 
                                pa2[j], pb2[j], t2[j]);
           else
             o = act.pair(s12[e], gm[e], gp[e], P, h, paa, pba, ta, pa2[j], pb2[j], t2[j]);
-          T s;
-          if constexpr (Bias) {
-            const T qb = w_sd * t2[j];
-            const T dq = qa - qb;
-            const T bterm = bv * dq * dq / (rna * rn2[j] + qa * qb + bv);
-            s = o.t + bv;
-            gm[e] = bterm + o.gm;
-            gp[e] = bterm + T(2) * bv + o.gp;
-          } else {
-            s = o.t;
-            gm[e] = o.gm;
-            gp[e] = o.gp;
-          }
+          const T bterm = Bias ? bias_gap(bv, qa, w_sd * t2[j], rna, rn2[j]) : T(0);
+          const T s = next_sigma<Bias>(o.t, o.gm, o.gp, bv, bterm, gm[e], gp[e]);
           s12[e] = s;
-          const T tdot = o.tdot;
-          if (n_all) td[e] = tdot;
-          ntk[e] = M ? s + tdot * ntk[e] : tdot * ntk[e];
+          if (n_all) td[e] = o.tdot;
+          ntk[e] = next_theta<M>(s, o.tdot, ntk[e]);
         }
       };
       if (mask != T(0))
@@ -1088,35 +1003,6 @@ void run_rows_dispatch(const tile_ctx<T>& c, const Act& act, index_t r0, index_t
     run_rows<T, Act, false>(c, act, r0, r1, threads, interrupt);
 }
 
-// Calls f with the activation object (outputs scaled by w_var) whose type specialises the kernels
-// (monomials of order <= 4 get a compile-time order so their loops vectorise).
-template <class T, class F>
-void by_activation(const fc_params& fp, F&& f) {
-  const act_params& p = fp.act;
-  const double w = fp.w_var;
-  switch (p.kind) {
-    case act_kind::abrelu:
-      if (p.a * p.b == 0.0)
-        f(abrelu_act<T, true>(p, w));
-      else
-        f(abrelu_act<T>(p, w));
-      break;
-    case act_kind::monomial:
-      switch (p.n) {
-        case 0: f(monomial_act<T, 0>(p, w)); break;
-        case 1: f(monomial_act<T, 1>(p, w)); break;
-        case 2: f(monomial_act<T, 2>(p, w)); break;
-        case 3: f(monomial_act<T, 3>(p, w)); break;
-        case 4: f(monomial_act<T, 4>(p, w)); break;
-        default: f(monomial_act<T>(p, w)); break;
-      }
-      break;
-    case act_kind::sign: f(sign_act<T>(p, w)); break;
-    case act_kind::erf: f(erf_act<T>(p, w)); break;
-    default: throw std::invalid_argument("arcflow: unknown activation kind");
-  }
-}
-
 template <class T>
 std::string overflow_message(const char* what, int layer, const fc_params& p) {
   char buf[256];
@@ -1146,15 +1032,14 @@ fc_engine<T>::fc_engine(const T* x1, index_t n1, const T* x2, index_t n2, index_
                   p.b_var);
     throw fp_overflow(buf);
   }
-  by_activation<T>(p, [&](auto a) {
+  by_activation<T, true>(p, [&](auto a) {
     using A = decltype(a);
     fill_table<T, A>(x1, n1, d, p, tab1_, "x1", interrupt);
     if (!symmetric) fill_table<T, A>(x2, n2, d, p, tab2_, "x2", interrupt);
   });
 }
 
-// The Gram micro-kernel reads x2 in panels; packing it once per engine, not per tile, saved the 2.4% of the
-// kernel's time that the per-tile packing took (perf, N = 4000, depth 5, 1 thread).
+// The Gram micro-kernel reads x2 in panels, packed once per engine rather than once per tile.
 template <class T>
 const T* fc_engine<T>::panels2() const {
   std::call_once(packed_, [this] {
@@ -1192,7 +1077,7 @@ void fc_engine<T>::rows(index_t r0, index_t r1, T* nngp, T* ntk, T* ntk_all, int
   tile_ctx<T> c{x1_,  x2_,   panels2(), n1_, n2_, d_, symmetric_, &p_, &tab1_, symmetric_ ? &tab1_ : &tab2_,
                 nngp, ntk, ntk_all,         stream,    fused_layout(), &over_nngp, &over_ntk};
   threads = std::max(1, threads);
-  by_activation<T>(p_, [&](const auto& a) { run_rows_dispatch<T>(c, a, r0, r1, threads, interrupt); });
+  by_activation<T, true>(p_, [&](const auto& a) { run_rows_dispatch<T>(c, a, r0, r1, threads, interrupt); });
   if (over_nngp.load()) throw fp_overflow(overflow_message<T>("NNGP", over_nngp.load(), p_));
   if (over_ntk.load()) throw fp_overflow(overflow_message<T>("NTK", over_ntk.load(), p_));
 }

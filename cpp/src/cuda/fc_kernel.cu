@@ -15,8 +15,6 @@ namespace arcflow {
 namespace cuda_detail {
 namespace {
 
-index_t round_up(index_t n, index_t m) { return (n + m - 1) / m * m; }
-
 // |x_i|^2 in double, summed in the CPU engine's order with every product and sum rounded on its own, so
 // the tables (and the near-collinear test built on them) match the CPU bit for bit.
 template <class T>
@@ -118,7 +116,7 @@ void fc_kernels_cuda(const T* x1, const T* x2, index_t n1, index_t n2, index_t d
   device_buffer tab1(per_row * std::size_t(np1) * sizeof(T), st);
   device_buffer tab2(symmetric ? 0 : per_row * std::size_t(np2) * sizeof(T), st);
 
-  by_activation<T>(p, [&](auto act) {
+  by_activation<T, false>(p, [&](auto act) {
     using Act = decltype(act);
     {
       const std::vector<T> h = build_table<T, Act>(nrm1, n1, np1, p);
@@ -195,7 +193,7 @@ void fc_kernels_cuda_diag(const T* x1, index_t n1, index_t d, const fc_params& p
   norms_to_host(x1, n1, d, st, nrm);
   const index_t np = round_up(n1, TABLE_PAD);
   device_buffer tab(std::size_t(p.depth + 1) * 5 * std::size_t(np) * sizeof(T) + 2 * std::size_t(np) * sizeof(T), st);
-  by_activation<T>(p, [&](auto act) {
+  by_activation<T, false>(p, [&](auto act) {
     using Act = decltype(act);
     {
       const std::vector<T> h = build_table<T, Act>(nrm, n1, np, p);

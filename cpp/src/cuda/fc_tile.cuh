@@ -9,10 +9,10 @@
 // its upper triangle directly and its strict lower triangle from the mirror: both halves hold identical
 // bits, as in the CPU engine.
 //
-// Per pair the recursion is exactly the CPU engine's (cpp/src/cpu/fc_kernel.cpp): the activation's
+// Per pair the recursion is the CPU engine's, from the same header (fc_recursion.hpp): the activation's
 // pair() of activations.hpp carries s12 and the gaps gm = P - s12, gp = P + s12 through the layers, and
 // first-layer pairs whose gap cancels (|x||y| -/+ <x,y> < tau |x||y|) are recomputed in double from the
-// unit vectors, with the products rounded as on the CPU (no FMA contraction).
+// unit vectors (unit_dist2), with the products rounded as on the CPU (no FMA contraction).
 #include <cmath>
 #include <cstddef>
 #include <stdexcept>
@@ -21,6 +21,7 @@
 #include "arcflow/activations.hpp"
 #include "arcflow/common.hpp"
 #include "arcflow/fc_kernel.hpp"
+#include "arcflow/fc_recursion.hpp"
 
 namespace arcflow::cuda_detail {
 
@@ -44,8 +45,7 @@ constexpr int GR = TY * RG;  // rows of one group: the mirror is staged a group 
 constexpr index_t TABLE_PAD = 128;  // tables are padded to a multiple of the largest tile
 
 // Tuning knob (compile with -DARCFLOW_CUDA_MIN_BLOCKS=2 to try): blocks per multiprocessor that ptxas must
-// fit. 1 leaves the float kernel at ~170 registers (8 warps per SM); 2 caps it at 128 and spills a little
-// (sm_90: 200-340 bytes). Which is faster is for a GPU to say.
+// fit. 1 lets the float kernel keep all its registers; 2 caps them at 128 at the cost of a few spills.
 #ifndef ARCFLOW_CUDA_MIN_BLOCKS
 #define ARCFLOW_CUDA_MIN_BLOCKS 1
 #endif
@@ -67,39 +67,11 @@ struct tile_args {
   T bv, gs, sq_gs, w_sd;  // w_var itself is folded into the activation (activations.hpp)
 };
 
-// |x| as hi + lo (the CPU engine's norm_dd), every product and sum rounded on its own (no contraction).
-template <class T>
-__device__ void norm_dd_dev(const T* x, index_t d, double& hi, double& lo) {
-  double s = 0.0, c = 0.0;
-  for (index_t k = 0; k < d; ++k) {
-    const double v = double(x[k]), p = __dmul_rn(v, v), pe = std::fma(v, v, -p);
-    const double t = __dadd_rn(s, p), bb = __dadd_rn(t, -s);
-    c = __dadd_rn(c, __dadd_rn(__dadd_rn(__dadd_rn(s, -__dadd_rn(t, -bb)), __dadd_rn(p, -bb)), pe));
-    s = t;
-  }
-  const double t = __dadd_rn(s, c), tl = __dadd_rn(c, -__dadd_rn(t, -s));
-  hi = std::sqrt(t);
-  lo = hi > 0 ? (__dadd_rn(std::fma(-hi, hi, t), tl)) / __dmul_rn(2.0, hi) : 0.0;
-}
-
-// |u + sgn v|^2 for the unit vectors u = x / |x|, v = y / |y|, in double: the CPU engine's unit_dist2 (each
-// component as quotient plus its rounding error) bit for bit, every product and sum rounded on its own, so a
-// duplicate row gives 0.
+// unit_dist2 out of line: it runs only for the rare near-collinear pairs, and inlined it would cost the
+// tile kernel registers.
 template <class T>
 __device__ __noinline__ double unit_dist2_dev(const T* x, const T* y, index_t d, double sgn) {
-  double ha, la, hb, lb;
-  norm_dd_dev(x, d, ha, la);
-  norm_dd_dev(y, d, hb, lb);
-  double acc = 0.0;
-  for (index_t k = 0; k < d; ++k) {
-    const double xa = double(x[k]), yb = double(y[k]);
-    const double qa = xa / ha, qb = yb / hb;
-    const double ea = __dadd_rn(std::fma(-qa, ha, xa), -__dmul_rn(qa, la)) / ha;
-    const double eb = __dadd_rn(std::fma(-qb, hb, yb), -__dmul_rn(qb, lb)) / hb;
-    const double u = __dadd_rn(__dadd_rn(qa, __dmul_rn(sgn, qb)), __dadd_rn(ea, __dmul_rn(sgn, eb)));
-    acc = __dadd_rn(acc, __dmul_rn(u, u));
-  }
-  return acc;
+  return unit_dist2(x, y, d, sgn);
 }
 
 template <class T, class Act>
@@ -219,19 +191,12 @@ __global__ void __launch_bounds__(NTHREADS, ARCFLOW_CUDA_MIN_BLOCKS)
             else
               pv = v;
           }
-          T bterm = T(0);
-          if (bias) {
-            const T q2 = g.sq_gs * n2v;
-            const T dq = q1 - q2;
-            bterm = bv * dq * dq / (r0a * g.tab2[j] + q1 * q2 + bv);
-          }
+          const T bterm = bias ? bias_gap(bv, q1, g.sq_gs * n2v, r0a, g.tab2[j]) : T(0);
           const T sv = gs * G + bv;
           s[n] = sv;
-          // The gaps are >= 0 in exact arithmetic; clamped once here (as the CPU engine does), since
-          // make_angle does not clamp. Later layers' gaps are clamped by the activations' pair().
-          const T m = bterm + gs * mv, pl = bterm + T(2) * bv + gs * pv;
-          gm[n] = m > T(0) ? m : T(0);
-          gp[n] = pl > T(0) ? pl : T(0);
+          // Later layers' gaps are clamped by the activations' pair().
+          gm[n] = first_gap_minus(bterm, gs, mv);
+          gp[n] = first_gap_plus(bterm, bv, gs, pv);
           nt[n] = mask0 * sv;
         }
       }
@@ -244,7 +209,7 @@ __global__ void __launch_bounds__(NTHREADS, ARCFLOW_CUDA_MIN_BLOCKS)
         const T ra = L1[0], ira = L1[np1], paa = L1[2 * np1], pba = L1[3 * np1], ta = L1[4 * np1];
         const T rna = L1[5 * np1];  // r of layer l + 1
         const T qa = g.w_sd * ta;
-        const T mask = (l + 2) > g.fix_dep ? T(1) : T(0);
+        const bool add = (l + 2) > g.fix_dep;
 #pragma unroll
         for (int n = 0; n < TN; ++n) {
           const T rb = L2[n], irb = L2[np2 + n], pab = L2[2 * np2 + n], pbb = L2[3 * np2 + n],
@@ -252,17 +217,11 @@ __global__ void __launch_bounds__(NTHREADS, ARCFLOW_CUDA_MIN_BLOCKS)
           const T P = ra * rb;
           const T h = T(0.5) * ira * irb;
           const pair_out<T> o = act.pair(s[n], gm[n], gp[n], P, h, paa, pba, ta, pab, pbb, tb);
-          T bterm = T(0);
-          if (bias) {
-            const T qb = g.w_sd * tb;
-            const T dq = qa - qb;
-            bterm = bv * dq * dq / (rna * L2[5 * np2 + n] + qa * qb + bv);
-          }
-          const T sv = o.t + bv;
+          const T sv = bias ? next_sigma<true>(o.t, o.gm, o.gp, bv, bias_gap(bv, qa, g.w_sd * tb, rna, L2[5 * np2 + n]),
+                                               gm[n], gp[n])
+                            : next_sigma<false>(o.t, o.gm, o.gp, bv, T(0), gm[n], gp[n]);
           s[n] = sv;
-          gm[n] = bterm + o.gm;
-          gp[n] = bterm + T(2) * bv + o.gp;
-          nt[n] = mask * sv + o.tdot * nt[n];
+          nt[n] = add ? next_theta<true>(sv, o.tdot, nt[n]) : next_theta<false>(sv, o.tdot, nt[n]);
         }
       }
 
@@ -313,7 +272,7 @@ __global__ void fc_diag_kernel(const T* tab, index_t np, index_t n, int depth, i
     s = o.t + bv;
     gm = o.gm;
     gp = T(2) * bv + o.gp;
-    th = ((l + 2) > fix_dep ? s : T(0)) + o.tdot * th;
+    th = (l + 2) > fix_dep ? next_theta<true>(s, o.tdot, th) : next_theta<false>(s, o.tdot, th);
   }
   if (nngp) nngp[i] = s;
   if (ntk) ntk[i] = th;
@@ -333,19 +292,6 @@ std::vector<T> build_table(const std::vector<double>& norm2, index_t n, index_t 
     fill_row_table<T, Act>(nx2, p, layers, np, i, tab.data(), nrm, inv);
   }
   return tab;
-}
-
-template <class T, class F>
-void by_activation(const fc_params& fp, F&& f) {
-  const act_params& p = fp.act;
-  const double w = fp.w_var;  // the activations' output scale
-  switch (p.kind) {
-    case act_kind::abrelu: f(abrelu_act<T>(p, w)); break;
-    case act_kind::monomial: f(monomial_act<T>(p, w)); break;  // order at run time: a scalar loop on the GPU
-    case act_kind::sign: f(sign_act<T>(p, w)); break;
-    case act_kind::erf: f(erf_act<T>(p, w)); break;
-    default: throw std::invalid_argument("arcflow: unknown activation kind");
-  }
 }
 
 }  // namespace arcflow::cuda_detail
