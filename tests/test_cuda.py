@@ -23,6 +23,7 @@ from arcflow import activations as acts
 from arcflow._kernels import fc_params  # the FcParams the bindings take, as the public API builds them
 from arcflow.activations import ReLU
 from _helpers.kernels import ACTIVATIONS as PROPERTY_ACTIVATIONS
+from _helpers.kernels import assert_close as shared_assert_close
 
 HAVE_GPU = _cuda.available()
 if not _cuda.built():
@@ -32,7 +33,6 @@ elif not HAVE_GPU:
 else:
     _WHY = ""
 
-RTOL = {np.float32: 1e-5, np.float64: 1e-12}
 DTYPES = (np.float32, np.float64)
 # The CPU property tests' activations (test_properties.py) and ReLU without bias (the kernels' Bias = false path).
 ACTIVATIONS = {"relu_nobias": (ReLU(), 1.4, 0.0), **PROPERTY_ACTIVATIONS}
@@ -73,15 +73,9 @@ def _gpu(x1, x2, act, depth, w, b, fix_dep, want_nngp=True, want_ntk=True, diag=
 
 
 def assert_close(actual, expected, dtype, what=""):
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, what
+    """The shared relative-error check (_helpers.kernels.assert_close), and the dtype kept."""
     assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {np.dtype(dtype)}"
-    assert np.all(np.isfinite(actual)), f"{what}: non-finite entries"
-    scale = float(np.max(np.abs(expected))) if expected.size else 1.0
-    err = float(np.max(np.abs(actual.astype(np.float64) - expected))) if expected.size else 0.0
-    assert err <= RTOL[dtype] * max(scale, np.finfo(np.float64).tiny), (
-        f"{what}: max abs error {err:.3e} = {err / scale if scale else err:.3e} of the largest entry "
-        f"{scale:.3e} (tolerance {RTOL[dtype]:.0e})")
+    shared_assert_close(actual, expected, dtype, what)
 
 
 # ---- without a GPU: availability and clear errors ---------------------------------------------------------

@@ -8,26 +8,19 @@ sample the log|det J| that autograd computed). Tolerances are relative (Frobeniu
 float32 1e-5 (docs/mathematics.md §2: the inversion bounds)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from _helpers.numeric import load_golden
 from arcflow.invertible import ActNorm, AffineCoupling, InvertibleConv1x1, IRevNetBlock, Sequential, from_torch
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "torch_golden.npz"
 TOL = {"float64": 1e-12, "float32": 1e-5}
 
 
-def _load():
-    with np.load(GOLDEN, allow_pickle=False) as z:
-        meta = json.loads(str(z["meta"]))
-        arrays = {k: z[k] for k in z.files if k != "meta"}
-    return meta, arrays
-
-
-META, ARRAYS = _load()
+META, ARRAYS = load_golden(GOLDEN)
 CASES = {c["name"]: c for c in META["cases"]}
 
 

@@ -10,7 +10,6 @@ says, in the failure message, who is off. A live comparison runs only where neur
 from __future__ import annotations
 
 import importlib.util
-import json
 import warnings
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import arcflow
 from arcflow import activations as acts
 from arcflow import reference
 
-from _helpers.numeric import rel_err
+from _helpers.numeric import load_golden, rel_err
 
 # Every test here runs with both layouts of the CPU layer loops (conftest.fc_layout).
 pytestmark = pytest.mark.usefixtures("fc_layout")
@@ -30,14 +29,7 @@ TOL = 1e-10
 GOLDEN = Path(__file__).resolve().parent / "data" / "nt_golden.npz"
 
 
-def _load():
-    with np.load(GOLDEN, allow_pickle=False) as z:
-        meta = json.loads(str(z["meta"]))
-        arrays = {k: z[k] for k in z.files if k != "meta"}
-    return meta, arrays
-
-
-META, ARRAYS = _load()
+META, ARRAYS = load_golden(GOLDEN)
 CASES = META["cases"]
 
 

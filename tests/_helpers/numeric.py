@@ -1,6 +1,8 @@
 """Error measures and the negative-control assertion shared by the kernel and the invertible tests."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 
@@ -18,3 +20,11 @@ def assert_differs(a, b, rel=1e-3, what=""):
     assert a.shape == b.shape, f"{what}: shapes {a.shape} and {b.shape}"
     assert np.isfinite(a).all() and np.isfinite(b).all(), f"{what}: non-finite entries"
     assert np.abs(a - b).max() > rel * np.abs(b).max(), f"{what}: no difference above {rel:.0e}"
+
+
+def load_golden(path):
+    """A golden .npz (tests/make_*_golden.py): its JSON 'meta' and every other array by name."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        arrays = {k: z[k] for k in z.files if k != "meta"}
+    return meta, arrays
