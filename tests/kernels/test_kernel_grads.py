@@ -193,12 +193,8 @@ def test_threads_give_the_same_bits():
 def test_dtype_rule(x_in, dtype):
     g = arcflow.kernel_grads(x_in, depth=1, b_std=0.1)
     for f in ("nngp", "ntk"):
-        for name in Grad_fields():
+        for name in arcflow.Grad._fields:
             assert getattr(getattr(g, f), name).dtype == dtype
-
-
-def Grad_fields():
-    return arcflow.Grad._fields
 
 
 def test_get_selects_fields_and_named_tuples():
@@ -243,8 +239,9 @@ def test_errors_name_kernel_grads(kwargs, exc, text):
 
 def test_input_errors_name_kernel_grads():
     x = np.ones((3, 2))
-    cases = [((x, np.ones((2, 3))), ValueError), ((np.ones(3),), ValueError), ((np.array([[np.nan, 1.0]]),), ValueError),
-             ((np.ones((2, 2), complex),), TypeError), ((np.zeros((3, 0)),), ValueError)]
+    cases = [((x, np.ones((2, 3))), ValueError), ((np.ones(3),), ValueError),
+             ((np.array([[np.nan, 1.0]]),), ValueError), ((np.ones((2, 2), complex),), TypeError),
+             ((np.zeros((3, 0)),), ValueError)]
     for args, exc in cases:
         with pytest.raises(exc) as info:
             arcflow.kernel_grads(*args)

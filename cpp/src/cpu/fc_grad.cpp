@@ -16,16 +16,15 @@ namespace {
 // Columns per chunk of a row: the chunk's values and tangents (13 arrays of doubles) stay in L1/L2.
 constexpr index_t chunk = 256;
 
-// The tangent of bias_gap (fc_recursion.hpp) B = b (q1 - q2)^2 / (r1 r2 + q1 q2 + b), differentiated in
+// The tangent of bias_gap (fc_recursion.hpp) B = b (q1 - q2)^2 / den, den = r1 r2 + q1 q2 + b, differentiated in
 // this product form: it is exactly 0 for equal rows and keeps its relative accuracy near them (the angle's
-// tangent of the next layer is this gap's tangent divided by sqrt(gm gp)).
-inline double bias_gap_tangent(double b, double db, double q1, double q2, double dq1, double dq2, double r1,
-                               double r2, double dr1, double dr2) {
-  if (!(b > 0)) return 0.0;  // b = b_std^2 = 0: B = 0 and db = 2 b_std db_std = 0
-  const double dq = q1 - q2, den = r1 * r2 + q1 * q2 + b;
-  const double bp = b * dq * dq / den;
+// tangent of the next layer is this gap's tangent divided by sqrt(gm gp)). bp = B and iden = 1 / den (0 when
+// b = 0: then B = 0 and db = 2 b_std db_std = 0) are shared with the value and the other direction.
+inline double bias_gap_tangent(double b, double db, double bp, double iden, double q1, double q2, double dq1,
+                               double dq2, double r1, double r2, double dr1, double dr2) {
+  const double dq = q1 - q2;
   const double dden = dr1 * r2 + r1 * dr2 + dq1 * q2 + q1 * dq2 + db;
-  return (db * dq * dq + 2.0 * b * dq * (dq1 - dq2) - bp * dden) / den;
+  return (db * dq * dq + 2.0 * b * dq * (dq1 - dq2) - bp * dden) * iden;
 }
 
 // The order n - 1 monomial, whose Tdot enters the tangent of the order n monomial's Tdot (n >= 2).
@@ -214,14 +213,15 @@ void fc_grad_engine<T>::run(const Act& act, index_t r0, index_t r1, bool diag, T
           gpe = gpe > 0 ? gpe : 0.0;
           const double q1 = sq_gs * n1v, q2 = sq_gs * nrm2[j];
           const double bterm = bv > 0 ? bias_gap(bv, q1, q2, r1v, r2[j]) : 0.0;
+          const double iden = bv > 0 ? 1.0 / (r1v * r2[j] + q1 * q2 + bv) : 0.0;
           s12[j] = gs * dot[j] + bv;
           gm[j] = first_gap_minus(bterm, gs, gme);
           gp[j] = first_gap_plus(bterm, bv, gs, gpe);
           th[j] = fix < 1 ? s12[j] : 0.0;
           for (int k = 0; k < 2; ++k) {
             dr1 = F1(0, f_dr0 + k);
-            const double dbp = bias_gap_tangent(bv, dbv[k], q1, q2, dsq_gs[k] * n1v, dsq_gs[k] * nrm2[j], r1v,
-                                                r2[j], dr1[i], F2(0, f_dr0 + k)[j0 + j]);
+            const double dbp = bias_gap_tangent(bv, dbv[k], bterm, iden, q1, q2, dsq_gs[k] * n1v, dsq_gs[k] * nrm2[j],
+                                                r1v, r2[j], dr1[i], F2(0, f_dr0 + k)[j0 + j]);
             ds12[k][j] = dgs[k] * dot[j] + dbv[k];
             dgm[k][j] = dbp + dgs[k] * gme;
             dgp[k][j] = dbp + 2.0 * dbv[k] + dgs[k] * gpe;
@@ -244,9 +244,22 @@ void fc_grad_engine<T>::run(const Act& act, index_t r0, index_t r1, bool diag, T
         const double* dsb[2] = {F2(l, f_ds0) + j0, F2(l, f_ds1) + j0};
         const double* dtb[2] = {F2(l, f_dt0) + j0, F2(l, f_dt1) + j0};
         const double* drnb[2] = {F2(l + 1, f_dr0) + j0, F2(l + 1, f_dr1) + j0};
+        double* __restrict s12_ = s12;
+        double* __restrict gm_ = gm;
+        double* __restrict gp_ = gp;
+        double* __restrict th_ = th;
+        double* __restrict ds12_0 = ds12[0];
+        double* __restrict ds12_1 = ds12[1];
+        double* __restrict dgm_0 = dgm[0];
+        double* __restrict dgm_1 = dgm[1];
+        double* __restrict dgp_0 = dgp[0];
+        double* __restrict dgp_1 = dgp[1];
+        double* __restrict dth_0 = dth[0];
+        double* __restrict dth_1 = dth[1];
+#pragma omp simd
         for (index_t j = 0; j < nj; ++j) {
           const double P = ra * rb[j], h = 0.5 * ira * irb[j];
-          const double g_m = gm[j], g_p = gp[j], s = s12[j];
+          const double g_m = gm_[j], g_p = gp_[j], s = s12_[j];
           pair_out<double> o;
           angle<double> g{};
           if constexpr (rule::uses_angle) {
@@ -257,17 +270,21 @@ void fc_grad_engine<T>::run(const Act& act, index_t r0, index_t r1, bool diag, T
           }
           const double low = rule::uses_angle ? lower.tdot(g, s, P, h, pba, pca, ta, pbb[j], pcb[j], tb[j]) : 0.0;
           const double sgg = std::sqrt(g_m * g_p);
+          const double isg = sgg > 0 ? 1.0 / sgg : 0.0;
           const bool big = rule::uses_angle ? g.big() : false;
           const double s_next = wv * o.t + bv;
-          const double qa = w * ta, qb = w * tb[j];
-          const double bterm = bv > 0 ? bias_gap(bv, qa, qb, rna, rnb[j]) : 0.0;
-          const double th_old = th[j];
-          for (int k = 0; k < 2; ++k) {
+          const double qa = w * ta, qb = w * tb[j], dq = qa - qb;
+          // bias_gap's B = b (qa - qb)^2 / den with den's reciprocal, which the tangents share.
+          const double iden = bv > 0 ? 1.0 / (rna * rnb[j] + qa * qb + bv) : 0.0;
+          const double bterm = bv * dq * dq * iden;
+          const double th_old = th_[j];
+          // One direction k (0: w_std, 1: b_std): the tangents of the next layer from this layer's.
+          auto step = [&](int k, double& ds12_k, double& dgm_k, double& dgp_k, double& dth_k) {
             pair_tangent_in in;
             in.hl = hsa[k] + hsb[k][j];
-            in.a = big ? g_p * in.hl - dgp[k][j] : dgm[k][j] - g_m * in.hl;
-            in.dtheta = sgg > 0 ? in.a / sgg : 0.0;
-            in.ds12 = ds12[k][j];
+            in.a = big ? g_p * in.hl - dgp_k : dgm_k - g_m * in.hl;
+            in.dtheta = in.a * isg;
+            in.ds12 = ds12_k;
             in.ds1 = dsa[k];
             in.ds2 = dsb[k][j];
             in.dtt = dta[k] * tb[j] + ta * dtb[k][j];
@@ -275,19 +292,22 @@ void fc_grad_engine<T>::run(const Act& act, index_t r0, index_t r1, bool diag, T
             if constexpr (rule::uses_angle)
               rt = rule::pair(act, ap, o, low, h, in);
             else
-              rt = rule::pair_erf(o, s, g_m, g_p, paa, pab[j], dgm[k][j], dgp[k][j], in);
+              rt = rule::pair_erf(o, s, g_m, g_p, paa, pab[j], dgm_k, dgp_k, in);
             const double dqa = (k == 0 ? ta : 0.0) + w * dta[k], dqb = (k == 0 ? tb[j] : 0.0) + w * dtb[k][j];
-            const double dbp = bias_gap_tangent(bv, dbv[k], qa, qb, dqa, dqb, rna, rnb[j], drna[k], drnb[k][j]);
+            const double dbp =
+                bias_gap_tangent(bv, dbv[k], bterm, iden, qa, qb, dqa, dqb, rna, rnb[j], drna[k], drnb[k][j]);
             const double dsn = dwv[k] * o.t + wv * rt.dt + dbv[k];
-            ds12[k][j] = dsn;
-            dgm[k][j] = dbp + dwv[k] * o.gm + wv * rt.dgm;
-            dgp[k][j] = dbp + 2.0 * dbv[k] + dwv[k] * o.gp + wv * rt.dgp;
-            dth[k][j] = (add ? dsn : 0.0) + (dwv[k] * o.tdot + wv * rt.dtdot) * th_old + wv * o.tdot * dth[k][j];
-          }
-          s12[j] = s_next;
-          gm[j] = bterm + wv * o.gm;
-          gp[j] = bterm + 2.0 * bv + wv * o.gp;
-          th[j] = (add ? s_next : 0.0) + wv * o.tdot * th_old;
+            ds12_k = dsn;
+            dgm_k = dbp + dwv[k] * o.gm + wv * rt.dgm;
+            dgp_k = dbp + 2.0 * dbv[k] + dwv[k] * o.gp + wv * rt.dgp;
+            dth_k = (add ? dsn : 0.0) + (dwv[k] * o.tdot + wv * rt.dtdot) * th_old + wv * o.tdot * dth_k;
+          };
+          step(0, ds12_0[j], dgm_0[j], dgp_0[j], dth_0[j]);
+          step(1, ds12_1[j], dgm_1[j], dgp_1[j], dth_1[j]);
+          s12_[j] = s_next;
+          gm_[j] = bterm + wv * o.gm;
+          gp_[j] = bterm + 2.0 * bv + wv * o.gp;
+          th_[j] = (add ? s_next : 0.0) + wv * o.tdot * th_old;
         }
       }
       // 4. Store (and mirror).
