@@ -251,6 +251,19 @@ def test_input_errors_name_kernel_grads():
     assert "arcflow.kernel_grads" in str(info.value)
 
 
+@pytest.mark.parametrize("scale", [1e-150, 1e100])
+def test_scale_of_the_inputs(scale):
+    # ReLU without a bias is homogeneous of degree 2 in x: every derivative scales by scale^2 (the unscaled
+    # derivatives are checked against the 50-digit oracle above); nothing underflows to NaN or overflows early.
+    x, x2 = hard_inputs()
+    kw = dict(depth=3, activation="relu", w_std=1.3, b_std=0.0)
+    g, gs = arcflow.kernel_grads(x, x2, **kw), arcflow.kernel_grads(x * scale, x2 * scale, **kw)
+    for f in ("nngp", "ntk"):
+        np.testing.assert_allclose(getattr(gs, f).d_w_std, scale * scale * getattr(g, f).d_w_std, rtol=1e-13,
+                                   atol=1e-13 * scale * scale * np.abs(getattr(g, f).d_w_std).max())
+        assert not getattr(gs, f).d_b_std.any()
+
+
 def test_overflow_is_a_floating_point_error():
     x = np.full((2, 2), 1e150)
     with pytest.raises(FloatingPointError, match="arcflow.kernel_grads"):

@@ -269,7 +269,7 @@ void fc_grad_engine<T>::run(const Act& act, index_t r0, index_t r1, bool diag, T
             o = act.pair(s, g_m, g_p, P, h, paa, pba, ta, pab[j], pbb[j], tb[j]);
           }
           const double low = rule::uses_angle ? lower.tdot(g, s, P, h, pba, pca, ta, pbb[j], pcb[j], tb[j]) : 0.0;
-          const double sgg = std::sqrt(g_m * g_p);
+          const double sgg = std::sqrt(g_m) * std::sqrt(g_p);  // P sin(theta); g_m g_p may overflow
           const double isg = sgg > 0 ? 1.0 / sgg : 0.0;
           const bool big = rule::uses_angle ? g.big() : false;
           const double s_next = wv * o.t + bv;
@@ -310,7 +310,7 @@ void fc_grad_engine<T>::run(const Act& act, index_t r0, index_t r1, bool diag, T
           th_[j] = (add ? s_next : 0.0) + wv * o.tdot * th_old;
         }
       }
-      // 4. Store (and mirror).
+      // 4. Store (the symmetric case's lower triangle is mirrored afterwards, in tiles).
       double* src[4] = {ds12[0], ds12[1], dth[0], dth[1]};
       for (int q = 0; q < 4; ++q) {
         T* o = out[q];
@@ -318,12 +318,28 @@ void fc_grad_engine<T>::run(const Act& act, index_t r0, index_t r1, bool diag, T
         for (index_t j = 0; j < nj; ++j) {
           const index_t col = j0 + j;
           const T v = T(src[q][j]);
-          if (diag) {
+          if (diag)
             o[i] = v;
-          } else {
+          else
             o[i * n2 + col] = v;
-            if (symmetric_ && col != i) o[col * n2 + i] = v;
-          }
+        }
+      }
+    }
+  }
+  // 5. Mirror: (j, i) = (i, j) for the rows i of this call and j > i, in tiles (a row's strided column writes
+  // would miss the cache on every element). Each tile row j is written by one thread.
+  if (symmetric_ && !diag) {
+    constexpr index_t tb = 64;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (index_t jb = r0; jb < n2; jb += tb) {
+      const index_t je = std::min(jb + tb, n2);
+      for (index_t ib = r0; ib < std::min(r1, je); ib += tb) {
+        const index_t ie = std::min(ib + tb, r1);
+        for (int q = 0; q < 4; ++q) {
+          T* o = out[q];
+          if (!o) continue;
+          for (index_t j = jb; j < je; ++j)
+            for (index_t i = ib; i < std::min(ie, j); ++i) o[j * n2 + i] = o[i * n2 + j];
         }
       }
     }
