@@ -83,7 +83,7 @@ def kernel_grads(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "r
         if diag:
             kn._engine_call(_WHERE, engine.diag, nn[0], nn[1], nt[0], nt[1], threads)
         else:
-            per_row = max(1, n2 * (depth + 1))
+            per_row = max(1, n2 * (depth + 1 + d // 8))  # the double Gram: about a pair-layer per 8 features
             block = max(1, _WORK_PER_CALL // per_row)
             for r0 in range(0, n1, block):  # between calls Python runs its signal handlers (Ctrl-C)
                 kn._engine_call(_WHERE, engine.rows, r0, min(n1, r0 + block), nn[0], nn[1], nt[0], nt[1], threads)

@@ -4,7 +4,7 @@
 // produced (pair_out with the output scale w = 1: T, Tdot, and the gaps sqrt(T11 T22) -/+ T) and the
 // tangents of the pair's inputs in one direction, and returns the tangents of those four values.
 //
-// Notation (docs/mathematics.md §1.2): S11, S22, S12 one layer's variances and covariance, P = sqrt(S11 S22),
+// Notation (docs/mathematics.md §1.2 and §1.5): S11, S22, S12 one layer's variances and covariance, P = sqrt(S11 S22),
 // gm = P - S12, gp = P + S12 the carried gaps, hl = dS11 / (2 S11) + dS22 / (2 S22) = dP / P.
 // A positively homogeneous phi of degree n (ABReLU n = 1, max(x, 0)^n, Sign n = 0) has T = P^n f(theta), so
 //   dT = n T hl + P^n f'(theta) dtheta,  and by Price's theorem P^n f'(theta) = -P sin(theta) Tdot,
