@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "arcflow/activations.hpp"
@@ -142,7 +143,7 @@ void fc_grad_engine<T>::run(const Act& act, index_t r0, index_t r1, bool diag, T
   const lower_order<Act> lower(ap);
   const row_table& t1 = tab1_;
   const row_table& t2 = tab2();
-  const index_t n2 = n2_, d = d_, n1t = t1.n, n2t = t2.n;
+  const index_t n2 = n2_, d = d_;
   const int depth = p.depth, fix = p.fix_dep;
   const double wv = p.w_var, bv = p.b_var, w = std::sqrt(wv), b = std::sqrt(bv);
   const double gs = p.gram_scale, sq_gs = std::sqrt(gs);
@@ -153,8 +154,6 @@ void fc_grad_engine<T>::run(const Act& act, index_t r0, index_t r1, bool diag, T
   std::vector<chunk_buf> bufs(static_cast<size_t>(nt));
   auto F1 = [&](int l, int f) { return t1.field(l, f); };
   auto F2 = [&](int l, int f) { return t2.field(l, f); };
-  (void)n1t;
-  (void)n2t;
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (index_t i = r0; i < r1; ++i) {
@@ -195,7 +194,6 @@ void fc_grad_engine<T>::run(const Act& act, index_t r0, index_t r1, bool diag, T
         const double n1v = t1.norm[i], r1v = F1(0, f_r)[i];
         const double* nrm2 = t2.norm.data() + j0;
         const double* r2 = F2(0, f_r) + j0;
-        const double* dr1 = nullptr;
         for (index_t j = 0; j < nj; ++j) {
           const index_t col = j0 + j;
           const double nn = n1v * nrm2[j];
@@ -219,9 +217,8 @@ void fc_grad_engine<T>::run(const Act& act, index_t r0, index_t r1, bool diag, T
           gp[j] = first_gap_plus(bterm, bv, gs, gpe);
           th[j] = fix < 1 ? s12[j] : 0.0;
           for (int k = 0; k < 2; ++k) {
-            dr1 = F1(0, f_dr0 + k);
             const double dbp = bias_gap_tangent(bv, dbv[k], bterm, iden, q1, q2, dsq_gs[k] * n1v, dsq_gs[k] * nrm2[j],
-                                                r1v, r2[j], dr1[i], F2(0, f_dr0 + k)[j0 + j]);
+                                                r1v, r2[j], F1(0, f_dr0 + k)[i], F2(0, f_dr0 + k)[j0 + j]);
             ds12[k][j] = dgs[k] * dot[j] + dbv[k];
             dgm[k][j] = dbp + dgs[k] * gme;
             dgp[k][j] = dbp + 2.0 * dbv[k] + dgs[k] * gpe;
