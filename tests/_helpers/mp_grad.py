@@ -47,6 +47,7 @@ def mp_kernel_grads(x1, x2=None, *, depth, activation="relu", w_std=1.0, b_std=0
                     diag=False, dps=50, step="1e-20"):
     """d/dw_std and d/db_std of the NNGP and NTK by 50-digit central differences, rounded to float64.
 
+    The steps are ``step`` times max(1, |parameter|).
     Returns a dict {"nngp": (d_w, d_b), "ntk": (d_w, d_b)} (no "ntk" when need_ntk is False); the arrays are
     (n1, n2), or (n1,) with diag=True (x2 must then be None).
     """
@@ -64,13 +65,14 @@ def mp_kernel_grads(x1, x2=None, *, depth, activation="relu", w_std=1.0, b_std=0
         rows1 = [[mp.mpf(float(v)) for v in r] for r in x1]
         rows2 = None if x2 is None else [[mp.mpf(float(v)) for v in r] for r in np.asarray(x2, dtype=np.float64)]
         w, b = mp.mpf(float(w_std)), mp.mpf(float(b_std))
-        for p, (wp, bp, wm, bm) in enumerate(((w + h, b, w - h, b), (w, b + h, w, b - h))):
+        hw, hb = h * max(1, abs(w)), h * max(1, abs(b))  # relative steps for large parameters
+        for p, (wp, bp, wm, bm, hp) in enumerate(((w + hw, b, w - hw, b, hw), (w, b + hb, w, b - hb, hb))):
             hi = _mp_recursion(mp, act, rows1, rows2, d, depth, wp, bp, fix_dep, need_ntk, diag)
             lo = _mp_recursion(mp, act, rows1, rows2, d, depth, wm, bm, fix_dep, need_ntk, diag)
             for (i, j), (s_hi, t_hi) in hi.items():
                 s_lo, t_lo = lo[i, j]
                 idx = i if diag else (i, j)
-                res["nngp"][p][idx] = float((s_hi - s_lo) / (2 * h))
+                res["nngp"][p][idx] = float((s_hi - s_lo) / (2 * hp))
                 if need_ntk:
-                    res["ntk"][p][idx] = float((t_hi - t_lo) / (2 * h))
+                    res["ntk"][p][idx] = float((t_hi - t_lo) / (2 * hp))
     return res

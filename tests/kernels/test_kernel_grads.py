@@ -264,6 +264,19 @@ def test_scale_of_the_inputs(scale):
         assert not getattr(gs, f).d_b_std.any()
 
 
+@pytest.mark.parametrize("name", ["relu", "abs", "abrelu", "monomial_1"])
+def test_huge_inputs_with_a_bias_match_finite_differences(name):
+    # Inputs and bias of order 1e100: the kernels are ~1e200, and a product of two gaps (or of the bias gap and
+    # its denominator's tangent) would overflow float64. (Not Sign or Step: their outputs are O(1), so a bias of
+    # 1e100 leaves correlations 1 - 1e-199 that 60 digits cannot resolve; nor Erf, saturated there.)
+    act, _, w, _ = ACTS[name]
+    x, x2 = hard_inputs()
+    kw = dict(depth=3, activation=act, w_std=w, b_std=0.4e100)
+    get = ("nngp", "ntk") if act.has_ntk else ("nngp",)
+    ref = mp_kernel_grads(x * 1e100, x2 * 1e100, need_ntk=act.has_ntk, dps=60, step="1e-25", **kw)
+    check_against(arcflow.kernel_grads(x * 1e100, x2 * 1e100, get=get, **kw), ref, get, np.float64, name)
+
+
 def test_overflow_is_a_floating_point_error():
     x = np.full((2, 2), 1e150)
     with pytest.raises(FloatingPointError, match="arcflow.kernel_grads"):

@@ -23,9 +23,9 @@ constexpr index_t chunk = 256;
 // b = 0: then B = 0 and db = 2 b_std db_std = 0) are shared with the value and the other direction.
 inline double bias_gap_tangent(double b, double db, double bp, double iden, double q1, double q2, double dq1,
                                double dq2, double r1, double r2, double dr1, double dr2) {
-  const double dq = q1 - q2;
+  const double dq = q1 - q2, e = dq * iden;  // each product below stays within range for any input scale
   const double dden = dr1 * r2 + r1 * dr2 + dq1 * q2 + q1 * dq2 + db;
-  return (db * dq * dq + 2.0 * b * dq * (dq1 - dq2) - bp * dden) * iden;
+  return db * dq * e + 2.0 * b * (dq1 - dq2) * e - bp * (dden * iden);
 }
 
 // The order n - 1 monomial, whose Tdot enters the tangent of the order n monomial's Tdot (n >= 2).
@@ -210,8 +210,8 @@ void fc_grad_engine<T>::run(const Act& act, index_t r0, index_t r1, bool diag, T
           gme = gme > 0 ? gme : 0.0;
           gpe = gpe > 0 ? gpe : 0.0;
           const double q1 = sq_gs * n1v, q2 = sq_gs * nrm2[j];
-          const double bterm = bv > 0 ? bias_gap(bv, q1, q2, r1v, r2[j]) : 0.0;
           const double iden = bv > 0 ? 1.0 / (r1v * r2[j] + q1 * q2 + bv) : 0.0;
+          const double bterm = (bv * iden) * (q1 - q2) * (q1 - q2);  // bias_gap, in range at any input scale
           s12[j] = gs * dot[j] + bv;
           gm[j] = first_gap_minus(bterm, gs, gme);
           gp[j] = first_gap_plus(bterm, bv, gs, gpe);
@@ -271,9 +271,10 @@ void fc_grad_engine<T>::run(const Act& act, index_t r0, index_t r1, bool diag, T
           const bool big = rule::uses_angle ? g.big() : false;
           const double s_next = wv * o.t + bv;
           const double qa = w * ta, qb = w * tb[j], dq = qa - qb;
-          // bias_gap's B = b (qa - qb)^2 / den with den's reciprocal, which the tangents share.
+          // bias_gap's B = b (qa - qb)^2 / den with den's reciprocal, which the tangents share; b / den first,
+          // so that no product leaves the range of double at any input scale.
           const double iden = bv > 0 ? 1.0 / (rna * rnb[j] + qa * qb + bv) : 0.0;
-          const double bterm = bv * dq * dq * iden;
+          const double bterm = (bv * iden) * dq * dq;
           const double th_old = th_[j];
           // One direction k (0: w_std, 1: b_std): the tangents of the next layer from this layer's.
           auto step = [&](int k, double& ds12_k, double& dgm_k, double& dgp_k, double& dth_k) {
