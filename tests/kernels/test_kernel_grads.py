@@ -251,17 +251,22 @@ def test_input_errors_name_kernel_grads():
     assert "arcflow.kernel_grads" in str(info.value)
 
 
-@pytest.mark.parametrize("scale", [1e-150, 1e100])
-def test_scale_of_the_inputs(scale):
-    # ReLU without a bias is homogeneous of degree 2 in x: every derivative scales by scale^2 (the unscaled
-    # derivatives are checked against the 50-digit oracle above); nothing underflows to NaN or overflows early.
+@pytest.mark.parametrize("with_bias", [False, True], ids=["b0", "b"])
+@pytest.mark.parametrize("scale", [1e-150, 1e-120, 1e100])
+def test_scale_of_the_inputs(scale, with_bias):
+    # ReLU is homogeneous of degree 1, so with b_std scaled like x every kernel and derivative with respect to
+    # w_std scales by scale^2 (the unscaled derivatives are checked against the 50-digit oracle above): no
+    # product of three small numbers may underflow on the way (the bias gap's tangent did below ~1e-105).
     x, x2 = hard_inputs()
-    kw = dict(depth=3, activation="relu", w_std=1.3, b_std=0.0)
-    g, gs = arcflow.kernel_grads(x, x2, **kw), arcflow.kernel_grads(x * scale, x2 * scale, **kw)
+    kw = dict(depth=3, activation="relu", w_std=1.3)
+    b = 0.4 if with_bias else 0.0
+    g = arcflow.kernel_grads(x, x2, b_std=b, **kw)
+    gs = arcflow.kernel_grads(x * scale, x2 * scale, b_std=b * scale, **kw)
     for f in ("nngp", "ntk"):
-        np.testing.assert_allclose(getattr(gs, f).d_w_std, scale * scale * getattr(g, f).d_w_std, rtol=1e-13,
-                                   atol=1e-13 * scale * scale * np.abs(getattr(g, f).d_w_std).max())
-        assert not getattr(gs, f).d_b_std.any()
+        want = scale * scale * getattr(g, f).d_w_std
+        np.testing.assert_allclose(getattr(gs, f).d_w_std, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+        if not with_bias:
+            assert not getattr(gs, f).d_b_std.any()
 
 
 @pytest.mark.parametrize("name", ["relu", "abs", "abrelu", "monomial_1"])

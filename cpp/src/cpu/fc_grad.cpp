@@ -25,7 +25,7 @@ inline double bias_gap_tangent(double b, double db, double bp, double iden, doub
                                double dq2, double r1, double r2, double dr1, double dr2) {
   const double dq = q1 - q2, e = dq * iden;  // each product below stays within range for any input scale
   const double dden = dr1 * r2 + r1 * dr2 + dq1 * q2 + q1 * dq2 + db;
-  return db * dq * e + 2.0 * b * (dq1 - dq2) * e - bp * (dden * iden);
+  return db * (dq * e) + 2.0 * b * ((dq1 - dq2) * e) - bp * (dden * iden);
 }
 
 // The order n - 1 monomial, whose Tdot enters the tangent of the order n monomial's Tdot (n >= 2).
