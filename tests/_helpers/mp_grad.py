@@ -47,7 +47,7 @@ def mp_kernel_grads(x1, x2=None, *, depth, activation="relu", w_std=1.0, b_std=0
                     diag=False, dps=50, step="1e-20"):
     """d/dw_std and d/db_std of the NNGP and NTK by 50-digit central differences, rounded to float64.
 
-    The steps are ``step`` times max(1, |parameter|).
+    The steps are ``step`` times |parameter| (times 1 for a parameter 0).
     Returns a dict {"nngp": (d_w, d_b), "ntk": (d_w, d_b)} (no "ntk" when need_ntk is False); the arrays are
     (n1, n2), or (n1,) with diag=True (x2 must then be None).
     """
@@ -65,7 +65,7 @@ def mp_kernel_grads(x1, x2=None, *, depth, activation="relu", w_std=1.0, b_std=0
         rows1 = [[mp.mpf(float(v)) for v in r] for r in x1]
         rows2 = None if x2 is None else [[mp.mpf(float(v)) for v in r] for r in np.asarray(x2, dtype=np.float64)]
         w, b = mp.mpf(float(w_std)), mp.mpf(float(b_std))
-        hw, hb = h * max(1, abs(w)), h * max(1, abs(b))  # relative steps for large parameters
+        hw, hb = h * (abs(w) or 1), h * (abs(b) or 1)  # relative steps, for parameters of any scale
         for p, (wp, bp, wm, bm, hp) in enumerate(((w + hw, b, w - hw, b, hw), (w, b + hb, w, b - hb, hb))):
             hi = _mp_recursion(mp, act, rows1, rows2, d, depth, wp, bp, fix_dep, need_ntk, diag)
             lo = _mp_recursion(mp, act, rows1, rows2, d, depth, wm, bm, fix_dep, need_ntk, diag)
