@@ -62,10 +62,10 @@ struct grad_rule<monomial_act<T, N>> {
   static double diag_dt(const act_params& p, double s, double t11, double ds) {
     return p.n >= 1 && s > 0 ? p.n * t11 * (ds / s) : 0.0;
   }
-  static pair_tangent_out pair(const monomial_act<T, N>&, const act_params& p, const pair_out<double>& o,
+  static pair_tangent_out pair(const monomial_act<T, N>& act, const act_params&, const pair_out<double>& o,
                                double lower, double h, const pair_tangent_in& d) {
     pair_tangent_out r;
-    const int n = p.n;
+    const int n = act.order();  // a constant where N >= 0, so that the callers' loops vectorise
     constexpr double inv_2pi = 0.5 / 3.14159265358979323846;
     if (n == 0) {
       const double dt = h > 0 ? -inv_2pi * d.dtheta : 0.0;  // next to a zero-variance row T is the constant 1/4

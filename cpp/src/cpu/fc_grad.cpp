@@ -40,7 +40,7 @@ struct lower_order {
 };
 template <class T, int N>
 struct lower_order<monomial_act<T, N>> {
-  monomial_act<double> act;
+  monomial_act<double, (N >= 1 ? N - 1 : -1)> act;  // a fixed order where the order n is fixed
   bool needed;
   static act_params lower(act_params p) {
     p.n = p.n >= 1 ? p.n - 1 : 0;
@@ -50,7 +50,12 @@ struct lower_order<monomial_act<T, N>> {
   // Row factors of order n - 1: pa = r^(n-1) (the order n's pb), pb = r^(n-2) (the table's pc).
   double tdot(const angle<double>& g, double s12, double P, double h, double pb1, double pc1, double t1, double pb2,
               double pc2, double t2) const {
-    return needed ? act.pair_angle(g, s12, P, h, pb1, pc1, t1, pb2, pc2, t2).tdot : 0.0;
+    if constexpr (N >= 2)
+      return act.pair_angle(g, s12, P, h, pb1, pc1, t1, pb2, pc2, t2).tdot;
+    else if constexpr (N >= 0)
+      return 0.0;
+    else
+      return needed ? act.pair_angle(g, s12, P, h, pb1, pc1, t1, pb2, pc2, t2).tdot : 0.0;
   }
 };
 
@@ -351,7 +356,7 @@ void fc_grad_engine<T>::rows(index_t r0, index_t r1, T* nngp_dw, T* nngp_db, T* 
   T* const out[4] = {nngp_dw, nngp_db, ntk_dw, ntk_db};
   fc_params unit = p_;
   unit.w_var = 1.0;
-  by_activation<double, false>(unit, [&](const auto& act) { run(act, r0, r1, false, out, threads); });
+  by_activation<double, true>(unit, [&](const auto& act) { run(act, r0, r1, false, out, threads); });
 }
 
 template <class T>
@@ -360,7 +365,7 @@ void fc_grad_engine<T>::diag(T* nngp_dw, T* nngp_db, T* ntk_dw, T* ntk_db, int t
   T* const out[4] = {nngp_dw, nngp_db, ntk_dw, ntk_db};
   fc_params unit = p_;
   unit.w_var = 1.0;
-  by_activation<double, false>(unit, [&](const auto& act) { run(act, 0, n1_, true, out, threads); });
+  by_activation<double, true>(unit, [&](const auto& act) { run(act, 0, n1_, true, out, threads); });
 }
 
 template class fc_grad_engine<float>;
