@@ -74,8 +74,8 @@ from arcflow.invertible import IRevNet, IRevNetBlock  # noqa: E402
 try:
     import torch  # noqa: E402
     torch.set_num_threads(THREADS)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    from test_irevnet_torch import TorchBlock, TorchIRevNet, randomize  # noqa: E402
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "invertible"))
+    from make_torch_golden import TorchBlock, TorchIRevNet, randomize  # noqa: E402
 except Exception as exc:  # torch missing, or its test module not importable
     torch = None
     TORCH_ERR = repr(exc)

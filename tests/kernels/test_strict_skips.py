@@ -12,7 +12,7 @@ import pytest
 
 import strict_skips
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 CONFTEST = f"""
 import sys
