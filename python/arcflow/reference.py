@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections import namedtuple
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 

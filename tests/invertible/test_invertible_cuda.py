@@ -91,7 +91,8 @@ def flow_blocks(c=6, seed=0):
 # ---- 1. the kernels' logic in a host emulation (no GPU needed) -------------------------------------------------
 
 def test_invertible_kernels_in_host_emulation(tmp_path):
-    """tests/invertible/invertible_cuda_emulation.cpp: the convolution tile (load | sync | multiply-add | sync | store, every
+    """tests/invertible/invertible_cuda_emulation.cpp: the convolution tile (load | sync | multiply-add | sync |
+    store, every
     thread of every block), psi, channel affine, ActNorm, affine coupling and channel copy, against conv2d_cpu
     (every fused option, 3x3 / 1x1, stride 1 / 2, ragged tiles), channel_affine_cpu, psi_*_cpu and the flow
     formulas. Tolerance 1e-5 (float32) and 1e-12 (float64) relative to the largest entry for the convolution
@@ -593,7 +594,8 @@ def test_gpu_kernels_flows_match_cpu(gpu_twin):
 
 
 # ---- 3c. no GPU: the same GPU tests on the kernels' emulation ---------------------------------------------------
-# tests/invertible/invertible_cuda_emulation.cpp built as a shared library provides the launchers of invertible_cuda.hpp on
+# tests/invertible/invertible_cuda_emulation.cpp built as a shared library provides the launchers of
+# invertible_cuda.hpp on
 # host pointers (every kernel emulated from invertible_tile.cuh, make_conv_args and the tile choice included);
 # ctypes puts them in place of the _core CUDA bindings, with host memory as the "device" buffers. The GPU tests
 # above then run unchanged: the kernels' logic, called with the arguments the real bindings get, end to end

@@ -128,7 +128,8 @@ def test_binding_parameters_are_typed():
 
 @pytest.fixture(scope="module")
 def host_emulation(tmp_path_factory):
-    """Builds tests/kernels/cuda_emulation.cpp with g++ and runs it once: (the completed run, the directory where it wrote
+    """Builds tests/kernels/cuda_emulation.cpp with g++ and runs it once: (the completed run, the directory where it
+    wrote
     its cases for the reference). It runs the CUDA tile and diag kernels on the CPU (one OS thread per CUDA
     thread, a barrier for __syncthreads)."""
     root = Path(__file__).resolve().parents[2]
