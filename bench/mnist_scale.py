@@ -1,6 +1,7 @@
 """MNIST-sized kernel into a memory map: `python bench/mnist_scale.py [N]` (default 60000, d = 784, float32 NTK,
 depth 3). Writes a (N, N) float32 .npy memmap (14.4 GB at N = 60000) tile by tile with a progress bar,
-prints the wall time (on the CPU: device='cpu') and checks a 50 x 50 corner against the NumPy reference. Ctrl-C stops it within a second."""
+prints the wall time (on the CPU: device='cpu') and checks a 50 x 50 corner against the NumPy reference.
+Ctrl-C stops it within a second."""
 import os
 import sys
 import tempfile
