@@ -18,6 +18,7 @@ from . import activations  # noqa: E402
 from . import compat  # noqa: E402
 from ._dispatch import get_num_threads, set_num_threads  # noqa: E402
 from ._kernels import Kernels, kernels, nngp, ntk  # noqa: E402
+from ._kernel_fn import KernelFn, kernel_fn  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -40,14 +41,14 @@ def build_info() -> dict:
 
 
 def __getattr__(name):
-    # arcflow.reference (the NumPy oracle) and arcflow.invertible load on first use.
-    if name in ("reference", "invertible"):
+    # arcflow.reference (the NumPy oracle), arcflow.invertible and arcflow.predict load on first use.
+    if name in ("reference", "invertible", "predict"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'arcflow' has no attribute {name!r}")
 
 
 __all__ = [
-    "nngp", "ntk", "kernels", "Kernels", "set_num_threads", "get_num_threads", "activations", "compat",
+    "nngp", "ntk", "kernels", "Kernels", "kernel_fn", "KernelFn", "set_num_threads", "get_num_threads", "activations", "compat",
     "build_info", "__version__",
 ]
