@@ -49,6 +49,6 @@ def __getattr__(name):
 
 
 __all__ = [
-    "nngp", "ntk", "kernels", "Kernels", "kernel_fn", "KernelFn", "set_num_threads", "get_num_threads", "activations", "compat",
-    "build_info", "__version__",
+    "nngp", "ntk", "kernels", "Kernels", "kernel_fn", "KernelFn", "set_num_threads", "get_num_threads",
+    "activations", "compat", "build_info", "__version__",
 ]

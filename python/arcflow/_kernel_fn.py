@@ -25,7 +25,10 @@ def _named(fields: tuple):
 
 def _validate(depth, activation, w_std, b_std, fix_dep, threads, device, where):
     """The checks of arcflow.kernels, made once when the object is built."""
-    act = resolve(activation)
+    try:
+        act = resolve(activation)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     depth = dp.check_depth(depth, where)
     w = dp.check_std(w_std, "w_std", where)
     b = dp.check_std(b_std, "b_std", where)

@@ -641,3 +641,39 @@ def test_live_against_neural_tangents():
                         assert rel_err(getattr(c, g).covariance, np.asarray(getattr(a, g).covariance)) < TOL_LAYER
     finally:
         jax.config.update("jax_enable_x64", previous)
+
+
+def test_work_memory_is_one_kernel_sized_array():
+    """Peak NumPy memory of a prediction (tracemalloc), in units of one n x n float64 array: the training
+    kernels the call needs, plus at most one n x n work array (the factor; an eigendecomposition of a
+    caller's kernel also holds the copy that LAPACK overwrites)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(17)
+    n, m = 400, 30
+    x, xt, y = rng.standard_normal((n, 6)), rng.standard_normal((m, 6)), rng.standard_normal((n, 3))
+    kfn = arcflow.kernel_fn(depth=3, b_std=0.2)
+    unit = n * n * 8
+    predict.gradient_descent_mse_ensemble(kfn, x, y, diag_reg=1e-4)(None, xt, "ntk")   # imports, first calls
+
+    def peak(fn):
+        tracemalloc.start()
+        try:
+            fn()
+            return tracemalloc.get_traced_memory()[1] / unit
+        finally:
+            tracemalloc.stop()
+
+    def ens(*args):
+        pf = predict.gradient_descent_mse_ensemble(kfn, x, y, diag_reg=1e-4)
+        return lambda: pf(*args)
+
+    assert peak(ens(None, xt, "ntk")) < 1.3             # the NTK, factorised in place
+    assert peak(ens(None, xt, None)) < 2.3              # both kernels, each factorised in place
+    assert peak(ens(1.0, xt, "ntk")) < 2.3              # the NTK and its eigenvectors
+    assert peak(ens(2.0, xt, "ntk", True)) < 3.3        # + the NNGP the covariance needs
+    k, ktd = kfn(x, get="ntk"), kfn(xt, x, "ntk")
+    gd = predict.gradient_descent_mse(k, y)
+    assert peak(lambda: gd(None, 0.0, np.zeros((m, 3)), ktd)) < 1.3     # a copy of k, factorised in place
+    gd = predict.gradient_descent_mse(k, y)
+    assert peak(lambda: gd(1.0, 0.0, np.zeros((m, 3)), ktd)) < 2.3      # the copy and the eigenvectors
