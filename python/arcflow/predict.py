@@ -13,15 +13,22 @@ A neural-tangents user changes only the import (``from arcflow import predict``)
       cov_t  = K_** + A_t K_nngp A_t^T - (A_t k_*nngp^T + transpose),   A_t = k_* K^-1 (I - exp(-eta K t / N))
 
   with K, k_* the NTK and K_**, K_nngp, k_*nngp the NNGP; t = infinity (``t=None``) drops the exponential
-  (docs/mathematics.md; Lee et al. 2019, "Wide neural networks of any depth evolve as linear models").
+  (Lee et al. 2019, "Wide neural networks of any depth evolve as linear models under gradient descent").
 
 ``diag_reg`` adds ``diag_reg * I`` to K, scaled by the mean of K's diagonal unless ``diag_reg_absolute_scale``.
 
 Each predictor factorises a training kernel once, on first use, and keeps the factor for every later ``t`` and
 test set: a Cholesky factor for ``t=None`` (infinite time), an eigendecomposition for finite times. The factor
-is the one n x n work array. The factorisation and every product run in float64 (kernel matrices are often
-ill-conditioned; a float32 Cholesky fails where the float64 one does not); float32 kernels and targets give
-float32 results. scipy.linalg is used when it imports (in-place LAPACK, triangular solves), else NumPy.
+is the one n x n work array: a training kernel computed by an arcflow ``kernel_fn`` is factorised in place (and
+computed again if a later call needs it unfactorised); a caller's kernel is copied first, and is never modified
+(an eigendecomposition also holds that copy while LAPACK writes the eigenvectors). The factorisation and every
+product run in float64 (kernel matrices are often ill-conditioned; a float32 Cholesky fails where the float64
+one does not); float32 kernels and targets give float32 results. scipy.linalg is used when it imports (in-place
+LAPACK, triangular solves), else NumPy (with more temporaries).
+
+A training kernel that is not positive definite is a ValueError that names ``diag_reg`` at t=None (and t=inf);
+at a finite t a positive semi-definite kernel suffices: a zero eigenvalue lam contributes the limit tau of
+(1 - exp(-lam tau)) / lam (tau = eta t / N), where neural-tangents gives NaN.
 
 Example
 -------
@@ -358,8 +365,8 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train, learnin
 
     * ``t`` : None (infinite time, by a Cholesky solve), a time >= 0 or an array of times (by the
       eigendecomposition; the results gain the leading axes of t).
-    * ``x_test`` : test inputs (m, ...); None gives the predictions on the training inputs (without diag_reg,
-      as neural-tangents: the NNGP posterior there is N(y_train, 0)).
+    * ``x_test`` : test inputs (m, ...); None gives the predictions on the training inputs (as neural-tangents:
+      at t=None y_train itself with zero covariance; pass x_test=x_train for the regularised ones).
     * ``get`` : "nngp", "ntk", or a tuple of them (a named tuple 'Gaussians' with those fields); None is both.
     * ``compute_cov`` : True gives :class:`Gaussian` (mean (..., m, k), covariance (..., m, m)), else the mean.
 

@@ -677,3 +677,13 @@ def test_work_memory_is_one_kernel_sized_array():
     assert peak(lambda: gd(None, 0.0, np.zeros((m, 3)), ktd)) < 1.3     # a copy of k, factorised in place
     gd = predict.gradient_descent_mse(k, y)
     assert peak(lambda: gd(1.0, 0.0, np.zeros((m, 3)), ktd)) < 2.3      # the copy and the eigenvectors
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from arcflow import _kernel_fn
+
+    for module in (predict, _kernel_fn):
+        res = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert res.failed == 0 and res.attempted >= 5, module.__name__
