@@ -485,12 +485,14 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train, learnin
             w, v = f.eig(keep=g == "nngp" and keep_nngp)
             f.check_invertible(tau)
             z = _cached(f.cache, "vty", lambda: v.T @ y64)
-            kv = ktd @ v                                                  # (m, n), shared by every t
             phi = _phi(w, tau[:, None])                                   # (T, n)
-            mean = np.einsum("li,ti,ik->tlk", kv, phi, z, optimize=True).reshape(t_shape + (m, y2.shape[1]))
+            # k_* (V diag(phi) V^T y): n^2 k + m n k per time, not the m n^2 of k_* V
+            coef = np.einsum("ji,ti,ik->tjk", v, phi, z, optimize=True)   # (T, n, k)
+            mean = np.matmul(ktd, coef).reshape(t_shape + (m, y2.shape[1]))
             if not compute_cov:
                 out[g] = mean
                 continue
+            kv = ktd @ v                                                  # (m, n), shared by every t
             if g == "nngp":
                 phi2 = _phi(w, 2.0 * tau[:, None])
                 cov = np.stack([nngp_tt - (kv * p) @ kv.T for p in phi2])
@@ -619,7 +621,7 @@ def gradient_descent_mse(k_train_train, y_train, learning_rate: float = 1.0, dia
             res.append(_shape((f0 + dfx).reshape(t_shape + f0.shape), squeeze, res_dtype))
         if ft0 is not None:
             f.check_invertible(tau)
-            dfx = np.einsum("li,ti,ik->tlk", ktd @ v, -_phi(w, tau[:, None]), z, optimize=True)
+            dfx = np.matmul(ktd, np.einsum("ji,ti,ik->tjk", v, -_phi(w, tau[:, None]), z, optimize=True))
             res.append(_shape((ft0 + dfx).reshape(t_shape + ft0.shape), squeeze, res_dtype))
         return res[0] if len(res) == 1 else tuple(res)
 
