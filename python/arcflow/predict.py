@@ -91,7 +91,8 @@ class _NotPositiveDefinite(Exception):
 
 
 def _cholesky(a: np.ndarray):
-    """A factor of the symmetric positive definite float64 matrix ``a`` (which it may overwrite) and its solver."""
+    """The lower Cholesky factor L of the symmetric positive definite float64 matrix ``a`` (which it may
+    overwrite), as two functions: ``solve(b) = a^-1 b`` and ``half(b) = L^-1 b``."""
     sl = _scipy_linalg()
     if sl is not None:
         try:
@@ -101,7 +102,8 @@ def _cholesky(a: np.ndarray):
             raise _NotPositiveDefinite from None
         if not np.all(np.isfinite(np.diagonal(c))):
             raise _NotPositiveDefinite
-        return lambda b: sl.cho_solve((c, lower), b, check_finite=False)
+        return (lambda b: sl.cho_solve((c, lower), b, check_finite=False),
+                lambda b: sl.solve_triangular(c, b, lower=True, check_finite=False))
     try:
         low = np.linalg.cholesky(a)
     except np.linalg.LinAlgError:
@@ -110,7 +112,7 @@ def _cholesky(a: np.ndarray):
     # NumPy has no triangular solve: invert the triangular factor once, then each solve is two products.
     inv = np.linalg.inv(low)
     del low
-    return lambda b: inv.T @ (inv @ b)
+    return (lambda b: inv.T @ (inv @ b)), (lambda b: inv @ b)
 
 
 def _eigh(a: np.ndarray):
@@ -254,14 +256,14 @@ class _Factors:
             a[np.diag_indices_from(a)] += self.reg
         return a
 
-    def solve(self, b: np.ndarray, keep: bool = True) -> np.ndarray:
-        """(K + reg I)^-1 b for b of shape (n, r), by the cached Cholesky factor."""
+    def solve(self, b: np.ndarray, keep: bool = True, half: bool = False) -> np.ndarray:
+        """(K + reg I)^-1 b for b of shape (n, r) by the cached Cholesky factor L, or L^-1 b with half=True."""
         if self._solve is None:
             try:
                 self._solve = _cholesky(self._work(keep))
             except _NotPositiveDefinite:
                 raise _not_pd(self.where, f" ({self.name})", self.diag_reg, self.absolute) from None
-        return self._solve(np.asarray(b, dtype=np.float64))
+        return self._solve[1 if half else 0](np.asarray(b, dtype=np.float64))
 
     def eig(self, keep: bool = True):
         """Eigenvalues (1, n) and eigenvectors (n, n) of K + reg I, cached."""
@@ -527,7 +529,8 @@ def _cov_inf(g, f, ktd, ktd_nngp, k_tt, nngp_dd):
     """The posterior covariance at t = infinity (gp_inference): g in nngp / ntkgp (K_** - k_* K^-1 k_*^T with
     the same kernel) or ntk (the gradient-flow ensemble)."""
     if g != "ntk":
-        return k_tt - ktd @ f.solve(ktd.T)
+        w = f.solve(ktd.T, half=True)                                     # L^-1 k_*^T: one triangular solve
+        return k_tt - w.T @ w
     term1 = f.solve(ktd.T)                                                # (n, m): K^-1 k_*^T
     b = ktd_nngp @ term1                                                  # (m, m): k_*nngp K^-1 k_*^T
     return term1.T @ (nngp_dd() @ term1) - b - b.T + k_tt
