@@ -748,3 +748,14 @@ def test_non_contiguous_and_list_inputs():
     gp2 = predict.gp_inference(kk, y[:, 1].copy())
     np.testing.assert_allclose(gp("nngp", kfn(xt, x, "nngp")[:, ::1]), gp2("nngp", kfn(xt, x, "nngp")),
                                rtol=1e-12, atol=1e-14)
+
+
+def test_import_is_light():
+    """arcflow.predict imports NumPy only; scipy.linalg loads on the first factorisation."""
+    import subprocess
+    import sys
+
+    code = ("import sys, arcflow, arcflow.predict; "
+            "print(sorted(m for m in ('scipy', 'jax', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
