@@ -453,10 +453,10 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train, learnin
                     out[g] = mean
                     continue
                 if g == "nngp":
-                    cov = np.stack([(v * (lam * np.exp(-2.0 * lam * s))) @ v.T for s in tau])
+                    cov = _stack([(v * (lam * np.exp(-2.0 * lam * s))) @ v.T for s in tau], n)
                 else:
                     nngp_dd = np.asarray(train_kernel("nngp")[0], dtype=np.float64)
-                    cov = np.stack([_sandwich(v * np.exp(-lam * s), v, nngp_dd) for s in tau])
+                    cov = _stack([_sandwich(v * np.exp(-lam * s), v, nngp_dd) for s in tau], n)
                 out[g] = (mean, cov.reshape(t_shape + (n, n)))
             return _finish(out, names, single, dtype, squeeze, compute_cov)
 
@@ -497,7 +497,7 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train, learnin
             kv = ktd @ v                                                  # (m, n), shared by every t
             if g == "nngp":
                 phi2 = _phi(w, 2.0 * tau[:, None])
-                cov = np.stack([nngp_tt - (kv * p) @ kv.T for p in phi2])
+                cov = _stack([nngp_tt - (kv * p) @ kv.T for p in phi2], m)
             else:
                 nngp_dd = np.asarray(train_kernel("nngp")[0], dtype=np.float64)
                 q = k_td["nngp"] @ v                                      # (m, n)
@@ -506,11 +506,16 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train, learnin
                     term1 = v @ (p[:, None] * kv.T)                        # (n, m): K^-1 (I - e^{-K tau}) k_*^T
                     b = (kv * p) @ q.T
                     covs.append(term1.T @ (nngp_dd @ term1) - b - b.T + nngp_tt)
-                cov = np.stack(covs)
+                cov = _stack(covs, m)
             out[g] = (mean, cov.reshape(t_shape + (m, m)))
         return _finish(out, names, single, dtype, squeeze, compute_cov)
 
     return predict_fn
+
+
+def _stack(covs, size):
+    """The covariances of every time, (T, size, size); T may be 0 (an empty array of times)."""
+    return np.stack(covs) if covs else np.zeros((0, size, size))
 
 
 def _sandwich(a, v, mid):

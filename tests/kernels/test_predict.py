@@ -759,3 +759,18 @@ def test_import_is_light():
             "print(sorted(m for m in ('scipy', 'jax', 'sklearn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("g", ["nngp", "ntk"])
+def test_empty_times_and_test_sets(g):
+    """An empty array of times gives empty results of the right shape (np.stack of nothing raised before)."""
+    kfn, x, xt, y = _problem(np.random.default_rng(19), k=2)
+    pf = predict.gradient_descent_mse_ensemble(kfn, x, y, diag_reg=1e-3)
+    for x_test, m in ((xt, len(xt)), (None, len(x)), (xt[:0], 0)):
+        r = pf([], x_test, g, True)
+        assert r.mean.shape == (0, m, 2) and r.covariance.shape == (0, m, m)
+        r = pf(None, x_test, g, True)
+        assert r.mean.shape == (m, 2) and r.covariance.shape == (m, m)
+    fx_train, fx_test = predict.gradient_descent_mse(kfn(x, get="ntk"), y)([], 0.0, np.zeros((3, 2)),
+                                                                             kfn(xt[:3], x, "ntk"))
+    assert fx_train.shape == (0, len(x), 2) and fx_test.shape == (0, 3, 2)
