@@ -1,7 +1,7 @@
 """arcflow.predict against neural-tangents 0.6.5 (a golden file and, where it imports, live) and against an
 independent dense oracle (scipy.linalg.expm and np.linalg.solve on the formulas).
 
-The golden file (tests/make_nt_predict_golden.py) stores nt's kernels next to its predictions, so the prediction
+The golden file (tests/kernels/make_nt_predict_golden.py) stores nt's kernels next to its predictions, so the prediction
 layer is compared on nt's own kernels (1e-9), and end to end with arcflow.kernel_fn (1e-8; where the NTK of
 the training set enters, nt's own NTK diagonal is off by up to 1e-8: see NT_NTK_DIAGONAL).
 """

@@ -3,7 +3,7 @@
 neural-tangents is not a test dependency (it needs jax 0.5.3); this script records its numbers once. Run it in
 a separate environment (see tests/make_nt_golden.py)::
 
-    /tmp/ntvenv/bin/python tests/make_nt_predict_golden.py      # writes tests/data/nt_predict_golden.npz
+    /tmp/ntvenv/bin/python tests/kernels/make_nt_predict_golden.py      # writes tests/data/nt_predict_golden.npz
 
 Three kinds of case, all in float64 (jax_enable_x64):
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-OUT = Path(__file__).resolve().parent / "data" / "nt_predict_golden.npz"
+OUT = Path(__file__).resolve().parents[1] / "data" / "nt_predict_golden.npz"
 SEED = 20261207
 COND_MAX = 1e4
 ACTIVATIONS = [("ReLU", []), ("Erf", []), ("LeakyReLU", [0.2]), ("Abs", []), ("ABReLU", [-0.5, 1.2]),
@@ -241,7 +241,7 @@ def main() -> int:
 
     meta = dict(
         format=1,
-        generator="tests/make_nt_predict_golden.py",
+        generator="tests/kernels/make_nt_predict_golden.py",
         seed=SEED,
         versions=dict(neural_tangents=neural_tangents.__version__, jax=jax.__version__, numpy=np.__version__),
         parameterization="ntk",
