@@ -18,6 +18,7 @@ from . import activations  # noqa: E402
 from . import compat  # noqa: E402
 from ._dispatch import get_num_threads, set_num_threads  # noqa: E402
 from ._kernels import Kernels, kernels, nngp, ntk  # noqa: E402
+from ._grads import Grad, KernelGrads, kernel_grads  # noqa: E402
 from ._kernel_fn import KernelFn, kernel_fn  # noqa: E402
 
 __version__ = "0.1.0"
@@ -50,6 +51,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "nngp", "ntk", "kernels", "Kernels", "kernel_fn", "KernelFn", "set_num_threads", "get_num_threads",
+    "nngp", "ntk", "kernels", "Kernels", "kernel_fn", "KernelFn", "kernel_grads", "KernelGrads", "Grad",
+    "set_num_threads", "get_num_threads",
     "activations", "compat", "build_info", "__version__",
 ]
