@@ -128,6 +128,16 @@ class KernelFn:
         """k(x[i], x[i]) for every row, shape (n,), in O(n (d + depth)); ``get`` as in ``__call__``."""
         return self._call(x, None, get, True)
 
+    def grads(self, x1, x2=None, get: Union[None, str, Sequence[str]] = None, diag: bool = False):
+        """The kernels with their derivatives with respect to w_std and b_std (:func:`arcflow.kernel_grads`):
+        one name gives a :class:`arcflow.Grad` (value, d_w_std, d_b_std); None (both, where the activation has
+        an NTK) or a sequence gives :class:`arcflow.KernelGrads`."""
+        from ._grads import kernel_grads
+        names = self._default_get() if get is None else get
+        g = kernel_grads(x1, x2, depth=self._depth, activation=self._activation, w_std=self._w_std,
+                         b_std=self._b_std, fix_dep=self._fix_dep, get=names, diag=diag, threads=self._threads)
+        return getattr(g, get) if isinstance(get, str) else g
+
     def __repr__(self) -> str:
         extra = ""
         if self._threads is not None:

@@ -27,8 +27,6 @@ from sklearn.gaussian_process.kernels import Hyperparameter, Kernel
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
-from . import _kernels
-from ._grads import kernel_grads
 from ._kernel_fn import kernel_fn as _kernel_fn
 from .activations import resolve
 
@@ -70,15 +68,16 @@ class _InfiniteNetworkKernel(Kernel):
     def _where(self) -> str:
         return f"arcflow.sklearn.{type(self).__name__}"
 
-    def _kwargs(self) -> dict:
+    def _kernel_fn(self):
+        """The network's kernel function (validates the parameters); a free hyperparameter must be > 0."""
         where = self._where()
         for name in ("w_std", "b_std"):
             v = getattr(self, name)
             if not getattr(self, f"hyperparameter_{name}").fixed and not (isinstance(v, numbers.Real) and v > 0):
                 raise ValueError(f"{where}: {name} = {v!r} must be > 0 while it is a free hyperparameter "
                                  f"(its logarithm is optimised); for {name} = 0 set {name}_bounds='fixed'")
-        return dict(depth=self.depth, activation=self.activation, w_std=self.w_std, b_std=self.b_std,
-                    fix_dep=self.fix_dep)
+        return _kernel_fn(depth=self.depth, activation=self.activation, w_std=self.w_std, b_std=self.b_std,
+                          fix_dep=self.fix_dep)
 
     def __call__(self, X, Y=None, eval_gradient: bool = False):
         """k(X, Y), and with ``eval_gradient`` (Y None only) its gradient with respect to the logarithms of the
@@ -88,10 +87,10 @@ class _InfiniteNetworkKernel(Kernel):
             if eval_gradient:
                 raise ValueError(f"{self._where()}: the gradient can only be evaluated when Y is None")
             Y = np.atleast_2d(np.asarray(Y, dtype=np.float64))
-        kw = self._kwargs()
+        kfn = self._kernel_fn()
         if not eval_gradient:
-            return _kernels.kernels(X, Y, get=self._get, **kw)._asdict()[self._get]
-        g = kernel_grads(X, None, get=self._get, **kw)._asdict()[self._get]
+            return kfn(X, Y, self._get)
+        g = kfn.grads(X, None, self._get)
         grads = []
         for hp in self.hyperparameters:  # sorted by name, as Kernel.theta
             if not hp.fixed:
@@ -101,8 +100,7 @@ class _InfiniteNetworkKernel(Kernel):
         return g.value, K_gradient
 
     def diag(self, X) -> np.ndarray:
-        X = np.atleast_2d(np.asarray(X, dtype=np.float64))
-        return _kernels.kernels(X, get=self._get, diag=True, **self._kwargs())._asdict()[self._get]
+        return self._kernel_fn().diag(np.atleast_2d(np.asarray(X, dtype=np.float64)), self._get)
 
     def is_stationary(self) -> bool:
         return False

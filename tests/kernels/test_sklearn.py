@@ -213,6 +213,6 @@ def test_bad_parameters_are_clear_errors_at_fit(bad, match):
 
 
 @parametrize_with_checks([NTKRegressor(b_std=0.1), NNGPRegressor(b_std=0.1), NTKClassifier(b_std=0.1),
-                          NTKRegressor(depth=3, activation="erf", t=2.0)])
+                          NTKRegressor(depth=3, activation="erf", t=1e4)])
 def test_scikit_learn_estimator_checks(estimator, check):
     check(estimator)
