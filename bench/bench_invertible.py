@@ -74,8 +74,8 @@ from arcflow.invertible import IRevNet, IRevNetBlock  # noqa: E402
 try:
     import torch  # noqa: E402
     torch.set_num_threads(THREADS)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    from test_irevnet_torch import TorchBlock, TorchIRevNet, randomize  # noqa: E402
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "invertible"))
+    from make_torch_golden import TorchBlock, TorchIRevNet  # noqa: E402
 except Exception as exc:  # torch missing, or its test module not importable
     torch = None
     TORCH_ERR = repr(exc)
@@ -359,8 +359,8 @@ def main():
           f"NumPy sgemm {rate / 1e9:.0f} GFLOP/s, OPENBLAS_THREAD_TIMEOUT="
           f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset')}, torch {machine['torch']}, load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"times: medians of {ARGS.reps} {'repetitions, each program in its own block (--alone)' if ARGS.alone else 'interleaved repetitions'}; "
-          "ratios: medians of the per-repetition ratios")
+    how = 'repetitions, each program in its own block (--alone)' if ARGS.alone else 'interleaved repetitions'
+    print(f"times: medians of {ARGS.reps} {how}; ratios: medians of the per-repetition ratios")
     if torch is None:
         print(f"(PyTorch not available: {TORCH_ERR})")
     results = []
@@ -388,8 +388,8 @@ def main():
             tot = 0.0
             for label, t, fl in r["breakdown"]:
                 tot += t
-                print(f"    {label:24s} {t * 1e3:7.2f} ms  {fl / t / 1e9:4.0f} GFLOP/s  ({fl / rate / t * 100:3.0f}% of the "
-                      f"header's sgemm rate)")
+                print(f"    {label:24s} {t * 1e3:7.2f} ms  {fl / t / 1e9:4.0f} GFLOP/s  "
+                      f"({fl / rate / t * 100:3.0f}% of the header's sgemm rate)")
             print(f"    convolutions {tot * 1e3:.2f} ms, rest of the forward {(r['arcflow_fwd'] - tot) * 1e3:.2f} ms")
     if "full" not in skip:
         r = bench_full(results, skip, rate)

@@ -5,8 +5,8 @@
 
 Workload (issue 5): NNGP + NTK, ReLU, w_std = 1.4, b_std = 0.1, float32, n1 = n2 = n rows of d features.
 - arcflow: ``arcflow._cuda.kernels_cuda`` on CuPy arrays (no host copies), the fused tile kernel. With
-  ``--mode symmetric`` (the default, ``kernels(x)``) it computes one triangle and mirrors it; with
-  ``--mode general`` it gets x2 = a copy of x and computes every pair, as the two ports do.
+  ``--mode general`` (the default) it gets x2 = a copy of x and computes every pair, as the two ports do;
+  with ``--mode symmetric`` (``kernels(x)``) it computes one triangle and mirrors it (half the pairs).
 - cupy: the NumPy recursion ported line by line to CuPy (whole n x n arrays, np -> cp), as users do.
 - jax: the same formulas in jax.numpy under ``jax.jit`` (matmul at Precision.HIGHEST: no TF32).
 Each time is the median of ``--repeat`` runs after one warm-up, synchronised (CuPy stream / JAX
@@ -115,7 +115,7 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--depth", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--mode", choices=("symmetric", "general"), default="symmetric")
+    ap.add_argument("--mode", choices=("symmetric", "general"), default="general")
     ap.add_argument("--skip", default="", help="comma-separated: cupy, jax")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

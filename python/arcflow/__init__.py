@@ -19,6 +19,7 @@ from . import compat  # noqa: E402
 from ._dispatch import get_num_threads, set_num_threads  # noqa: E402
 from ._kernels import Kernels, kernels, nngp, ntk  # noqa: E402
 from ._grads import Grad, KernelGrads, kernel_grads  # noqa: E402
+from ._kernel_fn import KernelFn, kernel_fn  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -41,14 +42,16 @@ def build_info() -> dict:
 
 
 def __getattr__(name):
-    # arcflow.reference (the NumPy oracle) and arcflow.invertible load on first use.
-    if name in ("reference", "invertible"):
+    # arcflow.reference (the NumPy oracle), arcflow.invertible, arcflow.predict and arcflow.sklearn (which needs
+    # scikit-learn) load on first use.
+    if name in ("reference", "invertible", "predict", "sklearn"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'arcflow' has no attribute {name!r}")
 
 
 __all__ = [
-    "nngp", "ntk", "kernels", "Kernels", "kernel_grads", "KernelGrads", "Grad", "set_num_threads", "get_num_threads",
+    "nngp", "ntk", "kernels", "Kernels", "kernel_fn", "KernelFn", "kernel_grads", "KernelGrads", "Grad",
+    "set_num_threads", "get_num_threads",
     "activations", "compat", "build_info", "__version__",
 ]

@@ -14,6 +14,11 @@ import numpy as np
 from . import _core
 
 
+def _ptr(x) -> int:
+    """A CuPy array's device pointer, 0 for None (the launchers' 'no output')."""
+    return 0 if x is None else int(x.data.ptr)
+
+
 def built() -> bool:
     """True when this copy of arcflow was compiled with the CUDA backend."""
     return bool(getattr(_core, "built_with_cuda", False))
@@ -107,15 +112,14 @@ def kernels_cuda(a1, a2, params, want_nngp: bool = True, want_ntk: bool = True, 
             out_n = cp.empty(shape, dtype=dtype) if want_nngp else None
             out_t = cp.empty(shape, dtype=dtype) if want_ntk else None
             f32 = dtype == np.float32
-            ptr = (lambda x: 0 if x is None else int(x.data.ptr))
             stream = int(cp.cuda.get_current_stream().ptr)
             if n1 > 0 and n2 > 0 and (want_nngp or want_ntk):
                 if diag:
                     fn = _core.fc_diag_cuda_f32 if f32 else _core.fc_diag_cuda_f64
-                    fn(ptr(x1), n1, d, params, ptr(out_n), ptr(out_t), int(dev.id), stream)
+                    fn(_ptr(x1), n1, d, params, _ptr(out_n), _ptr(out_t), int(dev.id), stream)
                 else:
                     fn = _core.fc_kernels_cuda_f32 if f32 else _core.fc_kernels_cuda_f64
-                    fn(ptr(x1), ptr(x2), n1, n2, d, params, ptr(out_n), ptr(out_t), int(dev.id), stream)
+                    fn(_ptr(x1), _ptr(x2), n1, n2, d, params, _ptr(out_n), _ptr(out_t), int(dev.id), stream)
         return out_n, out_t
 
     a1 = np.asarray(a1)

@@ -137,7 +137,8 @@ def kernels(x1, x2=None, *, depth: int = 1, activation: ActivationLike = "relu",
     x1, x2 : (n1, d) and (n2, d) arrays. ``x2=None`` computes the symmetric matrix of x1 (one triangle,
         mirrored), and so does passing the same array object twice (``kernels(x, x)``): the entries (i, j) and
         (j, i) of the full computation hold the same bits (the Gram products are summed in the same order),
-        so the mirror changes nothing but the time. A copy of x1 as x2 is computed in full. float32 in gives float32 out; float64, integer, bool and lists give float64.
+        so the mirror changes nothing but the time. A copy of x1 as x2 is computed in full. float32 in gives float32
+        out; float64, integer, bool and lists give float64.
     depth : number of hidden activations (0 gives the linear kernel).
     fix_dep : the first ``fix_dep`` layers are frozen and add nothing to Theta (0 <= fix_dep <= depth).
     diag : True or False. True gives only k(x, x) for the rows of x1, shape (n1,), in O(n1 (d + depth)); it

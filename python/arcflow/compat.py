@@ -74,7 +74,8 @@ def kernel_value_batch(X, d_max: int, *, threads: Optional[int] = None, progress
 
 def kernel_value(X, d_max: int, fix_dep: int, *, threads: Optional[int] = None,
                  device: str = "cpu") -> np.ndarray:
-    """The NTK of depth d_max with the first fix_dep layers frozen, shape (N, N) (= kernel_value_batch[d_max-1][fix_dep])."""
+    """The NTK of depth d_max with the first fix_dep layers frozen, shape (N, N) (=
+    kernel_value_batch[d_max-1][fix_dep])."""
     where = "arcflow.compat.kernel_value"
     a, d_max = _prepare(X, d_max, where)
     fix_dep = dp.check_depth(fix_dep, where, "fix_dep")

@@ -21,7 +21,7 @@ Conventions
 * Zero rows: where ``Sigma(x,x) == 0`` or ``Sigma(y,y) == 0`` we use ``c = 0`` (``theta = pi/2``).
   This is what neural-tangents 0.6.5 does (its ``_arctan2(..., fill_zero=pi/2)`` in ABRelu and Sign;
   its Erf formula needs no convention), and it gives the same finite numbers as neural-tangents for
-  every activation it can evaluate (checked in tests/test_vs_neural_tangents.py). For the
+  every activation it can evaluate (checked in tests/kernels/test_vs_neural_tangents.py). For the
   continuous activations the value does not depend on the convention at all (every term carrying the
   angle is multiplied by a zero). It matters only for Step (order-0 arc-cosine), where a zero row has
   no limit; there ``T = 1/4`` off and on the diagonal.
@@ -29,7 +29,7 @@ Conventions
   is pinned to exactly 1. Off-diagonal collinear pairs (duplicate rows, multiples, d = 1) are computed
   naively: ``s12 / sqrt(s1 s2)`` rounds to 1 - eps, and the spurious angle ~1e-8 makes this oracle
   off by up to a few 1e-8 there (see docs/mathematics.md §1.3). The C++ engine is stable there;
-  tests/test_mpmath_collinear.py checks it against a 50-digit evaluation instead of this module.
+  tests/kernels/test_mpmath_collinear.py checks it against a 50-digit evaluation instead of this module.
 * Step and Sign have no NTK (phi' is a Dirac delta): asking for it is a ValueError.
   (neural-tangents 0.6.5 silently treats their derivative as 0 and returns Theta = NNGP-like values.)
 
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections import namedtuple
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 
@@ -65,7 +65,7 @@ def arccos_j(n: int, theta):
 
     ``J_0 = pi - theta``, ``J_1 = sin t + (pi - t) cos t`` and, for n >= 2, the recursion
     ``J_n = (2n - 1) cos t J_{n-1} + (n - 1)^2 sin^2 t J_{n-2}``, which equals Cho & Saul's
-    ``(-1)^n sin^{2n+1} t ((1/sin t) d/dt)^n ((pi - t)/sin t)`` (tests/test_reference.py checks it).
+    ``(-1)^n sin^{2n+1} t ((1/sin t) d/dt)^n ((pi - t)/sin t)`` (tests/kernels/test_reference.py checks it).
     """
     theta = np.asarray(theta, dtype=np.float64)
     j_prev = np.pi - theta                                           # J_0

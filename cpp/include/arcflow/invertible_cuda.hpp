@@ -13,7 +13,7 @@
 // - Throws std::invalid_argument for inconsistent sizes, std::runtime_error naming the call and
 //   cudaGetErrorString when a CUDA call or a launch fails (including "no CUDA device"). Reentrant.
 // The per-element and per-tile logic is in cpp/src/cuda/invertible_tile.cuh (host-device, emulated on the
-// CPU by tests/invertible_cuda_emulation.cpp).
+// CPU by tests/invertible/invertible_cuda_emulation.cpp).
 #include <cstddef>
 #include <cstdint>
 

@@ -1,5 +1,5 @@
 // Per-element and per-tile logic of the invertible-block CUDA kernels (cpp/src/cuda/invertible.cu), as
-// host-device functions, so that tests/invertible_cuda_emulation.cpp runs the very same code on the CPU.
+// host-device functions, so that tests/invertible/invertible_cuda_emulation.cpp runs the very same code on the CPU.
 #pragma once
 // Contract: header-only, no CUDA headers (ARCFLOW_HD is __host__ __device__ under nvcc, inline otherwise).
 // Every function is pure apart from the pointers it is given; "tid" is threadIdx.x of a block of

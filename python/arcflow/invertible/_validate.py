@@ -45,7 +45,8 @@ def check_nchw(x, where: str, expected: str, channels: Optional[int] = None, blo
                block_why: str = "", hw: Optional[Tuple[int, int]] = None, kinds: str = "fiub",
                finite: bool = True, what: str = "input") -> np.ndarray:
     """x as an aligned C-contiguous (N, C, H, W) array in its compute dtype (``_ops.result_dtype``: float32 for
-    float16/float32 input, float64 for anything else real): TypeError for a non-real dtype, ValueError for a wrong shape (naming ``expected``) and, with
+    float16/float32 input, float64 for anything else real): TypeError for a non-real dtype, ValueError for a wrong
+    shape (naming ``expected``) and, with
     ``finite``, for NaN/Inf (``f"{where}: {what} contains NaN or Inf"``)."""
     xa = np.asarray(x)
     _ops.check_nchw_shape(xa, where, expected, channels, block, block_why, hw, kinds)

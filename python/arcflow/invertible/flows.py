@@ -8,7 +8,8 @@ Every block maps an (N, C, H, W) array to an array of the same shape and has
     state_dict() -> {name: ndarray},  load_state_dict(mapping, strict=True)
 
 float16 and float32 input compute in float32 (weights are kept in float64 and cast once per dtype); every
-other real numeric input is computed in float64 (the package's dtype rule, ``_backend``). GPU arrays (CuPy, ``__cuda_array_interface__``) are computed on their device by
+other real numeric input is computed in float64 (the package's dtype rule, ``_backend``). GPU arrays (CuPy,
+``__cuda_array_interface__``) are computed on their device by
 arcflow's CUDA kernels and come back as CuPy arrays: each block's forward and inverse is written once against an
 ops provider (``_backend``) chosen per call from the input (``_providers``). Bad input raises ValueError naming the
 block and the expected shape; a float32 result that overflows raises FloatingPointError naming the block and

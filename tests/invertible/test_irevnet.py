@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 
 from arcflow.invertible import InjectivePad, IRevNet, IRevNetBlock, SpaceToDepth, from_torch
-from arcflow.invertible import _ops
 
 from _helpers.invertible import (  # the float64 NumPy oracle of the reference block, and the block cases
     BLOCK_CASES, REL, assert_differs, block_forward_np, bn_relu_np, bottleneck_np, psi_inv_np, psi_np, randomize_bn,

@@ -1,6 +1,6 @@
 """arcflow and arcflow.reference against neural-tangents 0.6.5 (docs/mathematics.md §1.4: 1e-10 relative, float64).
 
-The recorded numbers come from tests/make_nt_golden.py (tests/data/nt_golden.npz), so CI needs no jax.
+The recorded numbers come from tests/kernels/make_nt_golden.py (tests/data/nt_golden.npz), so CI needs no jax.
 neural-tangents is the only oracle here that shares no code or formulas with arcflow, so every case must
 agree with it to 1e-10. The 50-digit recursion (_helpers.mp_oracle) retypes the closed forms of
 arcflow.reference: a formula error shared by both would pass against it, so it may settle a disagreement
@@ -26,7 +26,7 @@ from _helpers.numeric import load_golden, rel_err
 pytestmark = pytest.mark.usefixtures("fc_layout")
 
 TOL = 1e-10
-GOLDEN = Path(__file__).resolve().parent / "data" / "nt_golden.npz"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "nt_golden.npz"
 
 
 META, ARRAYS = load_golden(GOLDEN)

@@ -5,7 +5,7 @@ Run it in a separate environment::
 
     python3 -m venv /tmp/ntvenv
     /tmp/ntvenv/bin/pip install jax==0.5.3 jaxlib==0.5.3 neural-tangents==0.6.5 "numpy<2.2"
-    /tmp/ntvenv/bin/python tests/make_nt_golden.py          # writes tests/data/nt_golden.npz
+    /tmp/ntvenv/bin/python tests/kernels/make_nt_golden.py          # writes tests/data/nt_golden.npz
 
 Each case is ``stax.serial(Dense(w, W_std, b_std), [phi, Dense(w, W_std, b_std)] * depth)`` with a
 1-wide read-out, in the ntk parameterisation, ``kernel_fn(x1, x2, ('nngp', 'ntk'))`` in float64.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-OUT = Path(__file__).resolve().parent / "data" / "nt_golden.npz"
+OUT = Path(__file__).resolve().parents[1] / "data" / "nt_golden.npz"
 SEED = 20260517
 N1, N2, D = 7, 5, 4
 DEPTHS = range(0, 9)
@@ -126,7 +126,7 @@ def main() -> int:
 
     meta = dict(
         format=1,
-        generator="tests/make_nt_golden.py",
+        generator="tests/kernels/make_nt_golden.py",
         seed=SEED,
         versions=dict(neural_tangents=neural_tangents.__version__, jax=jax.__version__,
                       numpy=np.__version__),

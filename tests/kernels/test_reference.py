@@ -155,7 +155,7 @@ def test_identity_gives_the_linear_network_kernel(depth):
     sigma = [w2 * gram + b2]                            # Sigma^l = w2 Sigma^{l-1} + b2
     for _ in range(depth):
         sigma.append(w2 * sigma[-1] + b2)
-    theta = sum(w2 ** (depth - l) * sigma[l] for l in range(depth + 1))   # Theta = sum w2^k Sigma
+    theta = sum(w2 ** (depth - i) * sigma[i] for i in range(depth + 1))   # Theta = sum w2^k Sigma
     k = reference.kernels(x1, x2, depth=depth, activation="identity", w_std=1.3, b_std=0.4)
     assert rel_err(k.nngp, sigma[-1]) <= 1e-13
     assert rel_err(k.ntk, theta) <= 1e-13

@@ -1,5 +1,5 @@
-"""The flow blocks against small PyTorch implementations (tests/make_torch_golden.py) with the same weights
-(optional: skipped without torch; CI compares with recorded outputs, tests/test_torch_golden.py), and their
+"""The flow blocks against small PyTorch implementations (tests/invertible/make_torch_golden.py) with the same weights
+(optional: skipped without torch; CI compares with recorded outputs, tests/invertible/test_torch_golden.py), and their
 log|det J| against the autograd Jacobian."""
 import numpy as np
 import pytest

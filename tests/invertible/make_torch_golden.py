@@ -1,19 +1,19 @@
 """Regenerate tests/data/torch_golden.npz: PyTorch outputs of the i-RevNet and the flow blocks that CI compares
-arcflow with (tests/test_torch_golden.py), so CI needs no torch.
+arcflow with (tests/invertible/test_torch_golden.py), so CI needs no torch.
 
 torch is not a test dependency; this script records its numbers once. Run it in a separate environment::
 
     python3 -m venv /tmp/torchvenv
     /tmp/torchvenv/bin/pip install /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl numpy
-    /tmp/torchvenv/bin/python tests/make_torch_golden.py        # writes tests/data/torch_golden.npz
+    /tmp/torchvenv/bin/python tests/invertible/make_torch_golden.py        # writes tests/data/torch_golden.npz
 
 Everything here is PyTorch (arcflow is not imported): the modules follow the structure of the reference
 i-RevNet code (jhjacobsen/pytorch-i-revnet, models/iRevNet.py and models/model_utils.py: the same module
 tree, hence the same state_dict keys, the same psi algorithm, the same pair order; two fixes in the inverse
 only, where the reference is wrong: the injective padding's inverse drops the appended channels, and the
 initial psi is skipped when init_ds == 0), and of RealNVP/Glow for the flows (affine coupling with FrEIA's
-soft clamp, ActNorm, the LU-parameterised invertible 1x1 convolution). tests/test_irevnet_torch.py and
-tests/test_flows_torch.py use these same modules for their live comparisons.
+soft clamp, ActNorm, the LU-parameterised invertible 1x1 convolution). tests/invertible/test_irevnet_torch.py and
+tests/invertible/test_flows_torch.py use these same modules for their live comparisons.
 
 Weights are drawn in float32 by PyTorch's own initialisation (batch-norm statistics and affine parameters
 randomised, seeded) and stored once; the float64 outputs come from the same weights cast to float64
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-OUT = Path(__file__).resolve().parent / "data" / "torch_golden.npz"
+OUT = Path(__file__).resolve().parents[1] / "data" / "torch_golden.npz"
 SEED = 20261207
 
 try:
@@ -392,7 +392,7 @@ def main() -> int:
     put("chain", "float64/logdet", _np(ld))
     cases.append(dict(name="chain", kind="sequential", blocks=chain))
 
-    meta = dict(format=1, generator="tests/make_torch_golden.py", seed=SEED,
+    meta = dict(format=1, generator="tests/invertible/make_torch_golden.py", seed=SEED,
                 versions=dict(torch=torch.__version__, numpy=np.__version__),
                 notes=["weights are float32 values (PyTorch's initialisation); the float64 outputs use them "
                        "cast to float64, exactly",

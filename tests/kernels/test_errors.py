@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import arcflow
-from arcflow.activations import Erf, LeakyReLU, RectifiedMonomial, Sign, Step
+from arcflow.activations import LeakyReLU, RectifiedMonomial, Sign, Step
 
 SENTINEL = -12345.5
 

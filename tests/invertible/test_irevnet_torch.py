@@ -1,8 +1,9 @@
 """Parity with a PyTorch implementation of the reference i-RevNet (optional: skipped without torch; CI compares
-with the outputs these modules recorded, tests/test_torch_golden.py).
+with the outputs these modules recorded, tests/invertible/test_torch_golden.py).
 
-The PyTorch modules (tests/make_torch_golden.py) follow the structure of the reference code
-(jhjacobsen/pytorch-i-revnet, models/iRevNet.py and models/model_utils.py): the same module tree, hence the same state_dict keys, the
+The PyTorch modules (tests/invertible/make_torch_golden.py) follow the structure of the reference code
+(jhjacobsen/pytorch-i-revnet, models/iRevNet.py and models/model_utils.py): the same module tree, hence the same
+state_dict keys, the
 same psi algorithm (split along W, stack, permute), the same pair order. Two fixes in the inverse only,
 where the reference is wrong: the injective padding's inverse drops the appended channels, and the
 initial psi is skipped when init_ds == 0.

@@ -14,7 +14,7 @@ from arcflow.invertible import ActNorm, AffineCoupling, IRevNet, IRevNetBlock, I
 from arcflow.invertible import _ops
 from _helpers.invertible import conv2d_oracle, psi_np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def misaligned(a):

@@ -2,7 +2,7 @@
 //
 // Each CUDA thread of a block runs as an OS thread, __syncthreads is a std::barrier and __shared__ arrays are
 // function statics, so the kernels' indexing, tiling, mirroring and bounds are checked without a GPU.
-// Built and run by tests/test_cuda.py (g++ -std=c++20); prints one line "worst f64 <err> f32 <err>", the largest
+// Built and run by tests/kernels/test_cuda.py (g++ -std=c++20); prints one line "worst f64 <err> f32 <err>", the largest
 // error relative to the largest |entry|, over all cases. With a directory as argument it also writes the
 // emulated kernels of a few cases (every activation, both dtypes, with and without bias) there, with their
 // inputs, for test_cuda.py to compare with arcflow.reference: the CPU engine shares activations.hpp with the
@@ -34,7 +34,7 @@ std::barrier<>* emu_barrier = nullptr;
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __dadd_rn(double a, double b) { return a + b; }
 
-#include "../cpp/src/cuda/fc_tile.cuh"
+#include "../../cpp/src/cuda/fc_tile.cuh"
 
 using namespace arcflow;
 using namespace arcflow::cuda_detail;

@@ -4,7 +4,7 @@ Accuracy is relative to the largest |entry| of the CPU result: at most 1e-12 in 
 float32. Every activation, symmetric and not, depth 0..8, shapes that cross tile borders (128 x 128 pairs
 per block in float32, 64 x 64 in float64) and collinear rows (duplicates, multiples, a zero row: the
 first-layer refinement). Without a GPU (or without the CUDA build) the GPU tests skip with the reason; the
-error paths are checked instead, and the kernels' logic runs in a host emulation (tests/cuda_emulation.cpp,
+error paths are checked instead, and the kernels' logic runs in a host emulation (tests/kernels/cuda_emulation.cpp,
 built with g++) against the CPU engine.
 """
 from __future__ import annotations
@@ -128,11 +128,12 @@ def test_binding_parameters_are_typed():
 
 @pytest.fixture(scope="module")
 def host_emulation(tmp_path_factory):
-    """Builds tests/cuda_emulation.cpp with g++ and runs it once: (the completed run, the directory where it wrote
+    """Builds tests/kernels/cuda_emulation.cpp with g++ and runs it once: (the completed run, the directory where it
+    wrote
     its cases for the reference). It runs the CUDA tile and diag kernels on the CPU (one OS thread per CUDA
     thread, a barrier for __syncthreads)."""
-    root = Path(__file__).resolve().parents[1]
-    src, engine = root / "tests" / "cuda_emulation.cpp", root / "cpp" / "src" / "cpu" / "fc_kernel.cpp"
+    root = Path(__file__).resolve().parents[2]
+    src, engine = root / "tests" / "kernels" / "cuda_emulation.cpp", root / "cpp" / "src" / "cpu" / "fc_kernel.cpp"
     if not (root / "cpp" / "src" / "cuda" / "fc_tile.cuh").exists() or not engine.exists():
         pytest.skip("the C++ sources are not in this checkout")
     cxx = shutil.which("g++")

@@ -7,7 +7,7 @@
 //   conv2d_cpu (every fused option: BN+ReLU or ReLU on the input, bias, alpha, addend, in-place accumulate),
 //   channel_affine_cpu, psi_forward_cpu / psi_inverse_cpu (bit for bit), and plain 4-D loops for ActNorm, the
 //   soft-clamped affine coupling and the channel copy (the formulas of python/arcflow/invertible/flows.py).
-// Built and run by tests/test_invertible_cuda.py::test_invertible_kernels_in_host_emulation (g++ -std=c++17);
+// Built and run by tests/invertible/test_invertible_cuda.py::test_invertible_kernels_in_host_emulation (g++ -std=c++17);
 // prints one line "worst conv f64 <err> f32 <err>" and exits 1 on any failure.
 #include <algorithm>
 #include <cmath>
@@ -16,7 +16,7 @@
 #include <random>
 #include <vector>
 
-#include "../cpp/src/cuda/invertible_tile.cuh"
+#include "../../cpp/src/cuda/invertible_tile.cuh"
 #include "arcflow/batchnorm.hpp"
 #include "arcflow/conv2d.hpp"
 #include "arcflow/psi.hpp"
@@ -71,7 +71,7 @@ void emulate_conv(const conv_args<T>& g) {
 
 #ifdef ARCFLOW_EMU_SHARED
 // The launchers of invertible_cuda.hpp on HOST pointers, each kernel emulated as above: built as a shared
-// library by tests/test_invertible_cuda.py and called through ctypes in place of the _core CUDA bindings, so that
+// library by tests/invertible/test_invertible_cuda.py and called through ctypes in place of the _core CUDA bindings, so that
 // the Python device path (_cuda_ops and the tests' host-copy twin) runs end to end on the kernels' logic.
 namespace {
 template <class T>

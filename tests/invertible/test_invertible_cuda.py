@@ -1,7 +1,7 @@
 """The invertible blocks on the GPU (CuPy arrays) against the CPU backend and NumPy oracles.
 
 Layers, so that most of it runs without a GPU:
-1. host emulation: tests/invertible_cuda_emulation.cpp runs the CUDA kernels' tile and element logic
+1. host emulation: tests/invertible/invertible_cuda_emulation.cpp runs the CUDA kernels' tile and element logic
    (cpp/src/cuda/invertible_tile.cuh) on the CPU against the CPU ops (g++; runs everywhere);
 2. orchestration: the blocks' algorithms (irevnet.py, flows.py) on a device provider (what they do with device
    arrays), with NumPy twins of the CUDA provider _cuda_ops._CudaOps
@@ -91,13 +91,14 @@ def flow_blocks(c=6, seed=0):
 # ---- 1. the kernels' logic in a host emulation (no GPU needed) -------------------------------------------------
 
 def test_invertible_kernels_in_host_emulation(tmp_path):
-    """tests/invertible_cuda_emulation.cpp: the convolution tile (load | sync | multiply-add | sync | store, every
+    """tests/invertible/invertible_cuda_emulation.cpp: the convolution tile (load | sync | multiply-add | sync |
+    store, every
     thread of every block), psi, channel affine, ActNorm, affine coupling and channel copy, against conv2d_cpu
     (every fused option, 3x3 / 1x1, stride 1 / 2, ragged tiles), channel_affine_cpu, psi_*_cpu and the flow
     formulas. Tolerance 1e-5 (float32) and 1e-12 (float64) relative to the largest entry for the convolution
     (it sums in the CPU op's tap order, so today it even matches bit for bit); the rest is exact or 1e-5 / 1e-12."""
-    root = Path(__file__).resolve().parents[1]
-    src = root / "tests" / "invertible_cuda_emulation.cpp"
+    root = Path(__file__).resolve().parents[2]
+    src = root / "tests" / "invertible" / "invertible_cuda_emulation.cpp"
     cpu = [root / "cpp" / "src" / "cpu" / f for f in ("conv2d.cpp", "batchnorm.cpp", "psi.cpp")]
     if not (root / "cpp" / "src" / "cuda" / "invertible_tile.cuh").exists() or not all(p.exists() for p in cpu):
         pytest.skip("the C++ sources are not in this checkout")
@@ -593,15 +594,16 @@ def test_gpu_kernels_flows_match_cpu(gpu_twin):
 
 
 # ---- 3c. no GPU: the same GPU tests on the kernels' emulation ---------------------------------------------------
-# tests/invertible_cuda_emulation.cpp built as a shared library provides the launchers of invertible_cuda.hpp on
+# tests/invertible/invertible_cuda_emulation.cpp built as a shared library provides the launchers of
+# invertible_cuda.hpp on
 # host pointers (every kernel emulated from invertible_tile.cuh, make_conv_args and the tile choice included);
 # ctypes puts them in place of the _core CUDA bindings, with host memory as the "device" buffers. The GPU tests
 # above then run unchanged: the kernels' logic, called with the arguments the real bindings get, end to end
 # through the device provider (IRevNet, the blocks, the flows).
 
 def _build_emulation_library(out_dir: Path) -> Path:
-    root = Path(__file__).resolve().parents[1]
-    src = root / "tests" / "invertible_cuda_emulation.cpp"
+    root = Path(__file__).resolve().parents[2]
+    src = root / "tests" / "invertible" / "invertible_cuda_emulation.cpp"
     if not (root / "cpp" / "src" / "cuda" / "invertible_tile.cuh").exists():
         pytest.skip("the C++ sources are not in this checkout")
     cxx = shutil.which("g++")

@@ -25,7 +25,7 @@ def _data(n1, n2, d, seed=0, collinear=False):
     """Rows of mixed norm. With ``collinear``, x2 repeats a row of x1 and holds an exact multiple of another.
 
     The oracle computes off-diagonal collinear pairs naively (off by up to a few 1e-8, as its docstring
-    says), so comparisons with it use general-position rows; tests/test_mpmath_collinear.py holds the
+    says), so comparisons with it use general-position rows; tests/kernels/test_mpmath_collinear.py holds the
     collinear pairs to a 50-digit evaluation instead.
     """
     rng = np.random.default_rng(seed)
