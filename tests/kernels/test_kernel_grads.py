@@ -5,7 +5,7 @@
   a zero row, a multiple of a row, an antiparallel row and a near-collinear pair: float64 within 1e-8 of the
   largest |derivative| of the matrix, float32 within 1e-4 (the inputs are float32 numbers, so one oracle
   serves both dtypes).
-- jax.jacfwd of neural-tangents 0.6.5's kernel_fn (tests/data/nt_grad_golden.npz, tests/make_nt_grad_golden.py).
+- jax.jacfwd of neural-tangents 0.6.5's kernel_fn (tests/data/nt_grad_golden.npz, tests/kernels/make_nt_grad_golden.py).
 - value is arcflow.kernels' result, bit for bit; errors and dtypes as arcflow.kernels.
 """
 from __future__ import annotations

@@ -2,9 +2,9 @@
 W_std and b_std, which CI compares arcflow.kernel_grads with.
 
 neural-tangents is not a test dependency (it needs jax 0.5.3); this script records its numbers once, in a
-separate environment (see tests/make_nt_golden.py)::
+separate environment (see tests/kernels/make_nt_golden.py)::
 
-    /tmp/ntvenv/bin/python tests/make_nt_grad_golden.py      # writes tests/data/nt_grad_golden.npz
+    /tmp/ntvenv/bin/python tests/kernels/make_nt_grad_golden.py      # writes tests/data/nt_grad_golden.npz
 
 Each case is ``stax.serial(Dense(w, W_std, b_std), [phi, Dense(w, W_std, b_std)] * depth)`` with a 1-wide
 read-out (ntk parameterisation), and the derivatives are ``jax.jacfwd`` of ``kernel_fn(x1, x2, ('nngp', 'ntk'))``
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-OUT = Path(__file__).resolve().parent / "data" / "nt_grad_golden.npz"
+OUT = Path(__file__).resolve().parents[1] / "data" / "nt_grad_golden.npz"
 SEED = 20261207
 N1, N2, D = 5, 4, 3
 NO_NTK = {"Sign"}
@@ -104,7 +104,7 @@ def main() -> int:
 
     meta = dict(
         format=1,
-        generator="tests/make_nt_grad_golden.py",
+        generator="tests/kernels/make_nt_grad_golden.py",
         seed=SEED,
         versions=dict(neural_tangents=neural_tangents.__version__, jax=jax.__version__, numpy=np.__version__),
         parameterization="ntk",
