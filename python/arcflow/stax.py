@@ -281,7 +281,7 @@ def _compile(layers) -> Tuple[tuple, bool]:
     ops = []
     gaussian = False      # the current layer's output is a Gaussian field: an activation may follow
     prev_act = False
-    readout = None
+    readout, readout_at = None, -1
     for k, lay in enumerate(layers):
         at = f"{_WHERE}: layer {k} ({lay!r})"
         if isinstance(lay, _Activation):
@@ -327,18 +327,18 @@ def _compile(layers) -> Tuple[tuple, bool]:
     return tuple(ops), image
 
 
-def _fc_route(ops):
+def _fc_route(layers):
     """(depth, activation, w_std, b_std) when the network is arcflow.kernels' ``Dense, [act, Dense] * depth``
     with one W_std / b_std and one activation; None otherwise."""
-    if len(ops) % 2 == 0 or any(op[0] != ("dense" if i % 2 == 0 else "act") for i, op in enumerate(ops)):
+    if len(layers) % 2 == 0 or not all(isinstance(lay, Dense if i % 2 == 0 else _Activation)
+                                       for i, lay in enumerate(layers)):
         return None
-    dense = {(op[1], op[2] or 0.0) for op in ops[::2]}
-    acts = {op[1] for op in ops[1::2]}
+    dense = {(lay.W_std, lay.b_std or 0.0) for lay in layers[::2]}
+    acts = {lay.activation for lay in layers[1::2]}
     if len(dense) != 1 or len(acts) > 1:
         return None
-    w2, b2 = dense.pop()
-    act = acts.pop() if acts else _acts.ReLU()
-    return (len(ops) // 2, act, math.sqrt(w2), math.sqrt(b2))
+    w, b = dense.pop()
+    return (len(layers) // 2, acts.pop() if acts else _acts.ReLU(), w, b)
 
 
 def _as_input(x, name: str, image: bool) -> np.ndarray:
@@ -370,7 +370,7 @@ class SerialKernelFn:
     def __init__(self, *layers: Layer):
         ops, image = _compile(layers)
         for name, v in (("_layers", tuple(layers)), ("_ops", ops), ("_image", image),
-                        ("_route", None if image else _fc_route(ops))):
+                        ("_route", None if image else _fc_route(layers))):
             object.__setattr__(self, name, v)
 
     def __setattr__(self, name, value):
