@@ -404,7 +404,7 @@ def test_live_against_neural_tangents():
     try:
         rng = np.random.default_rng(777)
         done = 0
-        while done < 4:
+        while done < 3:
             h, w, c = 6, 5, 2
             layers = gen.random_network(rng, h, w)
             if gen.sign_defect(layers):
@@ -412,7 +412,7 @@ def test_live_against_neural_tangents():
             x1, x2 = rng.normal(size=(3, h, w, c)), rng.normal(size=(2, h, w, c))
             want = gen.nt_serial(layers)(x1, x2, ("nngp", "ntk"))
             kfn = stax.serial(*(_layer(n, kw) for n, kw in layers))
-            got = kfn(x1, x2, get="nngp" if not kfn.has_ntk else ("nngp", "ntk"))
+            got = kfn(x1, x2, get=("nngp", "ntk") if kfn.has_ntk else ("nngp",))
             assert rel_err(got.nngp, np.asarray(want.nngp)) <= TOL
             if kfn.has_ntk:
                 assert rel_err(got.ntk, np.asarray(want.ntk)) <= TOL
