@@ -44,7 +44,7 @@ def build_info() -> dict:
 def __getattr__(name):
     # arcflow.reference (the NumPy oracle), arcflow.invertible, arcflow.predict and arcflow.sklearn (which needs
     # scikit-learn) load on first use.
-    if name in ("reference", "invertible", "predict", "sklearn"):
+    if name in ("reference", "invertible", "predict", "sklearn", "stax"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'arcflow' has no attribute {name!r}")
