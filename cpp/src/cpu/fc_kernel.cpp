@@ -129,7 +129,7 @@ struct row_scan {
   int over_s, over_t;
 };
 
-// The diagonal recursion of one row in R: whether the row's table values lie in the tile kernel's range, the
+// The diagonal recursion of one row in R (diag_first, diag_next): whether the row's table values lie in the tile kernel's range, the
 // last layer's Sigma(x,x) and Theta(x,x) (the bounds |K(x,y)| <= sqrt(K(x,x) K(y,y)), both kernels being
 // positive semi-definite), and the first layer where each exceeds tmax.
 template <class Act, class R>
@@ -140,27 +140,22 @@ row_scan<R> scan_row(R nx2, bool zero_row, const fc_params& p, int e_lo, int e, 
   row_scan<R> o{true, 0, 0, 0, 0};
   const R nx = std::sqrt(nx2);
   o.ok = in(nx);
-  R s = R(p.gram_scale) * nx2 + R(p.b_var);
-  R th = s, thf = p.fix_dep < 1 ? s : R(0);
-  if (s > tmax) o.over_s = 1;
-  if (thf > tmax) o.over_t = 1;
+  diag_state<R> st = diag_first(nx2, p);
+  if (st.s > tmax) o.over_s = 1;
+  if (st.thf > tmax) o.over_t = 1;
   for (int l = 0; l <= p.depth; ++l) {
-    const R r = std::sqrt(s);
+    const R r = std::sqrt(st.s);
     R pa = 0, pb = 0;
-    Act::row(p.act, s, r, pa, pb);
-    const R t11 = Act::diag_t(p.act, s);
-    o.ok = o.ok && in(r) && in(pa) && (in(pb) || (pb_zero && pb == 0)) && in(std::sqrt(t11)) && in(std::sqrt(th));
+    Act::row(p.act, st.s, r, pa, pb);
+    const R t11 = Act::diag_t(p.act, st.s);
+    o.ok = o.ok && in(r) && in(pa) && (in(pb) || (pb_zero && pb == 0)) && in(std::sqrt(t11)) && in(std::sqrt(st.th));
     if (l == p.depth) break;
-    const R td = R(p.w_var) * Act::diag_tdot(p.act, s);
-    const R sn = R(p.w_var) * t11 + R(p.b_var);
-    th = sn + td * th;
-    thf = ((l + 2) > p.fix_dep ? sn : R(0)) + td * thf;
-    if (o.over_s == 0 && sn > tmax) o.over_s = l + 2;
-    if (o.over_t == 0 && thf > tmax) o.over_t = l + 2;
-    s = sn;
+    diag_next<Act>(st, t11, l, p);
+    if (o.over_s == 0 && st.s > tmax) o.over_s = l + 2;
+    if (o.over_t == 0 && st.thf > tmax) o.over_t = l + 2;
   }
-  o.diag_s = s;
-  o.diag_t = thf;
+  o.diag_s = st.s;
+  o.diag_t = st.thf;
   return o;
 }
 
