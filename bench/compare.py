@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -257,7 +256,7 @@ def work_roofline(job):
     t = _time_reps(lambda: np.matmul(x1, x2.T, out=c), reps)
     res["gemm_s"] = statistics.median(t)
     res["gemm_gflops"] = 2.0 * n1 * n2 * d / res["gemm_s"] / 1e9
-    del c
+    c = None  # frees the array (a del would leave the lambda above a name that is not bound)
     # the GEMM rate on cache-sized blocks (no memory traffic), one thread per block as a tiled
     # engine uses it: 256 x d times d x 256, per core, times the threads
     b1, b2 = x1[:256].copy(), x2[:256].copy()
@@ -288,7 +287,7 @@ def work_roofline(job):
     # arcflow's own vectorised arccos (one core), where this build exposes it
     try:
         from arcflow import _core
-        fn = getattr(_core, "acos_throughput")
+        fn = getattr(_core._bench, "acos_throughput")
     except (ImportError, AttributeError):
         fn = None
     if fn is not None:
@@ -306,7 +305,7 @@ def work_roofline(job):
     buf = fresh()
     res["write_refill_s"] = statistics.median(_time_reps(lambda: buf.fill(2.0), reps))
     res["write_bytes"] = buf.nbytes
-    del buf
+    buf = None  # frees the array (as c above)
     res["threads"] = threads
     return res
 
@@ -359,7 +358,7 @@ def work_roofline_paired(job):
         k_fresh = once(kernel_fresh)
         k_out = once(kernel_out)
         a = once(lambda: np.matmul(x1, x2.T, out=c))
-        b = ops / (_core.acos_throughput(single, 0.1) * threads)
+        b = ops / (_core._bench.acos_throughput(single, 0.1) * threads)
         c_fresh = once(fresh_write)
         c_refill = once(lambda: refill.fill(2.0))
         rows.append({"kernel_fresh_s": k_fresh, "kernel_out_s": k_out, "gemm_s": a, "acos_s": b,
@@ -778,11 +777,12 @@ def report(results, args, machine, dtypes, nt_python):
             f"{r['gemm_block_gflops_per_core']:.0f} GFLOP/s per core -> {r['gemm_block_s']:.3f} s)")
         say(f"  (b) {f'{depth} n1 n2 arccos at NumPy rate x {T} core(s)':<48} {b:8.3f} s  "
             f"(np.arccos on 2048 elements in L1: {r['numpy_acos_per_core'] / 1e9:.3f} G/s per core)")
-        say(f"  (c) {f'write NNGP + NTK once, np.empty + fill':<48} {cw:8.3f} s  "
+        say(f"  (c) {'write NNGP + NTK once, np.empty + fill':<48} {cw:8.3f} s  "
             f"({r['write_bytes'] / 2**20:.0f} MB; refill of an existing buffer "
             f"{r['write_refill_s']:.3f} s)")
         say(f"  floor = a + b + c = {floor:.3f} s")
-        f = {"gemm_s": a, "gemm_gflops": r["gemm_gflops"], "gemm_block_gflops_per_core": r["gemm_block_gflops_per_core"],
+        f = {"gemm_s": a, "gemm_gflops": r["gemm_gflops"],
+             "gemm_block_gflops_per_core": r["gemm_block_gflops_per_core"],
              "numpy_acos_per_core": r["numpy_acos_per_core"], "acos_s": b, "write_s": cw,
              "write_refill_s": r["write_refill_s"], "floor_s": floor}
         for label, key in (("arcflow (x2 = x1, full)", f"arcflow_full/{dt}"),
@@ -795,7 +795,7 @@ def report(results, args, machine, dtypes, nt_python):
             b2 = ops / (r["arcflow_acos_per_core"] * T)
             floor2 = a + b2 + cw
             say(f"  with arcflow's own vectorised arccos ({r['arcflow_acos_per_core'] / 1e9:.3f} G/s "
-                f"per core, _core.acos_throughput): (b) = {b2:.3f} s, floor = {floor2:.3f} s")
+                f"per core, _core._bench.acos_throughput): (b) = {b2:.3f} s, floor = {floor2:.3f} s")
             f.update(arcflow_acos_per_core=r["arcflow_acos_per_core"], floor_arcflow_acos_s=floor2)
             for label, key in (("arcflow (x2 = x1, full)", f"arcflow_full/{dt}"),
                                ("arcflow (x2 = None)", f"arcflow/{dt}")):

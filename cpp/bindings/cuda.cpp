@@ -144,8 +144,8 @@ void register_cuda(pybind11::module_& m) {
         return r;
       },
       py::arg("device") = 0);
-  m.def(
-      "cuda_asin_throughput",
+  m.def_submodule("_bench").def(
+      "asin_throughput",
       [](bool single, int device) {
         py::gil_scoped_release nogil;
         return cuda_asin_throughput(single, device);

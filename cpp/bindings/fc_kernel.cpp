@@ -158,7 +158,9 @@ void register_fc_kernel(py::module_& m) {
   bind_engine<float>(m, "FcEngineF32");
   bind_engine<double>(m, "FcEngineF64");
   m.attr("fc_tile") = py::int_(fc_engine<double>::tile);
-  m.def(
+  // Entry points that only the benchmarks use live in the private submodule _core._bench.
+  py::module_ bench = m.def_submodule("_bench", "arcflow C++ core: entry points for bench/ (not the product)");
+  bench.def(
       "acos_throughput",
       [](bool single, double seconds) {
         py::gil_scoped_release nogil;

@@ -155,4 +155,4 @@ def device_info(device: int = 0) -> dict:
 def asin_throughput(single_precision: bool = True, device: int = 0) -> float:
     """Arcsine throughput of the whole device (elements per second), for the roofline of bench/gpu_compare.py."""
     _require()
-    return float(_core.cuda_asin_throughput(bool(single_precision), int(device)))
+    return float(_core._bench.asin_throughput(bool(single_precision), int(device)))

@@ -1,4 +1,4 @@
-// Host emulation of the CUDA tile and diag kernels (cpp/src/cuda/fc_tile.cuh) against the CPU engine.
+// Host emulation of the CUDA tile kernel and diag (cpp/src/cuda/fc_tile.cuh) against the CPU engine.
 //
 // Each CUDA thread of a block runs as an OS thread, __syncthreads is a std::barrier and __shared__ arrays are
 // function statics, so the kernels' indexing, tiling, mirroring and bounds are checked without a GPU.
@@ -134,16 +134,11 @@ double run_case(const act_params& ap, double wv, double bv, int depth, int fix, 
           });
         for (auto& x : th) x.join();
       }
-    if (sym) {  // the diag kernel, one "thread" at a time (no barriers)
+    if (sym) {  // the CUDA backend's diag (computed on the host from the row norms)
       const size_t nn1 = static_cast<size_t>(n1);
       std::vector<T> dn(nn1), dt(nn1), en(nn1, T(-5)), et(nn1, T(-5));
       eng.diag(dn.data(), dt.data(), 1);
-      for (unsigned b = 0; b < unsigned((n1 + 255) / 256); ++b)
-        for (unsigned t = 0; t < 256; ++t) {
-          blockIdx.x = b;
-          threadIdx.x = t;
-          fc_diag_kernel<T, Act>(t1.data(), np1, n1, depth, fix, T(bv), en.data(), et.data(), act);
-        }
+      diag_values<T, Act>(q1, n1, p, en.data(), et.data());
       cn.insert(cn.end(), dn.begin(), dn.end());
       ct.insert(ct.end(), dt.begin(), dt.end());
       gn.insert(gn.end(), en.begin(), en.end());

@@ -111,6 +111,44 @@ class fc_engine {
   const T* panels2() const;
 };
 
+// The diagonal recursion of one row, Sigma(x,x) and Theta(x,x) layer by layer in R, from nx2 = |x|^2: written once
+// for the CPU engine (the tables and their range scan) and the CUDA backend's diag (on the host, from the
+// device's |x|^2). th is Theta with every layer trained, thf with the first fix_dep layers frozen.
+template <class R>
+struct diag_state {
+  R s, th, thf;
+};
+
+template <class R>
+inline diag_state<R> diag_first(R nx2, const fc_params& p) {
+  const R s = R(p.gram_scale) * nx2 + R(p.b_var);
+  return {s, s, p.fix_dep < 1 ? s : R(0)};
+}
+
+// Sigma^(l+2)(x,x) from t11 = Act::diag_t(Sigma^(l+1)(x,x)).
+template <class R>
+inline R diag_next_sigma(R t11, const fc_params& p) {
+  return R(p.w_var) * t11 + R(p.b_var);
+}
+
+// Layer l + 1 -> l + 2 (l from 0), t11 = Act::diag_t(p.act, st.s).
+template <class Act, class R>
+inline void diag_next(diag_state<R>& st, R t11, int l, const fc_params& p) {
+  const R td = R(p.w_var) * Act::diag_tdot(p.act, st.s);
+  const R sn = diag_next_sigma(t11, p);
+  st.th = sn + td * st.th;
+  st.thf = ((l + 2) > p.fix_dep ? sn : R(0)) + td * st.thf;
+  st.s = sn;
+}
+
+// The last layer's Sigma(x,x) and Theta(x,x).
+template <class Act, class R>
+inline diag_state<R> diag_row(R nx2, const fc_params& p) {
+  diag_state<R> st = diag_first(nx2, p);
+  for (int l = 0; l < p.depth; ++l) diag_next<Act>(st, Act::diag_t(p.act, st.s), l, p);
+  return st;
+}
+
 // Row i of the per-row tables from nx2 = |x_i|^2, computed in R (double by default) whatever T is. data is laid
 // out [layer][field][row] with the fields r, ir, pa, pb, t of activations.hpp, np rows per field, layers
 // 0..layers-1; norm and inv_norm get |x_i| and 1/|x_i| (0 for a zero row). One definition for the CPU
@@ -122,7 +160,7 @@ inline void fill_row_table(R nx2, const fc_params& p, int layers, index_t np, in
   const R nx = std::sqrt(nx2);
   norm[i] = T(nx);
   inv_norm[i] = nx > 0 ? T(R(1) / nx) : T(0);
-  R s = R(p.gram_scale) * nx2 + R(p.b_var);
+  R s = diag_first(nx2, p).s;
   for (int l = 0; l < layers; ++l) {
     const R r = std::sqrt(s);
     R pa = 0, pb = 0;
@@ -134,7 +172,7 @@ inline void fill_row_table(R nx2, const fc_params& p, int layers, index_t np, in
     base[2 * np + i] = T(pa);
     base[3 * np + i] = T(pb);
     base[4 * np + i] = T(std::sqrt(t11));
-    s = R(p.w_var) * t11 + R(p.b_var);
+    s = diag_next_sigma(t11, p);
   }
 }
 

@@ -8,6 +8,8 @@
 // - the layer step Sigma^(l+1) -> Sigma^(l+2) from an activation's pair_out (next_sigma) and Theta alongside
 //   (next_theta),
 // - the choice of the activation type from fc_params (by_activation, host only).
+// The per-row diagonal recursion (Sigma(x,x), Theta(x,x): diag_row, fill_row_table) is in fc_kernel.hpp; both
+// backends run it on the host.
 #include <cmath>
 #include <stdexcept>
 

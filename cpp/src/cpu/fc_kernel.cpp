@@ -116,7 +116,9 @@ int fast_range_bits_low(const act_params& a) {
 // path (b_var only needs to be finite: it is only ever added).
 template <class T>
 bool params_fit(const fc_params& p, int e) {
-  auto fits = [&](double v) { return v == 0 || (std::fabs(v) >= std::ldexp(1.0, -e) && std::fabs(v) <= std::ldexp(1.0, e)); };
+  auto fits = [&](double v) {
+    return v == 0 || (std::fabs(v) >= std::ldexp(1.0, -e) && std::fabs(v) <= std::ldexp(1.0, e));
+  };
   return fits(p.w_var) && fits(p.gram_scale) && std::isfinite(T(p.b_var));
 }
 
@@ -127,7 +129,7 @@ struct row_scan {
   int over_s, over_t;
 };
 
-// The diagonal recursion of one row in R: whether the row's table values lie in the tile kernel's range, the
+// The diagonal recursion of one row in R (diag_first, diag_next): whether the row's table values lie in the tile kernel's range, the
 // last layer's Sigma(x,x) and Theta(x,x) (the bounds |K(x,y)| <= sqrt(K(x,x) K(y,y)), both kernels being
 // positive semi-definite), and the first layer where each exceeds tmax.
 template <class Act, class R>
@@ -138,27 +140,22 @@ row_scan<R> scan_row(R nx2, bool zero_row, const fc_params& p, int e_lo, int e, 
   row_scan<R> o{true, 0, 0, 0, 0};
   const R nx = std::sqrt(nx2);
   o.ok = in(nx);
-  R s = R(p.gram_scale) * nx2 + R(p.b_var);
-  R th = s, thf = p.fix_dep < 1 ? s : R(0);
-  if (s > tmax) o.over_s = 1;
-  if (thf > tmax) o.over_t = 1;
+  diag_state<R> st = diag_first(nx2, p);
+  if (st.s > tmax) o.over_s = 1;
+  if (st.thf > tmax) o.over_t = 1;
   for (int l = 0; l <= p.depth; ++l) {
-    const R r = std::sqrt(s);
+    const R r = std::sqrt(st.s);
     R pa = 0, pb = 0;
-    Act::row(p.act, s, r, pa, pb);
-    const R t11 = Act::diag_t(p.act, s);
-    o.ok = o.ok && in(r) && in(pa) && (in(pb) || (pb_zero && pb == 0)) && in(std::sqrt(t11)) && in(std::sqrt(th));
+    Act::row(p.act, st.s, r, pa, pb);
+    const R t11 = Act::diag_t(p.act, st.s);
+    o.ok = o.ok && in(r) && in(pa) && (in(pb) || (pb_zero && pb == 0)) && in(std::sqrt(t11)) && in(std::sqrt(st.th));
     if (l == p.depth) break;
-    const R td = R(p.w_var) * Act::diag_tdot(p.act, s);
-    const R sn = R(p.w_var) * t11 + R(p.b_var);
-    th = sn + td * th;
-    thf = ((l + 2) > p.fix_dep ? sn : R(0)) + td * thf;
-    if (o.over_s == 0 && sn > tmax) o.over_s = l + 2;
-    if (o.over_t == 0 && thf > tmax) o.over_t = l + 2;
-    s = sn;
+    diag_next<Act>(st, t11, l, p);
+    if (o.over_s == 0 && st.s > tmax) o.over_s = l + 2;
+    if (o.over_t == 0 && st.thf > tmax) o.over_t = l + 2;
   }
-  o.diag_s = s;
-  o.diag_t = thf;
+  o.diag_s = st.s;
+  o.diag_t = st.thf;
   return o;
 }
 
@@ -256,7 +253,8 @@ struct workspace {
   };
   std::unique_ptr<T[], free_deleter> buf;
   size_t size = 0;
-  T *g, *s12, *gm, *gp, *ntk, *td, *h, *angle;
+  T *g, *s12, *gm, *gp, *ntk, *td, *h;
+  T *a_sig2, *a_kap2, *a_x, *a_sin, *a_z, *a_base;  // one row's angle stages, TILE values each
   static size_t count(int n_all) {
     const size_t t2 = size_t(TILE) * TILE;  // a multiple of 64 bytes, as is 6 TILE values
     return t2 * (6 + size_t(n_all)) + 6 * size_t(TILE);
@@ -277,8 +275,13 @@ struct workspace {
     gp = gm + t2;
     ntk = gp + t2;
     td = ntk + t2;
-    angle = td + t2;
-    h = angle + 6 * TILE;
+    a_sig2 = td + t2;
+    a_kap2 = a_sig2 + TILE;
+    a_x = a_sig2 + 2 * TILE;
+    a_sin = a_sig2 + 3 * TILE;
+    a_z = a_sig2 + 4 * TILE;
+    a_base = a_sig2 + 5 * TILE;
+    h = a_sig2 + 6 * TILE;
   }
   // Zeroed by the thread that uses it (allocated by the calling thread): its pages go to that thread's node.
   void clear() { std::fill_n(buf.get(), size, T(0)); }
@@ -607,49 +610,55 @@ __attribute__((noinline)) double unit_dist2_out_of_line(const T* x, const T* y, 
   return unit_dist2(x, y, d, sgn);
 }
 
-// The tile kernel's body, inlined into one function per instruction-set level (run_tile_isa below).
-template <class T, class Act, bool Bias>
-inline __attribute__((always_inline)) void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, index_t ti,
-                                                    index_t j0, index_t tj, workspace<T>& ws) {
-  const fc_params& p = *c.p;
-  const index_t d = c.d;
-  const int depth = p.depth;
-  const T bv = T(p.b_var), gs = T(p.gram_scale);  // act carries w_var (activations.hpp)
-  const T sq_gs = T(std::sqrt(p.gram_scale));
-  const T w_sd = T(std::sqrt(p.w_var));
-  const int fix = p.fix_dep;
-  T* __restrict g = ws.g;
+// The stages of the tile kernel below are always_inline: each is inlined into run_tile and so into the one
+// function per instruction-set level (run_tile_isa), where GCC vectorises their loops for that level.
+#define ARCFLOW_STAGE inline __attribute__((always_inline))
+
+// Where a tile lies: rows [i0, i0 + ti) of x1 against columns [j0, j0 + tj) of x2.
+struct tile_at {
+  index_t i0, ti, j0, tj;
+};
+
+// The recursion's parameters as T (act carries w_var, activations.hpp).
+template <class T>
+struct tile_scalars {
+  T bv, gs, sq_gs, w_sd;
+  explicit tile_scalars(const fc_params& p)
+      : bv(T(p.b_var)), gs(T(p.gram_scale)), sq_gs(T(std::sqrt(p.gram_scale))), w_sd(T(std::sqrt(p.w_var))) {}
+};
+
+// One layer's per-row table fields (r, 1/r, pa, pb, t, and r of the next layer) from the tile's first row on.
+template <class T>
+struct layer_rows {
+  const T *r, *ir, *pa, *pb, *t, *rn;
+  layer_rows(const typename fc_engine<T>::row_table& tab, int l, index_t o)
+      : r(tab.field(l, 0) + o), ir(tab.field(l, 1) + o), pa(tab.field(l, 2) + o), pb(tab.field(l, 3) + o),
+        t(tab.field(l, 4) + o), rn(tab.field(l + 1, 0) + o) {}
+};
+
+template <class T>
+int ntk_planes(const tile_ctx<T>& c) {
+  return c.ntk_all ? c.p->depth + 1 : 0;
+}
+
+// The first layer: s12 = gs G + b, the gaps |x||y| -/+ G and Theta^1. One pass over the tile (the gaps
+// scaled and clamped as they are made); returns whether a pair's raw gap fell below tau |x||y| (refine_gaps).
+template <class T, bool Bias>
+ARCFLOW_STAGE bool first_layer(const tile_ctx<T>& c, const tile_scalars<T>& k, const tile_at& t, workspace<T>& ws,
+                               T tau) {
+  const T* __restrict g = ws.g;
   T* __restrict s12 = ws.s12;
   T* __restrict gm = ws.gm;
   T* __restrict gp = ws.gp;
   T* __restrict ntk = ws.ntk;
-  T* __restrict td = ws.td;
-  T* __restrict a_sig2 = ws.angle;
-  T* __restrict a_kap2 = a_sig2 + TILE;
-  T* __restrict a_x = a_sig2 + 2 * TILE;
-  T* __restrict a_sin = a_sig2 + 3 * TILE;
-  T* __restrict a_z = a_sig2 + 4 * TILE;
-  T* __restrict a_base = a_sig2 + 5 * TILE;
-
-  if (c.stream) {
-    prefetch_tile_edges(c.nngp, c.n2, i0, ti, j0, tj, c.symmetric);
-    prefetch_tile_edges(c.ntk, c.n2, i0, ti, j0, tj, c.symmetric);
-  }
-
-  // 1. Gram tile.
-  gram_tile<T>(c.x1 + i0 * d, ti, d, c.panels2 + j0 * d, g, c.fused);
-
-  // 2. First layer: s12 = gs G + b, gaps |x||y| -/+ G, refined where they cancel. One pass over the tile
-  // (the gaps scaled and clamped as they are made); the rare pairs whose raw gap falls below tau |x||y| are
-  // redone afterwards from the refined gap, with the same expressions, so the bits are those of two passes.
-  const T* nrm1 = c.tab1->norm.data() + i0;
-  const T* nrm2 = c.tab2->norm.data() + j0;
-  const T* r1_0 = c.tab1->field(0, 0) + i0;
-  const T* r2_0 = c.tab2->field(0, 0) + j0;
-  const T tau = sizeof(T) == 4 ? T(1e-2) : T(1e-3);
-  const T mask0 = 1 > fix ? T(1) : T(0);
+  const T* nrm1 = c.tab1->norm.data() + t.i0;
+  const T* nrm2 = c.tab2->norm.data() + t.j0;
+  const T* r1_0 = c.tab1->field(0, 0) + t.i0;
+  const T* r2_0 = c.tab2->field(0, 0) + t.j0;
+  const T bv = k.bv, gs = k.gs, sq_gs = k.sq_gs;
+  const T mask0 = 1 > c.p->fix_dep ? T(1) : T(0);
   int near = 0;
-  for (index_t i = 0; i < ti; ++i) {
+  for (index_t i = 0; i < t.ti; ++i) {
     const T n1 = nrm1[i], q1 = sq_gs * n1, ra = r1_0[i];
 #pragma omp simd reduction(| : near)
     for (index_t j = 0; j < TILE; ++j) {
@@ -665,248 +674,336 @@ inline __attribute__((always_inline)) void run_tile(const tile_ctx<T>& c, const 
       ntk[e] = mask0 * s;
     }
   }
-  if (near) {
-    for (index_t i = 0; i < ti; ++i) {
-      for (index_t j = 0; j < tj; ++j) {
-        const index_t e = i * TILE + j;
-        const T nn = nrm1[i] * nrm2[j];
-        const T gme = nn - g[e], gpe = nn + g[e];
-        const bool near_m = gme < tau * nn, near_p = gpe < tau * nn;
-        if (!(nn > T(0)) || !(near_m || near_p)) continue;
-        const T v = T(double(nn) * 0.5 *
-                      unit_dist2_out_of_line(c.x1 + (i0 + i) * d, c.x2 + (j0 + j) * d, d, near_m ? -1.0 : 1.0));
-        const T bterm = Bias ? bias_gap(bv, sq_gs * nrm1[i], sq_gs * nrm2[j], r1_0[i], r2_0[j]) : T(0);
-        if (near_m)
-          gm[e] = first_gap_minus(bterm, gs, v);
-        else
-          gp[e] = first_gap_plus(bterm, bv, gs, v);
-      }
+  return near != 0;
+}
+
+// The rare pairs of first_layer whose raw gap cancels, redone from the refined gap (unit_dist2) with the same
+// expressions, so the bits are those of two passes.
+template <class T, bool Bias>
+ARCFLOW_STAGE void refine_gaps(const tile_ctx<T>& c, const tile_scalars<T>& k, const tile_at& t, workspace<T>& ws,
+                               T tau) {
+  const T* nrm1 = c.tab1->norm.data() + t.i0;
+  const T* nrm2 = c.tab2->norm.data() + t.j0;
+  const T* r1_0 = c.tab1->field(0, 0) + t.i0;
+  const T* r2_0 = c.tab2->field(0, 0) + t.j0;
+  const index_t d = c.d;
+  for (index_t i = 0; i < t.ti; ++i) {
+    for (index_t j = 0; j < t.tj; ++j) {
+      const index_t e = i * TILE + j;
+      const T nn = nrm1[i] * nrm2[j];
+      const T gme = nn - ws.g[e], gpe = nn + ws.g[e];
+      const bool near_m = gme < tau * nn, near_p = gpe < tau * nn;
+      if (!(nn > T(0)) || !(near_m || near_p)) continue;
+      const T v = T(double(nn) * 0.5 *
+                    unit_dist2_out_of_line(c.x1 + (t.i0 + i) * d, c.x2 + (t.j0 + j) * d, d, near_m ? -1.0 : 1.0));
+      const T bterm = Bias ? bias_gap(k.bv, k.sq_gs * nrm1[i], k.sq_gs * nrm2[j], r1_0[i], r2_0[j]) : T(0);
+      if (near_m)
+        ws.gm[e] = first_gap_minus(bterm, k.gs, v);
+      else
+        ws.gp[e] = first_gap_plus(bterm, k.bv, k.gs, v);
     }
   }
-  const int n_all = c.ntk_all ? depth + 1 : 0;
+}
+
+// kernel_value_batch's planes (ntk_all): H_k in ws.h, ntk_all[layer][k] for k <= layer.
+template <class T>
+ARCFLOW_STAGE void store_planes(const tile_ctx<T>& c, const tile_at& t, const workspace<T>& ws, int layer) {
+  const int n_all = ntk_planes(c);
   const index_t plane = c.n1 * c.n2;
-  auto store_all = [&](int layer) {
-    // ntk_all[layer][k] for k <= layer; H_k lives in ws.h.
-    for (int k = 0; k <= layer; ++k)
-      store_tile(c.ntk_all + (index_t(layer) * n_all + k) * plane, c.n2, i0, ti, j0, tj, c.symmetric,
-                 ws.h + size_t(k) * TILE * TILE, c.stream);
-  };
-  // H_k = [layer + 2 > k] Sigma + Tdot H_k for k <= layer + 1: kernel_value_batch's NTK with every fix_dep.
-  auto update_all = [&](int l, const T* __restrict sig) {
-    for (int k = 0; k <= l + 1; ++k) {
-      T* hk = ws.h + size_t(k) * TILE * TILE;
-      const T mk = (l + 2) > k ? T(1) : T(0);
+  for (int k = 0; k <= layer; ++k)
+    store_tile(c.ntk_all + (index_t(layer) * n_all + k) * plane, c.n2, t.i0, t.ti, t.j0, t.tj, c.symmetric,
+               ws.h + size_t(k) * TILE * TILE, c.stream);
+}
+
+// After the first layer: H_0 = Sigma^1, the others 0.
+template <class T>
+ARCFLOW_STAGE void first_planes(const tile_ctx<T>& c, const tile_at& t, workspace<T>& ws, bool slow) {
+  const int n_all = ntk_planes(c);
+  T* h0 = ws.h;
+  for (index_t e = 0; e < TILE * TILE; ++e) h0[e] = ws.s12[e];
+  for (int k = 1; k < n_all; ++k) std::fill_n(ws.h + size_t(k) * TILE * TILE, TILE * TILE, T(0));
+  if (slow) slow_patch_h(c, n_all, ws.slow, ws.h);
+  store_planes(c, t, ws, 0);
+}
+
+// After layer l: H_k = [l + 2 > k] Sigma + Tdot H_k for k <= l + 1 (kernel_value_batch's NTK with every
+// fix_dep; Tdot in ws.td), the slow pairs' layer, then the planes stored.
+template <class T, class Act>
+ARCFLOW_STAGE void next_planes(const tile_ctx<T>& c, const tile_at& t, workspace<T>& ws, int l,
+                               const T* __restrict sig, bool slow) {
+  const T* __restrict td = ws.td;
+  for (int k = 0; k <= l + 1; ++k) {
+    T* hk = ws.h + size_t(k) * TILE * TILE;
+    const T mk = (l + 2) > k ? T(1) : T(0);
 #pragma omp simd
-      for (index_t e = 0; e < TILE * TILE; ++e) hk[e] = mk * sig[e] + td[e] * hk[e];
-    }
-  };
-  // Pairs with a row out of the tile kernel's range: carried in long double alongside (slow_pairs).
-  const bool slow = !(c.tab1->all_ok && c.tab2->all_ok) && slow_begin<T, Act>(c, act, i0, ti, j0, tj, n_all, ws.slow);
-  auto slow_layer = [&]() {
-    if (!slow) return;
+    for (index_t e = 0; e < TILE * TILE; ++e) hk[e] = mk * sig[e] + td[e] * hk[e];
+  }
+  if (slow) {
+    const int n_all = ntk_planes(c);
     slow_step<T, Act>(c, n_all, ws.slow);
     slow_patch_h(c, n_all, ws.slow, ws.h);
-  };
-  if (n_all) {
-    T* h0 = ws.h;
-    for (index_t e = 0; e < TILE * TILE; ++e) h0[e] = s12[e];
-    for (int k = 1; k < n_all; ++k) std::fill_n(ws.h + size_t(k) * TILE * TILE, TILE * TILE, T(0));
-    if (slow) slow_patch_h(c, n_all, ws.slow, ws.h);
-    store_all(0);
   }
+  store_planes(c, t, ws, l + 1);
+}
 
-  // 3. Layers: Sigma^(l+1) -> Sigma^(l+2) and Theta alongside.
-  // 3a. Scale-free activations without a bias (ReLU and its relatives, b_var = 0): the layers in units of P
-  // (abrelu_act::pair_scaled). gm and gp carry sig2 and kap2, s12 the correlation and ntk Theta / P; after the
-  // last layer one multiply by P = r1 r2 of that layer (kernel_value_batch's H_k: once per layer). Tiles with
-  // a zero row (P = 0: the pi/2 convention) take the general loop below. Padding columns (j >= tj)
-  // have ir2 = 0: half_sines gives them the convention's finite values, never stored.
-  bool scaled = false;
-  if constexpr (Act::angle_based && Act::scale_free && !Bias) {
-    const T* ir1_0 = c.tab1->field(0, 1) + i0;
-    const T* ir2_0 = c.tab2->field(0, 1) + j0;
-    scaled = depth > 0 && act.k2 > T(0);
-    for (index_t i = 0; i < ti; ++i) scaled &= ir1_0[i] > T(0);
-    for (index_t j = 0; j < tj; ++j) scaled &= ir2_0[j] > T(0);
-    if (scaled) {
-      const bool fused = c.fused;
-      for (int l = 0; l < depth; ++l) {
-        const bool M = (l + 2) > fix;
-        for (index_t i = 0; i < ti; ++i) {
-          const T ha = T(0.5) * ir1_0[i];
-          // Layer 0 turns the first layer's gaps and Theta into units of P.
-          auto to_units = [&](index_t j) __attribute__((always_inline)) {
-            const index_t e = i * TILE + j;
-            const T hh = ha * ir2_0[j];
-            T s2, k2;
-            half_sines(gm[e], gp[e], hh, s2, k2);
-            gm[e] = s2;
-            gp[e] = k2;
-            ntk[e] = ntk[e] * (T(2) * hh);  // Theta / P
-          };
-          auto pair = [&](index_t j, const angle<T>& g, auto masked) __attribute__((always_inline)) {
-            const index_t e = i * TILE + j;
-            const pair_out<T> o = act.pair_scaled(g);
-            gm[e] = o.gm;
-            gp[e] = o.gp;
-            s12[e] = o.t;
-            if (n_all) td[e] = o.tdot;
-            ntk[e] = next_theta<decltype(masked)::value>(o.t, o.tdot, ntk[e]);
-          };
-          if (fused) {
-            // AVX-512: the whole layer in one loop, the angle without a division (angle_direct).
-            auto loop = [&](auto masked, auto first) __attribute__((always_inline)) {
+// Scale-free activations without a bias (ReLU and its relatives, b_var = 0): the layers in units of P
+// (abrelu_act::pair_scaled). gm and gp carry sig2 and kap2, s12 the correlation and ntk Theta / P; after the
+// last layer one multiply by P = r1 r2 of that layer (kernel_value_batch's H_k: once per layer). Tiles with
+// a zero row (P = 0: the pi/2 convention) take the general loop. Padding columns (j >= tj) have ir2 = 0:
+// half_sines gives them the convention's finite values, never stored.
+
+// Layer 0 turns the first layer's gaps and Theta into units of P (hh = 1 / 2P). The pair helpers take the
+// buffers as restrict pointers, not through ws: through ws GCC kept the fused loop's loads and stores in order.
+template <class T>
+ARCFLOW_STAGE void to_units(T* __restrict gm, T* __restrict gp, T* __restrict ntk, index_t e, T hh) {
+  T s2, k2;
+  half_sines(gm[e], gp[e], hh, s2, k2);
+  gm[e] = s2;
+  gp[e] = k2;
+  ntk[e] = ntk[e] * (T(2) * hh);  // Theta / P
+}
+
+template <bool M, class T, class Act>
+ARCFLOW_STAGE void scaled_pair(const Act& act, T* __restrict gm, T* __restrict gp, T* __restrict s12,
+                               T* __restrict td, T* __restrict ntk, index_t e, const angle<T>& g, bool want_td) {
+  const pair_out<T> o = act.pair_scaled(g);
+  gm[e] = o.gm;
+  gp[e] = o.gp;
+  s12[e] = o.t;
+  if (want_td) td[e] = o.tdot;
+  ntk[e] = next_theta<M>(o.t, o.tdot, ntk[e]);
+}
+
+// Row i of a layer in one loop, the angle without a division (angle_direct): the AVX-512 layout.
+template <bool M, bool First, class T, class Act>
+ARCFLOW_STAGE void scaled_row_fused(const Act& act, workspace<T>& ws, index_t i, T ha, const T* __restrict ir2,
+                                    bool want_td) {
+  T* __restrict gm = ws.gm;
+  T* __restrict gp = ws.gp;
+  T* __restrict s12 = ws.s12;
+  T* __restrict td = ws.td;
+  T* __restrict ntk = ws.ntk;
 #pragma omp simd
-              for (index_t j = 0; j < TILE; ++j) {
-                if constexpr (decltype(first)::value) to_units(j);
-                pair(j, angle_direct(gm[i * TILE + j], gp[i * TILE + j]), masked);
-              }
-            };
-            if (l == 0)
-              M ? loop(std::true_type{}, std::true_type{}) : loop(std::false_type{}, std::true_type{});
-            else
-              M ? loop(std::true_type{}, std::false_type{}) : loop(std::false_type{}, std::false_type{});
-            continue;
-          }
-          // Otherwise three loops, as in the general path below (the square root and division, the arctangent,
-          // the pair formulas).
-#pragma omp simd
-          for (index_t j = 0; j < TILE; ++j) {
-            if (l == 0) to_units(j);
-            angle_reduce(gm[i * TILE + j], gp[i * TILE + j], a_z[j], a_base[j], a_sin[j]);
-          }
-#pragma omp simd
-          for (index_t j = 0; j < TILE; ++j) a_x[j] = angle_finish(a_z[j], a_base[j]);
-          auto loop = [&](auto masked) __attribute__((always_inline)) {
-#pragma omp simd
-            for (index_t j = 0; j < TILE; ++j)
-              pair(j, angle_from(gm[i * TILE + j], gp[i * TILE + j], a_x[j], a_sin[j]), masked);
-          };
-          M ? loop(std::true_type{}) : loop(std::false_type{});
-        }
-        if (n_all) {
-          // kernel_value_batch's H_k stay in absolute units: Sigma = P rho into the Gram tile's buffer (no
-          // longer needed), Tdot = k2 (Tdot / k2). One pass per layer, not one per stored plane.
-          const T* ra = c.tab1->field(l + 1, 0) + i0;
-          const T* rb = c.tab2->field(l + 1, 0) + j0;
-          for (index_t i = 0; i < ti; ++i) {
-#pragma omp simd
-            for (index_t j = 0; j < TILE; ++j) {
-              const index_t e = i * TILE + j;
-              g[e] = (ra[i] * rb[j]) * s12[e];
-              td[e] = act.k2 * td[e];
-            }
-          }
-          update_all(l, g);
-          slow_layer();
-          store_all(l + 1);
-        }
-      }
-      const T* rl1 = c.tab1->field(depth, 0) + i0;
-      const T* rl2 = c.tab2->field(depth, 0) + j0;
-      for (index_t i = 0; i < ti; ++i) {
-        const T ra = rl1[i];
-#pragma omp simd
-        for (index_t j = 0; j < TILE; ++j) {
-          const index_t e = i * TILE + j;
-          const T P = ra * rl2[j];
-          s12[e] = P * s12[e];
-          ntk[e] = P * ntk[e];
-        }
-      }
-    }
+  for (index_t j = 0; j < TILE; ++j) {
+    const index_t e = i * TILE + j;
+    if constexpr (First) to_units(gm, gp, ntk, e, ha * ir2[j]);
+    scaled_pair<M>(act, gm, gp, s12, td, ntk, e, angle_direct(gm[e], gp[e]), want_td);
   }
-  for (int l = 0; l < (scaled ? 0 : depth); ++l) {
-    const T* r1 = c.tab1->field(l, 0) + i0;
-    const T* ir1 = c.tab1->field(l, 1) + i0;
-    const T* pa1 = c.tab1->field(l, 2) + i0;
-    const T* pb1 = c.tab1->field(l, 3) + i0;
-    const T* t1 = c.tab1->field(l, 4) + i0;
-    const T* rn1 = c.tab1->field(l + 1, 0) + i0;
-    const T* r2 = c.tab2->field(l, 0) + j0;
-    const T* ir2 = c.tab2->field(l, 1) + j0;
-    const T* pa2 = c.tab2->field(l, 2) + j0;
-    const T* pb2 = c.tab2->field(l, 3) + j0;
-    const T* t2 = c.tab2->field(l, 4) + j0;
-    const T* rn2 = c.tab2->field(l + 1, 0) + j0;
-    const T mask = (l + 2) > fix ? T(1) : T(0);
-    bool cols_nonzero = true;  // no zero-variance row among the tile's columns (padding columns count)
-    for (index_t j = 0; j < TILE; ++j) cols_nonzero &= ir2[j] > T(0);
-    for (index_t i = 0; i < ti; ++i) {
-      const T ra = r1[i], ira = ir1[i], paa = pa1[i], pba = pb1[i], ta = t1[i], rna = rn1[i];
-      const T qa = w_sd * ta;
-      if constexpr (Act::angle_based) {
-        // The angle in loops of their own: its dependency chain (square root, division, polynomial) is
-        // long, and in one loop with the rest the out-of-order window holds too few pairs to hide it. Not
-        // fused here even on AVX-512: the bias's own division makes the fused chain too long.
-        const T ha = T(0.5) * ira;
-        if (ha > T(0) && cols_nonzero) {  // no zero-variance row: no selects for the pi/2 convention
+}
+
+// Row i of a layer in three loops, as in the general path (the square root and division, the arctangent, the
+// pair formulas).
+template <bool M, class T, class Act>
+ARCFLOW_STAGE void scaled_row_split(const Act& act, workspace<T>& ws, index_t i, T ha, const T* __restrict ir2,
+                                    bool first, bool want_td) {
+  T* __restrict gm = ws.gm;
+  T* __restrict gp = ws.gp;
+  T* __restrict s12 = ws.s12;
+  T* __restrict td = ws.td;
+  T* __restrict ntk = ws.ntk;
+  T* __restrict a_x = ws.a_x;
+  T* __restrict a_sin = ws.a_sin;
+  T* __restrict a_z = ws.a_z;
+  T* __restrict a_base = ws.a_base;
 #pragma omp simd
-          for (index_t j = 0; j < TILE; ++j) {
-            const index_t e = i * TILE + j;
-            const T hh = ha * ir2[j], s2 = gm[e] * hh, k2 = gp[e] * hh;
-            a_sig2[j] = s2;
-            a_kap2[j] = k2;
-            angle_reduce(s2, k2, a_z[j], a_base[j], a_sin[j]);
-          }
-        } else {
+  for (index_t j = 0; j < TILE; ++j) {
+    if (first) to_units(gm, gp, ntk, i * TILE + j, ha * ir2[j]);
+    angle_reduce(gm[i * TILE + j], gp[i * TILE + j], a_z[j], a_base[j], a_sin[j]);
+  }
 #pragma omp simd
-          for (index_t j = 0; j < TILE; ++j) {
-            const index_t e = i * TILE + j;
-            T s2, k2;
-            half_sines(gm[e], gp[e], ha * ir2[j], s2, k2);
-            a_sig2[j] = s2;
-            a_kap2[j] = k2;
-            angle_reduce(s2, k2, a_z[j], a_base[j], a_sin[j]);
-          }
-        }
+  for (index_t j = 0; j < TILE; ++j) a_x[j] = angle_finish(a_z[j], a_base[j]);
 #pragma omp simd
-        for (index_t j = 0; j < TILE; ++j) a_x[j] = angle_finish(a_z[j], a_base[j]);
-      }
-      // The pair loop twice over, for mask = 1 and mask = 0, and without the bias adds when b_var = 0:
-      // no multiply by a run-time 1 and no add of a run-time 0 (x + 0 does not fold: -0), the same bits.
-      auto pair_loop = [&](auto masked) __attribute__((always_inline)) {
-        constexpr bool M = decltype(masked)::value;
-#pragma omp simd
-        for (index_t j = 0; j < TILE; ++j) {
-          const index_t e = i * TILE + j;
-          const T P = ra * r2[j];
-          const T h = T(0.5) * ira * ir2[j];
-          pair_out<T> o;
-          if constexpr (Act::angle_based)
-            o = act.pair_angle(angle_from(a_sig2[j], a_kap2[j], a_x[j], a_sin[j]), s12[e], P, h, paa, pba, ta,
-                               pa2[j], pb2[j], t2[j]);
-          else
-            o = act.pair(s12[e], gm[e], gp[e], P, h, paa, pba, ta, pa2[j], pb2[j], t2[j]);
-          const T bterm = Bias ? bias_gap(bv, qa, w_sd * t2[j], rna, rn2[j]) : T(0);
-          const T s = next_sigma<Bias>(o.t, o.gm, o.gp, bv, bterm, gm[e], gp[e]);
-          s12[e] = s;
-          if (n_all) td[e] = o.tdot;
-          ntk[e] = next_theta<M>(s, o.tdot, ntk[e]);
-        }
-      };
-      if (mask != T(0))
-        pair_loop(std::true_type{});
+  for (index_t j = 0; j < TILE; ++j)
+    scaled_pair<M>(act, gm, gp, s12, td, ntk, i * TILE + j,
+                   angle_from(gm[i * TILE + j], gp[i * TILE + j], a_x[j], a_sin[j]), want_td);
+}
+
+// The scale-free layers; false (nothing done) for a tile with a zero-variance row or at depth 0.
+template <class T, class Act>
+ARCFLOW_STAGE bool scaled_layers(const tile_ctx<T>& c, const Act& act, const tile_at& t, workspace<T>& ws,
+                                 bool slow) {
+  const int depth = c.p->depth;
+  const T* ir1_0 = c.tab1->field(0, 1) + t.i0;
+  const T* ir2_0 = c.tab2->field(0, 1) + t.j0;
+  bool scaled = depth > 0 && act.k2 > T(0);
+  for (index_t i = 0; i < t.ti; ++i) scaled &= ir1_0[i] > T(0);
+  for (index_t j = 0; j < t.tj; ++j) scaled &= ir2_0[j] > T(0);
+  if (!scaled) return false;
+  const bool want_td = c.ntk_all != nullptr;
+  for (int l = 0; l < depth; ++l) {
+    const bool M = (l + 2) > c.p->fix_dep;
+    for (index_t i = 0; i < t.ti; ++i) {
+      const T ha = T(0.5) * ir1_0[i];
+      if (!c.fused)
+        M ? scaled_row_split<true>(act, ws, i, ha, ir2_0, l == 0, want_td)
+          : scaled_row_split<false>(act, ws, i, ha, ir2_0, l == 0, want_td);
+      else if (l == 0)
+        M ? scaled_row_fused<true, true>(act, ws, i, ha, ir2_0, want_td)
+          : scaled_row_fused<false, true>(act, ws, i, ha, ir2_0, want_td);
       else
-        pair_loop(std::false_type{});
+        M ? scaled_row_fused<true, false>(act, ws, i, ha, ir2_0, want_td)
+          : scaled_row_fused<false, false>(act, ws, i, ha, ir2_0, want_td);
     }
-    if (n_all) {
-      update_all(l, s12);
-      slow_layer();
-      store_all(l + 1);
+    if (want_td) {
+      // kernel_value_batch's H_k stay in absolute units: Sigma = P rho into the Gram tile's buffer (no longer
+      // needed), Tdot = k2 (Tdot / k2). One pass per layer, not one per stored plane.
+      const T* ra = c.tab1->field(l + 1, 0) + t.i0;
+      const T* rb = c.tab2->field(l + 1, 0) + t.j0;
+      T* __restrict g = ws.g;
+      T* __restrict td = ws.td;
+      const T* __restrict s12 = ws.s12;
+      for (index_t i = 0; i < t.ti; ++i) {
+#pragma omp simd
+        for (index_t j = 0; j < TILE; ++j) {
+          const index_t e = i * TILE + j;
+          g[e] = (ra[i] * rb[j]) * s12[e];
+          td[e] = act.k2 * td[e];
+        }
+      }
+      next_planes<T, Act>(c, t, ws, l, ws.g, slow);
     }
   }
+  const T* rl1 = c.tab1->field(depth, 0) + t.i0;
+  const T* rl2 = c.tab2->field(depth, 0) + t.j0;
+  T* __restrict s12 = ws.s12;
+  T* __restrict ntk = ws.ntk;
+  for (index_t i = 0; i < t.ti; ++i) {
+    const T ra = rl1[i];
+#pragma omp simd
+    for (index_t j = 0; j < TILE; ++j) {
+      const index_t e = i * TILE + j;
+      const T P = ra * rl2[j];
+      s12[e] = P * s12[e];
+      ntk[e] = P * ntk[e];
+    }
+  }
+  return true;
+}
 
+// The general layer loop (every activation and bias). The angle of row i in loops of its own: its dependency chain (square root,
+// division, polynomial) is long, and in one loop with the rest the out-of-order window holds too few pairs to
+// hide it. Not fused even on AVX-512: the bias's own division makes the fused chain too long.
+template <class T>
+ARCFLOW_STAGE void row_angles(workspace<T>& ws, index_t i, T ha, const T* __restrict ir2, bool cols_nonzero) {
+  const T* __restrict gm = ws.gm;
+  const T* __restrict gp = ws.gp;
+  T* __restrict a_sig2 = ws.a_sig2;
+  T* __restrict a_kap2 = ws.a_kap2;
+  T* __restrict a_x = ws.a_x;
+  T* __restrict a_sin = ws.a_sin;
+  T* __restrict a_z = ws.a_z;
+  T* __restrict a_base = ws.a_base;
+  if (ha > T(0) && cols_nonzero) {  // no zero-variance row: no selects for the pi/2 convention
+#pragma omp simd
+    for (index_t j = 0; j < TILE; ++j) {
+      const index_t e = i * TILE + j;
+      const T hh = ha * ir2[j], s2 = gm[e] * hh, k2 = gp[e] * hh;
+      a_sig2[j] = s2;
+      a_kap2[j] = k2;
+      angle_reduce(s2, k2, a_z[j], a_base[j], a_sin[j]);
+    }
+  } else {
+#pragma omp simd
+    for (index_t j = 0; j < TILE; ++j) {
+      const index_t e = i * TILE + j;
+      T s2, k2;
+      half_sines(gm[e], gp[e], ha * ir2[j], s2, k2);
+      a_sig2[j] = s2;
+      a_kap2[j] = k2;
+      angle_reduce(s2, k2, a_z[j], a_base[j], a_sin[j]);
+    }
+  }
+#pragma omp simd
+  for (index_t j = 0; j < TILE; ++j) a_x[j] = angle_finish(a_z[j], a_base[j]);
+}
+
+// Row i's pairs of layer l. Instantiated for M (the layer adds to Theta) true and false and without the bias
+// adds when b_var = 0: no multiply by a run-time 1 and no add of a run-time 0 (x + 0 does not fold: -0).
+template <bool M, bool Bias, class T, class Act>
+ARCFLOW_STAGE void pair_row(const Act& act, const tile_scalars<T>& k, workspace<T>& ws, index_t i,
+                            const layer_rows<T>& L1, const layer_rows<T>& L2, bool want_td) {
+  T* __restrict s12 = ws.s12;
+  T* __restrict gm = ws.gm;
+  T* __restrict gp = ws.gp;
+  T* __restrict ntk = ws.ntk;
+  T* __restrict td = ws.td;
+  const T* __restrict a_sig2 = ws.a_sig2;
+  const T* __restrict a_kap2 = ws.a_kap2;
+  const T* __restrict a_x = ws.a_x;
+  const T* __restrict a_sin = ws.a_sin;
+  const T bv = k.bv, w_sd = k.w_sd;
+  const T ra = L1.r[i], ira = L1.ir[i], paa = L1.pa[i], pba = L1.pb[i], ta = L1.t[i], rna = L1.rn[i];
+  const T qa = w_sd * ta;
+  const T *r2 = L2.r, *ir2 = L2.ir, *pa2 = L2.pa, *pb2 = L2.pb, *t2 = L2.t, *rn2 = L2.rn;
+#pragma omp simd
+  for (index_t j = 0; j < TILE; ++j) {
+    const index_t e = i * TILE + j;
+    const T P = ra * r2[j];
+    const T h = T(0.5) * ira * ir2[j];
+    pair_out<T> o;
+    if constexpr (Act::angle_based)
+      o = act.pair_angle(angle_from(a_sig2[j], a_kap2[j], a_x[j], a_sin[j]), s12[e], P, h, paa, pba, ta, pa2[j],
+                         pb2[j], t2[j]);
+    else
+      o = act.pair(s12[e], gm[e], gp[e], P, h, paa, pba, ta, pa2[j], pb2[j], t2[j]);
+    const T bterm = Bias ? bias_gap(bv, qa, w_sd * t2[j], rna, rn2[j]) : T(0);
+    const T s = next_sigma<Bias>(o.t, o.gm, o.gp, bv, bterm, gm[e], gp[e]);
+    s12[e] = s;
+    if (want_td) td[e] = o.tdot;
+    ntk[e] = next_theta<M>(s, o.tdot, ntk[e]);
+  }
+}
+
+template <class T, class Act, bool Bias>
+ARCFLOW_STAGE void general_layers(const tile_ctx<T>& c, const Act& act, const tile_scalars<T>& k, const tile_at& t,
+                                  workspace<T>& ws, bool slow) {
+  const bool want_td = c.ntk_all != nullptr;
+  for (int l = 0; l < c.p->depth; ++l) {
+    const layer_rows<T> L1(*c.tab1, l, t.i0), L2(*c.tab2, l, t.j0);
+    const bool M = (l + 2) > c.p->fix_dep;
+    bool cols_nonzero = true;  // no zero-variance row among the tile's columns (padding columns count)
+    for (index_t j = 0; j < TILE; ++j) cols_nonzero &= L2.ir[j] > T(0);
+    for (index_t i = 0; i < t.ti; ++i) {
+      if constexpr (Act::angle_based) row_angles(ws, i, T(0.5) * L1.ir[i], L2.ir, cols_nonzero);
+      if (M)
+        pair_row<true, Bias>(act, k, ws, i, L1, L2, want_td);
+      else
+        pair_row<false, Bias>(act, k, ws, i, L1, L2, want_td);
+    }
+    if (want_td) next_planes<T, Act>(c, t, ws, l, ws.s12, slow);
+  }
+}
+
+// The tile kernel, inlined into one function per instruction-set level (run_tile_isa below): the Gram tile,
+// the first layer, the layers while the tile is in cache, then one write of each requested output.
+template <class T, class Act, bool Bias>
+inline __attribute__((always_inline)) void run_tile(const tile_ctx<T>& c, const Act act, index_t i0, index_t ti,
+                                                    index_t j0, index_t tj, workspace<T>& ws) {
+  const tile_at t{i0, ti, j0, tj};
+  const tile_scalars<T> k(*c.p);
+  if (c.stream) {
+    prefetch_tile_edges(c.nngp, c.n2, i0, ti, j0, tj, c.symmetric);
+    prefetch_tile_edges(c.ntk, c.n2, i0, ti, j0, tj, c.symmetric);
+  }
+  gram_tile<T>(c.x1 + i0 * c.d, ti, c.d, c.panels2 + j0 * c.d, ws.g, c.fused);
+  const T tau = sizeof(T) == 4 ? T(1e-2) : T(1e-3);
+  if (first_layer<T, Bias>(c, k, t, ws, tau)) refine_gaps<T, Bias>(c, k, t, ws, tau);
+  // Pairs with a row out of the tile kernel's range: carried in long double alongside (slow_pairs).
+  const int n_all = ntk_planes(c);
+  const bool slow = !(c.tab1->all_ok && c.tab2->all_ok) && slow_begin<T, Act>(c, act, i0, ti, j0, tj, n_all, ws.slow);
+  if (n_all) first_planes(c, t, ws, slow);
+  bool scaled = false;
+  if constexpr (Act::angle_based && Act::scale_free && !Bias) scaled = scaled_layers(c, act, t, ws, slow);
+  if (!scaled) general_layers<T, Act, Bias>(c, act, k, t, ws, slow);
   if (slow) {
-    while (ws.slow.layer < depth) slow_step<T, Act>(c, n_all, ws.slow);
-    slow_finish(c, ws.slow, s12, ntk);
+    while (ws.slow.layer < c.p->depth) slow_step<T, Act>(c, n_all, ws.slow);
+    slow_finish(c, ws.slow, ws.s12, ws.ntk);
   }
-
-  // 4. One write of each requested output.
-  if (c.nngp) store_tile(c.nngp, c.n2, i0, ti, j0, tj, c.symmetric, s12, c.stream);
-  if (c.ntk) store_tile(c.ntk, c.n2, i0, ti, j0, tj, c.symmetric, ntk, c.stream);
+  if (c.nngp) store_tile(c.nngp, c.n2, i0, ti, j0, tj, c.symmetric, ws.s12, c.stream);
+  if (c.ntk) store_tile(c.ntk, c.n2, i0, ti, j0, tj, c.symmetric, ws.ntk, c.stream);
   store_fence();
 }
+#undef ARCFLOW_STAGE
 
 template <class T, class Act, bool Bias>
 using tile_fn = void (*)(const tile_ctx<T>&, const Act, index_t, index_t, index_t, index_t, workspace<T>&);

@@ -1,5 +1,5 @@
-// CUDA launchers of the fused NNGP/NTK recursion: row norms on the device, per-row tables on the host,
-// one tile kernel per activation family, explicit float/double instantiations.
+// CUDA launchers of the fused NNGP/NTK recursion: row norms on the device, per-row tables (and the diagonal
+// k(x, x)) on the host, one tile kernel per activation family, explicit float/double instantiations.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -191,19 +191,14 @@ void fc_kernels_cuda_diag(const T* x1, index_t n1, index_t d, const fc_params& p
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   std::vector<double> nrm;
   norms_to_host(x1, n1, d, st, nrm);
-  const index_t np = round_up(n1, TABLE_PAD);
-  device_buffer tab(std::size_t(p.depth + 1) * 5 * std::size_t(np) * sizeof(T) + 2 * std::size_t(np) * sizeof(T), st);
+  std::vector<T> hn(nngp ? std::size_t(n1) : 0), ht(ntk ? std::size_t(n1) : 0);
   by_activation<T, false>(p, [&](auto act) {
-    using Act = decltype(act);
-    {
-      const std::vector<T> h = build_table<T, Act>(nrm, n1, np, p);
-      ARCFLOW_CUDA_CHECK(cudaMemcpyAsync(tab.ptr, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice, st));
-    }
-    const unsigned blocks = unsigned((n1 + 255) / 256);
-    fc_diag_kernel<T, Act><<<blocks, 256, 0, st>>>(tab.as<T>(), np, n1, p.depth, p.fix_dep, T(p.b_var),
-                                                   nngp, ntk, act);
-    ARCFLOW_CUDA_CHECK(cudaGetLastError());
+    diag_values<T, decltype(act)>(nrm, n1, p, nngp ? hn.data() : nullptr, ntk ? ht.data() : nullptr);
   });
+  // From pageable memory cudaMemcpyAsync returns once the data is staged: hn and ht may go out of scope.
+  const std::size_t bytes = std::size_t(n1) * sizeof(T);
+  if (nngp) ARCFLOW_CUDA_CHECK(cudaMemcpyAsync(nngp, hn.data(), bytes, cudaMemcpyHostToDevice, st));
+  if (ntk) ARCFLOW_CUDA_CHECK(cudaMemcpyAsync(ntk, ht.data(), bytes, cudaMemcpyHostToDevice, st));
 }
 
 template <class T>

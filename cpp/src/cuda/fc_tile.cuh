@@ -254,30 +254,6 @@ __global__ void __launch_bounds__(NTHREADS, ARCFLOW_CUDA_MIN_BLOCKS)
   }
 }
 
-// k(x, x) for the rows of x1: the CPU engine's diag recursion (pairs (x, x), P = s, h = 1 / 2s), one thread
-// per row, from the per-row table alone.
-template <class T, class Act>
-__global__ void fc_diag_kernel(const T* tab, index_t np, index_t n, int depth, int fix_dep, T bv, T* nngp,
-                               T* ntk, const Act act) {
-  const index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const T r0 = tab[i];
-  T s = r0 * r0;
-  T gm = T(0), gp = T(2) * s;
-  T th = fix_dep < 1 ? s : T(0);
-  for (int l = 0; l < depth; ++l) {
-    const T* L = tab + index_t(l) * 5 * np + i;
-    const T r = L[0], ir = L[np], pa = L[2 * np], pb = L[3 * np], t = L[4 * np];
-    const pair_out<T> o = act.pair(s, gm, gp, r * r, T(0.5) * ir * ir, pa, pb, t, pa, pb, t);
-    s = o.t + bv;
-    gm = o.gm;
-    gp = T(2) * bv + o.gp;
-    th = (l + 2) > fix_dep ? next_theta<true>(s, o.tdot, th) : next_theta<false>(s, o.tdot, th);
-  }
-  if (nngp) nngp[i] = s;
-  if (ntk) ntk[i] = th;
-}
-
 // ---- host side ----------------------------------------------------------------------------------------
 
 // The per-row tables of the CPU engine (fill_row_table in fc_kernel.hpp), from |x|^2, in double.
@@ -292,6 +268,17 @@ std::vector<T> build_table(const std::vector<double>& norm2, index_t n, index_t 
     fill_row_table<T, Act>(nx2, p, layers, np, i, tab.data(), nrm, inv);
   }
   return tab;
+}
+
+// k(x, x) for n rows from |x|^2: the CPU engine's diagonal recursion (diag_row in fc_kernel.hpp, in double),
+// on the host, where the device's |x|^2 already are: O(n depth) scalar steps, no table and no kernel.
+template <class T, class Act>
+void diag_values(const std::vector<double>& norm2, index_t n, const fc_params& p, T* nngp, T* ntk) {
+  for (index_t i = 0; i < n; ++i) {
+    const diag_state<double> st = diag_row<Act>(norm2[std::size_t(i)], p);
+    if (nngp) nngp[i] = T(st.s);
+    if (ntk) ntk[i] = T(st.thf);
+  }
 }
 
 }  // namespace arcflow::cuda_detail
