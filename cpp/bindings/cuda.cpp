@@ -37,7 +37,8 @@ void bind_device(py::module_& m, const char* name) {
         fc_kernels_cuda<T>(dev_ptr<const T>(x1), dev_ptr<const T>(x2), n1, n2, d, p, dev_ptr<T>(nngp), dev_ptr<T>(ntk),
                            device, stream);
       },
-      py::arg("x1"), py::arg("x2"), py::arg("n1"), py::arg("n2"), py::arg("d"), py::arg("params"), py::arg("nngp"), py::arg("ntk"), py::arg("device") = -1, py::arg("stream") = 0,
+      py::arg("x1"), py::arg("x2"), py::arg("n1"), py::arg("n2"), py::arg("d"), py::arg("params"), py::arg("nngp"),
+      py::arg("ntk"), py::arg("device") = -1, py::arg("stream") = 0,
       "NNGP/NTK on device pointers (x2 = 0: symmetric); asynchronous on `stream`.");
 }
 
@@ -88,7 +89,8 @@ void bind_diag(py::module_& m, const char* dev_name, const char* host_name) {
         py::gil_scoped_release nogil;
         fc_kernels_cuda_diag<T>(dev_ptr<const T>(x1), n1, d, p, dev_ptr<T>(nngp), dev_ptr<T>(ntk), device, stream);
       },
-      py::arg("x1"), py::arg("n1"), py::arg("d"), py::arg("params"), py::arg("nngp"), py::arg("ntk"), py::arg("device") = -1, py::arg("stream") = 0,
+      py::arg("x1"), py::arg("n1"), py::arg("d"), py::arg("params"), py::arg("nngp"), py::arg("ntk"),
+      py::arg("device") = -1, py::arg("stream") = 0,
       "k(x, x) for the rows of x1 on device pointers; asynchronous on `stream`.");
   m.def(
       host_name,
@@ -124,8 +126,9 @@ void register_cuda(pybind11::module_& m) {
 #ifdef ARCFLOW_WITH_CUDA
   m.attr("built_with_cuda") = true;
   m.def("cuda_device_count", []() { return cuda_device_count_impl(); });
-  m.def("cuda_status", []() { return cuda_status(); },
-        "CUDA runtime and driver versions and the device count, or why no device is usable.");
+  m.def(
+      "cuda_status", []() { return cuda_status(); },
+      "CUDA runtime and driver versions and the device count, or why no device is usable.");
   bind_device<float>(m, "fc_kernels_cuda_f32");
   bind_device<double>(m, "fc_kernels_cuda_f64");
   bind_host<float>(m, "fc_kernels_cuda_host_f32");

@@ -25,8 +25,7 @@ T* grad_out(const py::object& o, py::ssize_t size, const char* name) {
   if (!py::isinstance<carray<T>>(o))
     throw std::invalid_argument(std::string("arcflow: ") + name + " must be a C-contiguous array of the inputs' dtype");
   auto a = py::reinterpret_borrow<carray<T>>(o);
-  if (!a.writeable() || a.size() != size ||
-      reinterpret_cast<std::uintptr_t>(a.data()) % alignof(T) != 0)
+  if (!a.writeable() || a.size() != size || reinterpret_cast<std::uintptr_t>(a.data()) % alignof(T) != 0)
     throw std::invalid_argument(std::string("arcflow: ") + name + " must be writeable, aligned and of size " +
                                 std::to_string(size));
   return a.mutable_data();

@@ -15,10 +15,14 @@ namespace {
 
 const char* kind_name(act_kind k) {
   switch (k) {
-    case act_kind::abrelu: return "abrelu";
-    case act_kind::monomial: return "monomial";
-    case act_kind::sign: return "sign";
-    case act_kind::erf: return "erf";
+    case act_kind::abrelu:
+      return "abrelu";
+    case act_kind::monomial:
+      return "monomial";
+    case act_kind::sign:
+      return "sign";
+    case act_kind::erf:
+      return "erf";
   }
   return "?";
 }

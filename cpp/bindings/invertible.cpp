@@ -24,8 +24,7 @@ using carr = py::array_t<T, py::array::c_style>;
 template <typename T>
 void need_ndim(const carr<T>& a, py::ssize_t nd, const char* what) {
   if (a.ndim() != nd)
-    throw std::invalid_argument(std::string("arcflow: ") + what + " must have " + std::to_string(nd) +
-                                " dimensions");
+    throw std::invalid_argument(std::string("arcflow: ") + what + " must have " + std::to_string(nd) + " dimensions");
 }
 
 // The ops read and write whole elements (and vectors of them): an array at an address that is not a
@@ -41,8 +40,7 @@ void need_aligned(const carr<T>& a, const char* what) {
 template <typename T>
 const T* opt_ptr(const std::optional<carr<T>>& a, index_t size, const char* what) {
   if (!a) return nullptr;
-  if (a->size() != size)
-    throw std::invalid_argument(std::string("arcflow: ") + what + " has the wrong size");
+  if (a->size() != size) throw std::invalid_argument(std::string("arcflow: ") + what + " has the wrong size");
   need_aligned(*a, what);
   return a->data();
 }
@@ -50,10 +48,10 @@ const T* opt_ptr(const std::optional<carr<T>>& a, index_t size, const char* what
 // Returns the fused NaN/Inf test's result (conv2d.hpp, Conv2dFinite): bit 0 x, bit 1 the addend (out's
 // old values with accumulate); 0 for an input not asked for.
 template <typename T>
-int conv2d(const carr<T>& x, const carr<T>& w, const std::optional<carr<T>>& bias, index_t stride,
-           index_t pad, const std::optional<carr<T>>& in_scale, const std::optional<carr<T>>& in_shift,
-           bool in_relu, double alpha, bool accumulate, const std::optional<carr<T>>& addend, carr<T>& out,
-           int threads, bool check_x, bool check_addend) {
+int conv2d(const carr<T>& x, const carr<T>& w, const std::optional<carr<T>>& bias, index_t stride, index_t pad,
+           const std::optional<carr<T>>& in_scale, const std::optional<carr<T>>& in_shift, bool in_relu, double alpha,
+           bool accumulate, const std::optional<carr<T>>& addend, carr<T>& out, int threads, bool check_x,
+           bool check_addend) {
   need_ndim(x, 4, "conv2d input");
   need_ndim(w, 4, "conv2d weight");
   need_ndim(out, 4, "conv2d output");
@@ -157,19 +155,18 @@ template <typename T>
 void register_dtype(py::module_& m, const std::string& sfx) {
   m.def(("conv2d_cpu_" + sfx).c_str(), &conv2d<T>, py::arg("x").noconvert(), py::arg("w").noconvert(),
         py::arg("bias").noconvert().none(true), py::arg("stride"), py::arg("pad"),
-        py::arg("in_scale").noconvert().none(true), py::arg("in_shift").noconvert().none(true),
-        py::arg("in_relu"), py::arg("alpha"), py::arg("accumulate"), py::arg("addend").noconvert().none(true),
-        py::arg("out").noconvert(), py::arg("threads") = 0, py::arg("check_x") = false,
-        py::arg("check_addend") = false,
+        py::arg("in_scale").noconvert().none(true), py::arg("in_shift").noconvert().none(true), py::arg("in_relu"),
+        py::arg("alpha"), py::arg("accumulate"), py::arg("addend").noconvert().none(true), py::arg("out").noconvert(),
+        py::arg("threads") = 0, py::arg("check_x") = false, py::arg("check_addend") = false,
         "out = [out or addend +] (alpha * conv2d(act(x), w) + bias); NCHW / OIHW, act = optional per-channel "
         "affine + ReLU. Returns the NaN/Inf flags of the inputs asked for: 1 x (raw values), 2 the addend.");
   m.def(("channel_affine_cpu_" + sfx).c_str(), &channel_affine<T>, py::arg("x").noconvert(),
-        py::arg("scale").noconvert(), py::arg("shift").noconvert(), py::arg("relu"), py::arg("out").noconvert(), py::arg("threads") = 0,
-        "out = [relu](x * scale[c] + shift[c]) (inference batch-norm); out may be x");
+        py::arg("scale").noconvert(), py::arg("shift").noconvert(), py::arg("relu"), py::arg("out").noconvert(),
+        py::arg("threads") = 0, "out = [relu](x * scale[c] + shift[c]) (inference batch-norm); out may be x");
   m.def(("relu_cpu_" + sfx).c_str(), &relu<T>, py::arg("x").noconvert(), py::arg("out").noconvert(),
         py::arg("threads") = 0);
-  m.def(("psi_cpu_" + sfx).c_str(), &psi_fwd<T>, py::arg("x").noconvert(), py::arg("block"),
-        py::arg("out").noconvert(), py::arg("threads") = 0);
+  m.def(("psi_cpu_" + sfx).c_str(), &psi_fwd<T>, py::arg("x").noconvert(), py::arg("block"), py::arg("out").noconvert(),
+        py::arg("threads") = 0);
   m.def(("psi_inverse_cpu_" + sfx).c_str(), &psi_inv<T>, py::arg("y").noconvert(), py::arg("block"),
         py::arg("out").noconvert(), py::arg("threads") = 0);
 }
@@ -179,10 +176,12 @@ void register_dtype(py::module_& m, const std::string& sfx) {
 void register_invertible(pybind11::module_& m) {
   register_dtype<float>(m, "f32");
   register_dtype<double>(m, "f64");
-  m.def("conv2d_cpu_isa", []() { return std::string(conv2d_cpu_isa()); },
-        "the conv2d micro-kernel the next convolution uses (avx2 or generic)");
-  m.def("_conv2d_isa", []() { return std::string(conv2d_cpu_isa()); },
-        "the active conv2d micro-kernel: 'avx2' or 'generic'");
+  m.def(
+      "conv2d_cpu_isa", []() { return std::string(conv2d_cpu_isa()); },
+      "the conv2d micro-kernel the next convolution uses (avx2 or generic)");
+  m.def(
+      "_conv2d_isa", []() { return std::string(conv2d_cpu_isa()); },
+      "the active conv2d micro-kernel: 'avx2' or 'generic'");
   m.def("_set_conv2d_isa", &conv2d_set_isa, py::arg("name"),
         "force conv2d's micro-kernel: 'generic', 'avx2', 'avx512' (conv2d's best: avx2) or 'auto' (back to "
         "ARCFLOW_ISA / the best); ValueError for another name or a level this CPU cannot run");

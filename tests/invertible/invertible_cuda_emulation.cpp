@@ -7,8 +7,8 @@
 //   conv2d_cpu (every fused option: BN+ReLU or ReLU on the input, bias, alpha, addend, in-place accumulate),
 //   channel_affine_cpu, psi_forward_cpu / psi_inverse_cpu (bit for bit), and plain 4-D loops for ActNorm, the
 //   soft-clamped affine coupling and the channel copy (the formulas of python/arcflow/invertible/flows.py).
-// Built and run by tests/invertible/test_invertible_cuda.py::test_invertible_kernels_in_host_emulation (g++ -std=c++17);
-// prints one line "worst conv f64 <err> f32 <err>" and exits 1 on any failure.
+// Built and run by tests/invertible/test_invertible_cuda.py::test_invertible_kernels_in_host_emulation (g++
+// -std=c++17); prints one line "worst conv f64 <err> f32 <err>" and exits 1 on any failure.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -26,13 +26,13 @@ using namespace arcflow::cuda_detail;
 
 [[maybe_unused]] static int failures = 0;
 
-#define EXPECT(cond, ...)              \
-  do {                                 \
-    if (!(cond)) {                     \
-      ++failures;                      \
+#define EXPECT(cond, ...)                \
+  do {                                   \
+    if (!(cond)) {                       \
+      ++failures;                        \
       std::printf("FAIL: " __VA_ARGS__); \
-      std::printf("\n");               \
-    }                                  \
+      std::printf("\n");                 \
+    }                                    \
   } while (0)
 
 template <class T>
@@ -71,8 +71,8 @@ void emulate_conv(const conv_args<T>& g) {
 
 #ifdef ARCFLOW_EMU_SHARED
 // The launchers of invertible_cuda.hpp on HOST pointers, each kernel emulated as above: built as a shared
-// library by tests/invertible/test_invertible_cuda.py and called through ctypes in place of the _core CUDA bindings, so that
-// the Python device path (_cuda_ops and the tests' host-copy twin) runs end to end on the kernels' logic.
+// library by tests/invertible/test_invertible_cuda.py and called through ctypes in place of the _core CUDA bindings, so
+// that the Python device path (_cuda_ops and the tests' host-copy twin) runs end to end on the kernels' logic.
 namespace {
 template <class T>
 void emu_conv(const conv_args<T>& g) {
@@ -90,9 +90,8 @@ int emu_conv2d(int dbl, const void* x, const void* w, const void* bias, long lon
   const Conv2dShape s{n, c, h, wd, m, kh, kw, stride, pad};
   if (n == 0) return 0;
   if (dbl)
-    emu_conv(make_conv_args<double>(s, (const double*)x, (const double*)w, (const double*)bias,
-                                    (const double*)in_scale, (const double*)in_shift, in_relu != 0, alpha,
-                                    (const double*)addend, (double*)out));
+    emu_conv(make_conv_args<double>(s, (const double*)x, (const double*)w, (const double*)bias, (const double*)in_scale,
+                                    (const double*)in_shift, in_relu != 0, alpha, (const double*)addend, (double*)out));
   else
     emu_conv(make_conv_args<float>(s, (const float*)x, (const float*)w, (const float*)bias, (const float*)in_scale,
                                    (const float*)in_shift, in_relu != 0, float(alpha), (const float*)addend,
@@ -100,21 +99,21 @@ int emu_conv2d(int dbl, const void* x, const void* w, const void* bias, long lon
   return 0;
 }
 
-#define EMU_EACH(total, ...)                                      \
-  do {                                                            \
-    if (dbl) {                                                    \
-      using T = double;                                           \
-      for (index_t i = 0; i < index_t(total); ++i) __VA_ARGS__;   \
-    } else {                                                      \
-      using T = float;                                            \
-      for (index_t i = 0; i < index_t(total); ++i) __VA_ARGS__;   \
-    }                                                             \
+#define EMU_EACH(total, ...)                                    \
+  do {                                                          \
+    if (dbl) {                                                  \
+      using T = double;                                         \
+      for (index_t i = 0; i < index_t(total); ++i) __VA_ARGS__; \
+    } else {                                                    \
+      using T = float;                                          \
+      for (index_t i = 0; i < index_t(total); ++i) __VA_ARGS__; \
+    }                                                           \
   } while (0)
 
 int emu_channel_affine(int dbl, const void* x, long long n, long long c, long long hw, const void* scale,
                        const void* shift, int relu, void* y) {
-  EMU_EACH(n * c * hw, ((T*)y)[i] = channel_affine_value((const T*)x, (const T*)scale, (const T*)shift, relu != 0,
-                                                          i, c, hw));
+  EMU_EACH(n * c * hw,
+           ((T*)y)[i] = channel_affine_value((const T*)x, (const T*)scale, (const T*)shift, relu != 0, i, c, hw));
   return 0;
 }
 
@@ -132,13 +131,12 @@ int emu_psi(int dbl, int inverse, const void* in, long long n, long long c, long
 
 int emu_actnorm(int dbl, const void* x, long long n, long long c, long long hw, const void* loc, const void* scale,
                 int inverse, void* y) {
-  EMU_EACH(n * c * hw, ((T*)y)[i] = actnorm_value((const T*)x, (const T*)loc, (const T*)scale, inverse != 0, i, c,
-                                                  hw));
+  EMU_EACH(n * c * hw, ((T*)y)[i] = actnorm_value((const T*)x, (const T*)loc, (const T*)scale, inverse != 0, i, c, hw));
   return 0;
 }
 
-int emu_affine_coupling(int dbl, const void* x, const void* net, long long n, long long c1, long long c2,
-                        long long hw, double clamp, int inverse, void* y, void* s_out) {
+int emu_affine_coupling(int dbl, const void* x, const void* net, long long n, long long c1, long long c2, long long hw,
+                        double clamp, int inverse, void* y, void* s_out) {
   EMU_EACH(n * (c1 + c2) * hw, ((T*)y)[i] = affine_coupling_value((const T*)x, (const T*)net, i, c1, c2, hw, clamp,
                                                                   inverse != 0, (T*)s_out));
   return 0;
@@ -176,9 +174,8 @@ double conv_case(index_t n, index_t c, index_t h, index_t w, index_t m, index_t 
   std::vector<T> got = ref;
   const T* addp_ref = addend_mode ? (in_place ? ref.data() : add.data()) : nullptr;
   conv2d_cpu<T>(s, x.data(), wt.data(), bias ? b.data() : nullptr, scp, sfp, relu, T(alpha), addp_ref, ref.data(), 1);
-  const conv_args<T> g0 = make_conv_args<T>(s, x.data(), wt.data(), bias ? b.data() : nullptr, scp, sfp, relu,
-                                            T(alpha), addend_mode ? (in_place ? got.data() : add.data()) : nullptr,
-                                            got.data());
+  const conv_args<T> g0 = make_conv_args<T>(s, x.data(), wt.data(), bias ? b.data() : nullptr, scp, sfp, relu, T(alpha),
+                                            addend_mode ? (in_place ? got.data() : add.data()) : nullptr, got.data());
   conv_args<T> g = g0;
   if (wide)
     emulate_conv<T, 16, 256>(g);
@@ -310,9 +307,9 @@ int main() {
   };
   // 3x3 and 1x1, stride 1 and 2, pad 0 and 1, odd sizes, channel and pixel counts that are not multiples of
   // the tiles (64 x 64, 16 x 256) or of the K slice (16), several tiles each way.
-  const conv_shape shapes[] = {{1, 1, 1, 1, 1, 1, 1, 0},   {2, 3, 7, 5, 5, 3, 1, 1},  {2, 4, 8, 8, 70, 3, 2, 1},
-                               {3, 6, 9, 7, 17, 3, 2, 1},  {2, 16, 6, 6, 4, 3, 1, 1}, {1, 5, 5, 9, 9, 1, 1, 0},
-                               {2, 7, 6, 6, 3, 1, 2, 0},   {1, 2, 3, 3, 2, 3, 1, 0},  {1, 3, 4, 4, 130, 3, 1, 1},
+  const conv_shape shapes[] = {{1, 1, 1, 1, 1, 1, 1, 0},  {2, 3, 7, 5, 5, 3, 1, 1},  {2, 4, 8, 8, 70, 3, 2, 1},
+                               {3, 6, 9, 7, 17, 3, 2, 1}, {2, 16, 6, 6, 4, 3, 1, 1}, {1, 5, 5, 9, 9, 1, 1, 0},
+                               {2, 7, 6, 6, 3, 1, 2, 0},  {1, 2, 3, 3, 2, 3, 1, 0},  {1, 3, 4, 4, 130, 3, 1, 1},
                                {2, 33, 5, 4, 8, 3, 2, 1}};
   double w32 = 0, w64 = 0;
   unsigned seed = 1;
@@ -327,15 +324,15 @@ int main() {
       for (bool wide : {false, true}) {
         const double e64 = conv_case<double>(s.n, s.c, s.h, s.w, s.m, s.k, s.stride, s.pad, fuse, bias, addend,
                                              in_place, alpha, seed, wide);
-        const double e32 = conv_case<float>(s.n, s.c, s.h, s.w, s.m, s.k, s.stride, s.pad, fuse, bias, addend,
-                                            in_place, alpha, seed + 1, wide);
+        const double e32 = conv_case<float>(s.n, s.c, s.h, s.w, s.m, s.k, s.stride, s.pad, fuse, bias, addend, in_place,
+                                            alpha, seed + 1, wide);
         ++seed;
         w64 = std::max(w64, e64);
         w32 = std::max(w32, e32);
         EXPECT(e64 <= 1e-12 && e32 <= 1e-5,
                "conv n=%ld c=%ld %ldx%ld m=%ld k=%ld stride=%ld pad=%ld variant=%d wide=%d: f64 %.2e f32 %.2e",
-               long(s.n), long(s.c), long(s.h), long(s.w), long(s.m), long(s.k), long(s.stride), long(s.pad),
-               variant, int(wide), e64, e32);
+               long(s.n), long(s.c), long(s.h), long(s.w), long(s.m), long(s.k), long(s.stride), long(s.pad), variant,
+               int(wide), e64, e32);
       }
     }
   elementwise_cases<float>(11);

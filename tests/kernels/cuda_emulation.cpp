@@ -2,8 +2,8 @@
 //
 // Each CUDA thread of a block runs as an OS thread, __syncthreads is a std::barrier and __shared__ arrays are
 // function statics, so the kernels' indexing, tiling, mirroring and bounds are checked without a GPU.
-// Built and run by tests/kernels/test_cuda.py (g++ -std=c++20); prints one line "worst f64 <err> f32 <err>", the largest
-// error relative to the largest |entry|, over all cases. With a directory as argument it also writes the
+// Built and run by tests/kernels/test_cuda.py (g++ -std=c++20); prints one line "worst f64 <err> f32 <err>", the
+// largest error relative to the largest |entry|, over all cases. With a directory as argument it also writes the
 // emulated kernels of a few cases (every activation, both dtypes, with and without bias) there, with their
 // inputs, for test_cuda.py to compare with arcflow.reference: the CPU engine shares activations.hpp with the
 // CUDA kernels, so agreeing with it alone would not catch an error in the shared formulas.
@@ -161,8 +161,8 @@ double run_case(const act_params& ap, double wv, double bv, int depth, int fix, 
     put(gt.data(), gt.size());
     std::fclose(f);
     std::fprintf(dump->manifest, "%s %s %d %.17g %.17g %d %.17g %.17g %d %d %d %d %d %d\n", file.c_str(),
-                 sizeof(T) == 8 ? "float64" : "float32", int(ap.kind), ap.a, ap.b, ap.n, wv, bv, depth, fix, n1, n2,
-                 d, int(sym));
+                 sizeof(T) == 8 ? "float64" : "float32", int(ap.kind), ap.a, ap.b, ap.n, wv, bv, depth, fix, n1, n2, d,
+                 int(sym));
   }
   double mx = 0, err = 0;
   for (size_t e = 0; e < cn.size(); ++e) mx = std::max({mx, std::fabs(double(cn[e])), std::fabs(double(ct[e]))});
@@ -179,14 +179,34 @@ int main(int argc, char** argv) {
     double wv, bv;
     const char* name;
   };
-  auto ab = [](double a, double b) { act_params p; p.kind = act_kind::abrelu; p.a = a; p.b = b; return p; };
-  auto mono = [](int n) { act_params p; p.kind = act_kind::monomial; p.n = n; return p; };
-  auto kind = [](act_kind k) { act_params p; p.kind = k; return p; };
-  const act_case acts[] = {{ab(0, 1), 1.69, 0.16, "relu"},        {ab(0, 1), 2.0, 0.0, "relu_nobias"},
-                           {ab(0.2, 1), 1.69, 0.16, "leaky"},     {ab(-1, 1), 1.21, 0.09, "abs"},
-                           {ab(1, 1), 1.21, 0.09, "identity"},    {mono(0), 1.69, 0.16, "step"},
-                           {mono(2), 0.25, 0.16, "monomial_2"},   {mono(3), 0.09, 0.16, "monomial_3"},
-                           {kind(act_kind::sign), 1.69, 0.16, "sign"}, {kind(act_kind::erf), 2.25, 0.04, "erf"}};
+  auto ab = [](double a, double b) {
+    act_params p;
+    p.kind = act_kind::abrelu;
+    p.a = a;
+    p.b = b;
+    return p;
+  };
+  auto mono = [](int n) {
+    act_params p;
+    p.kind = act_kind::monomial;
+    p.n = n;
+    return p;
+  };
+  auto kind = [](act_kind k) {
+    act_params p;
+    p.kind = k;
+    return p;
+  };
+  const act_case acts[] = {{ab(0, 1), 1.69, 0.16, "relu"},
+                           {ab(0, 1), 2.0, 0.0, "relu_nobias"},
+                           {ab(0.2, 1), 1.69, 0.16, "leaky"},
+                           {ab(-1, 1), 1.21, 0.09, "abs"},
+                           {ab(1, 1), 1.21, 0.09, "identity"},
+                           {mono(0), 1.69, 0.16, "step"},
+                           {mono(2), 0.25, 0.16, "monomial_2"},
+                           {mono(3), 0.09, 0.16, "monomial_3"},
+                           {kind(act_kind::sign), 1.69, 0.16, "sign"},
+                           {kind(act_kind::erf), 2.25, 0.04, "erf"}};
   struct shape {
     int n1, n2, d;
     bool sym;
@@ -223,8 +243,7 @@ int main(int argc, char** argv) {
           worst32 = std::max(worst32, e32);
           if (e64 > 1e-12 || e32 > 1e-5) {
             ++bad;
-            std::printf("%-20s %4d x %4d (written case): f64 %.2e f32 %.2e\n", dt.name.c_str(), sh.n1, sh.n2, e64,
-                        e32);
+            std::printf("%-20s %4d x %4d (written case): f64 %.2e f32 %.2e\n", dt.name.c_str(), sh.n1, sh.n2, e64, e32);
           }
         }
     }

@@ -90,6 +90,25 @@ def test_relu_homogeneous_over_scales(dtype, scale):
         assert _rel(v / scale ** 2, getattr(want, g)) < tol, g
 
 
+@pytest.mark.parametrize("dtype,scale", [(np.float64, s) for s in (1e-140, 1e-100, 1e-90, 1e-77, 1e-60, 1e60)]
+                         + [(np.float32, s) for s in (1e-15, 1e-12, 1e-9, 1e9)])
+def test_relu_with_bias_homogeneous_over_scales(dtype, scale):
+    """ReLU is homogeneous of degree 1, so scaling the inputs and b_std by s scales both kernels by s^2. The
+    bias's share of the first-layer gap once underflowed (b dq^2 formed before dividing) near 1e-90 in float64
+    and was off by a few percent."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 3)), rng.standard_normal((3, 3))
+    kw = dict(depth=2, activation="relu", w_std=1.3)
+    want = arcflow.kernels(x, y, b_std=0.4, **kw)
+    xs, ys = (x * scale).astype(dtype), (y * scale).astype(dtype)
+    got = arcflow.kernels(xs, ys, b_std=0.4 * scale, **kw)
+    exact = arcflow.kernels(xs.astype(np.float64) / scale, ys.astype(np.float64) / scale, b_std=0.4, **kw)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for g in ("nngp", "ntk"):
+        assert _rel(getattr(got, g).astype(np.float64) / scale ** 2, getattr(exact, g)) < tol, (g, scale)
+        assert _rel(getattr(exact, g), getattr(want, g)) < tol
+
+
 def test_monomial_that_underflows_is_zero_not_nan():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(30, 6)).astype(np.float32)

@@ -134,7 +134,7 @@ ARCFLOW_HD angle<T> make_angle(T gm, T gp, T h) {
 // kernels pick it at run time; the same bits as the general formula, two vector operations fewer).
 template <class T, bool ZeroAB = false>
 struct abrelu_act {
-  T k1, k2, kd, ab;  // times w
+  T k1, k2, kd, ab;      // times w
   T k1n, k1h, kdh, abn;  // pair_scaled's: k1 / k2, k1 / 2k2, kd / 2k2, ab / k2 (0 when k2 = 0)
   explicit abrelu_act(const act_params& p, double w = 1.0)
       : k1(T(w * (p.a - p.b) * (p.a - p.b) / (2.0 * 3.14159265358979323846))),
@@ -149,7 +149,9 @@ struct abrelu_act {
     abn = T(q > 0 ? 2.0 * p.a * p.b / q : 0.0);
   }
   template <class R>
-  static R diag_t(const act_params& p, R s) { return R((p.a * p.a + p.b * p.b) / 2.0) * s; }
+  static R diag_t(const act_params& p, R s) {
+    return R((p.a * p.a + p.b * p.b) / 2.0) * s;
+  }
   // Tdot(x, x): theta = 0, or pi/2 for a zero-variance row (the convention of make_angle).
   template <class R>
   static R diag_tdot(const act_params& p, R s) {
@@ -157,15 +159,24 @@ struct abrelu_act {
     return R(s > 0 ? k2 : k2 - k1 * 1.57079632679489661923);
   }
   template <class R>
-  static void row(const act_params&, R, R r, R& pa, R& pb) { pa = r; pb = R(1); }
+  static void row(const act_params&, R, R r, R& pa, R& pb) {
+    pa = r;
+    pb = R(1);
+  }
   static double log2_j0(const act_params&) { return 0.0; }
   static constexpr bool angle_based = true;
   ARCFLOW_HD pair_out<T> pair(T s12, T gm, T gp, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
     return pair_angle(make_angle(gm, gp, h), s12, P, h, pa1, pb1, t1, pa2, pb2, t2);
   }
-  ARCFLOW_HD pair_out<T> pair_angle(const angle<T>& g, T s12, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2,
-                                    T t2) const {
-    (void)s12; (void)h; (void)pa1; (void)pb1; (void)t1; (void)pa2; (void)pb2; (void)t2;
+  ARCFLOW_HD pair_out<T> pair_angle(const angle<T>& g, T s12, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
+    (void)s12;
+    (void)h;
+    (void)pa1;
+    (void)pb1;
+    (void)t1;
+    (void)pa2;
+    (void)pb2;
+    (void)t2;
     const T s_theta = g.sin_t - g.theta * g.cos_t;
     const T abs_cos = std::fabs(g.cos_t);
     const T s_x = g.sin_t - g.x * abs_cos;
@@ -195,7 +206,7 @@ struct abrelu_act {
     o.t = k1n * s_theta + g.cos_t;  // rho'
     o.tdot = T(1) - k1n * g.theta;
     o.gm = sig > T(0) ? sig : T(0);  // sig2'
-    o.gp = g.kap2 + k1h * s_theta;  // kap2'
+    o.gp = g.kap2 + k1h * s_theta;   // kap2'
     return o;
   }
 };
@@ -243,9 +254,9 @@ struct monomial_act {
   ARCFLOW_HD pair_out<T> pair(T s12, T gm, T gp, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
     return pair_angle(make_angle(gm, gp, h), s12, P, h, pa1, pb1, t1, pa2, pb2, t2);
   }
-  ARCFLOW_HD pair_out<T> pair_angle(const angle<T>& g, T s12, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2,
-                                    T t2) const {
-    (void)s12; (void)P;
+  ARCFLOW_HD pair_out<T> pair_angle(const angle<T>& g, T s12, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
+    (void)s12;
+    (void)P;
     const int n = order();
     const T pi = fm::consts<T>::pi;
     const T one_m_cos = T(2) * g.sig2;
@@ -297,20 +308,31 @@ struct sign_act {
   T w;
   explicit sign_act(const act_params&, double w_ = 1.0) : w(T(w_)) {}
   template <class R>
-  static R diag_t(const act_params&, R s) { return s > 0 ? R(1) : R(0); }  // pi/2 convention at s = 0
+  static R diag_t(const act_params&, R s) {
+    return s > 0 ? R(1) : R(0);
+  }  // pi/2 convention at s = 0
   template <class R>
-  static R diag_tdot(const act_params&, R) { return R(0); }
+  static R diag_tdot(const act_params&, R) {
+    return R(0);
+  }
   template <class R>
-  static void row(const act_params&, R, R, R& pa, R& pb) { pa = R(1); pb = R(0); }
+  static void row(const act_params&, R, R, R& pa, R& pb) {
+    pa = R(1);
+    pb = R(0);
+  }
   static double log2_j0(const act_params&) { return 0.0; }
   static constexpr bool angle_based = true;
   static constexpr bool scale_free = false;
   ARCFLOW_HD pair_out<T> pair(T s12, T gm, T gp, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
     return pair_angle(make_angle(gm, gp, h), s12, P, h, pa1, pb1, t1, pa2, pb2, t2);
   }
-  ARCFLOW_HD pair_out<T> pair_angle(const angle<T>& g, T s12, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2,
-                                    T t2) const {
-    (void)s12; (void)P; (void)pa1; (void)pb1; (void)pa2; (void)pb2;
+  ARCFLOW_HD pair_out<T> pair_angle(const angle<T>& g, T s12, T P, T h, T pa1, T pb1, T t1, T pa2, T pb2, T t2) const {
+    (void)s12;
+    (void)P;
+    (void)pa1;
+    (void)pb1;
+    (void)pa2;
+    (void)pb2;
     // The gaps 1 -/+ T are 2 theta / pi and 2 (pi - theta) / pi: the one that is small comes from x =
     // min(theta, pi - theta) directly, never as 2 - 2 theta / pi (which cancels to 0 in float32 near theta = pi,
     // and Sign's next angle is about the square root of that gap).
@@ -343,9 +365,9 @@ struct erf_act {
   template <class R>
   static R diag_t(const act_params&, R s) {
     const R z = s / (R(0.5) + s);
-    const R a = z <= R(0.5) ? std::asin(z)
-                            : R(1.57079632679489661923132169163975144L) -
-                                  R(2) * std::asin(std::sqrt(R(0.25) / (R(0.5) + s)));
+    const R a = z <= R(0.5)
+                    ? std::asin(z)
+                    : R(1.57079632679489661923132169163975144L) - R(2) * std::asin(std::sqrt(R(0.25) / (R(0.5) + s)));
     return R(2.0 / 3.14159265358979323846) * a;
   }
   template <class R>

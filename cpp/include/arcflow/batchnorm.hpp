@@ -11,8 +11,8 @@
 namespace arcflow {
 
 template <typename T>
-void channel_affine_cpu(const T* x, index_t n, index_t c, index_t hw, const T* scale, const T* shift,
-                        bool relu, T* y, int threads = 0);
+void channel_affine_cpu(const T* x, index_t n, index_t c, index_t hw, const T* scale, const T* shift, bool relu, T* y,
+                        int threads = 0);
 
 template <typename T>
 void relu_cpu(const T* x, index_t size, T* y, int threads = 0);

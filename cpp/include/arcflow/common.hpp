@@ -17,9 +17,9 @@ namespace arcflow {
 
 using index_t = std::int64_t;
 
-#define ARCFLOW_CHECK(cond, msg)                                                   \
-  do {                                                                             \
-    if (!(cond)) throw std::invalid_argument(std::string("arcflow: ") + (msg));    \
+#define ARCFLOW_CHECK(cond, msg)                                                \
+  do {                                                                          \
+    if (!(cond)) throw std::invalid_argument(std::string("arcflow: ") + (msg)); \
   } while (0)
 
 }  // namespace arcflow

@@ -51,9 +51,8 @@ struct Conv2dFinite {
 };
 
 template <typename T>
-void conv2d_cpu(const Conv2dShape& s, const T* x, const T* weight, const T* bias, const T* in_scale,
-                const T* in_shift, bool in_relu, T alpha, const T* addend, T* out, int threads = 0,
-                Conv2dFinite* finite = nullptr);
+void conv2d_cpu(const Conv2dShape& s, const T* x, const T* weight, const T* bias, const T* in_scale, const T* in_shift,
+                bool in_relu, T alpha, const T* addend, T* out, int threads = 0, Conv2dFinite* finite = nullptr);
 
 // The micro-kernel the next convolution uses ("avx2" or "generic"): the best the CPU runs, capped by the
 // environment variable ARCFLOW_ISA (auto, generic, avx2, avx512; read once, at the first convolution;

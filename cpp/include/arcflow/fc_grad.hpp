@@ -36,8 +36,24 @@ class fc_grad_engine {
 
   // Per-row tables in double, [layer][field][row] for layers 0..depth (Sigma^1 .. Sigma^(depth+1) on the
   // diagonal), the fields below; dir 0 is w_std, 1 is b_std.
-  enum field : int { f_s, f_r, f_ir, f_pa, f_pb, f_pc, f_t, f_ds0, f_ds1, f_hs0, f_hs1, f_dr0, f_dr1, f_dt0, f_dt1,
-                     n_fields };
+  enum field : int {
+    f_s,
+    f_r,
+    f_ir,
+    f_pa,
+    f_pb,
+    f_pc,
+    f_t,
+    f_ds0,
+    f_ds1,
+    f_hs0,
+    f_hs1,
+    f_dr0,
+    f_dr1,
+    f_dt0,
+    f_dt1,
+    n_fields
+  };
   struct row_table {
     index_t n = 0;
     std::vector<double> data;

@@ -21,12 +21,12 @@ namespace arcflow {
 
 // One direction's tangents of a pair's inputs (see the notation above).
 struct pair_tangent_in {
-  double hl;      // dP / P (0 where P = 0)
-  double a;       // A = P sin(theta) dtheta
-  double dtheta;  // A / sqrt(gm gp), 0 where gm gp = 0
-  double ds12;    // dS12
+  double hl;        // dP / P (0 where P = 0)
+  double a;         // A = P sin(theta) dtheta
+  double dtheta;    // A / sqrt(gm gp), 0 where gm gp = 0
+  double ds12;      // dS12
   double ds1, ds2;  // dS11, dS22
-  double dtt;     // d(t1 t2), t = sqrt(T11)
+  double dtt;       // d(t1 t2), t = sqrt(T11)
 };
 
 struct pair_tangent_out {
@@ -42,8 +42,8 @@ struct grad_rule<abrelu_act<T, Z>> {
   static constexpr bool uses_angle = true;
   // T11 = k2 s: dT11 = k2 ds.
   static double diag_dt(const act_params& p, double, double, double ds) { return (p.a * p.a + p.b * p.b) / 2.0 * ds; }
-  static pair_tangent_out pair(const abrelu_act<T, Z>& act, const act_params&, const pair_out<double>& o,
-                               double, double, const pair_tangent_in& d) {
+  static pair_tangent_out pair(const abrelu_act<T, Z>& act, const act_params&, const pair_out<double>& o, double,
+                               double, const pair_tangent_in& d) {
     pair_tangent_out r;
     r.dt = o.t * d.hl - o.tdot * d.a;
     r.dgm = o.gm * d.hl + o.tdot * d.a;
@@ -106,8 +106,8 @@ struct grad_rule<erf_act<T>> {
     return (4.0 / 3.14159265358979323846) * ds / ((1.0 + 2.0 * s) * std::sqrt(1.0 + 4.0 * s));
   }
   // Erf's own pair terms: S11, S22, S12 and the gaps (u = 1 + 2 S is the row factor pa).
-  static pair_tangent_out pair_erf(const pair_out<double>& o, double s12, double gm, double gp, double u1,
-                                   double u2, double dgm, double dgp, const pair_tangent_in& d) {
+  static pair_tangent_out pair_erf(const pair_out<double>& o, double s12, double gm, double gp, double u1, double u2,
+                                   double dgm, double dgp, const pair_tangent_in& d) {
     pair_tangent_out r;
     const double D = u1 + u2 - 1.0 + 4.0 * gm * gp;
     const double dD = 2.0 * (d.ds1 + d.ds2) + 4.0 * (dgm * gp + gm * dgp);

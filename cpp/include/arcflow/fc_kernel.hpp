@@ -70,8 +70,7 @@ class fc_engine {
   fc_engine(const T* x1, index_t n1, const T* x2, index_t n2, index_t d, bool symmetric, const fc_params& p,
             const interrupt_fn& interrupt = {});
 
-  void rows(index_t r0, index_t r1, T* nngp, T* ntk, T* ntk_all, int threads,
-            const interrupt_fn& interrupt = {}) const;
+  void rows(index_t r0, index_t r1, T* nngp, T* ntk, T* ntk_all, int threads, const interrupt_fn& interrupt = {}) const;
   void diag(T* nngp, T* ntk, int threads, const interrupt_fn& interrupt = {}) const;
 
   index_t n1() const { return n1_; }

@@ -28,12 +28,12 @@
 namespace arcflow {
 
 template <class T>
-void fc_kernels_cuda(const T* x1, const T* x2, index_t n1, index_t n2, index_t d, const fc_params& p, T* nngp,
-                     T* ntk, int device, std::uintptr_t stream);
+void fc_kernels_cuda(const T* x1, const T* x2, index_t n1, index_t n2, index_t d, const fc_params& p, T* nngp, T* ntk,
+                     int device, std::uintptr_t stream);
 
 template <class T>
-void fc_kernels_cuda_host(const T* x1, const T* x2, index_t n1, index_t n2, index_t d, const fc_params& p,
-                          T* nngp, T* ntk, int device);
+void fc_kernels_cuda_host(const T* x1, const T* x2, index_t n1, index_t n2, index_t d, const fc_params& p, T* nngp,
+                          T* ntk, int device);
 
 // k(x, x) for the rows of x1 (DEVICE pointers, as fc_kernels_cuda): nngp and ntk are n1-vectors or nullptr.
 template <class T>
@@ -63,18 +63,18 @@ double cuda_asin_throughput(bool single_precision, int device);
 
 extern template void fc_kernels_cuda<float>(const float*, const float*, index_t, index_t, index_t, const fc_params&,
                                             float*, float*, int, std::uintptr_t);
-extern template void fc_kernels_cuda<double>(const double*, const double*, index_t, index_t, index_t,
-                                             const fc_params&, double*, double*, int, std::uintptr_t);
+extern template void fc_kernels_cuda<double>(const double*, const double*, index_t, index_t, index_t, const fc_params&,
+                                             double*, double*, int, std::uintptr_t);
 extern template void fc_kernels_cuda_host<float>(const float*, const float*, index_t, index_t, index_t,
                                                  const fc_params&, float*, float*, int);
 extern template void fc_kernels_cuda_host<double>(const double*, const double*, index_t, index_t, index_t,
                                                   const fc_params&, double*, double*, int);
-extern template void fc_kernels_cuda_diag<float>(const float*, index_t, index_t, const fc_params&, float*, float*,
-                                                 int, std::uintptr_t);
-extern template void fc_kernels_cuda_diag<double>(const double*, index_t, index_t, const fc_params&, double*,
-                                                  double*, int, std::uintptr_t);
-extern template void fc_kernels_cuda_diag_host<float>(const float*, index_t, index_t, const fc_params&, float*,
-                                                      float*, int);
+extern template void fc_kernels_cuda_diag<float>(const float*, index_t, index_t, const fc_params&, float*, float*, int,
+                                                 std::uintptr_t);
+extern template void fc_kernels_cuda_diag<double>(const double*, index_t, index_t, const fc_params&, double*, double*,
+                                                  int, std::uintptr_t);
+extern template void fc_kernels_cuda_diag_host<float>(const float*, index_t, index_t, const fc_params&, float*, float*,
+                                                      int);
 extern template void fc_kernels_cuda_diag_host<double>(const double*, index_t, index_t, const fc_params&, double*,
                                                        double*, int);
 

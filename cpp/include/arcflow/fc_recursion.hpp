@@ -26,8 +26,9 @@ ARCFLOW_HD constexpr index_t round_up(index_t n, index_t m) { return (n + m - 1)
 // sqrt(S11 S22) -/+ S12 that the bias adds, in a form without cancellation.
 template <class T>
 ARCFLOW_HD T bias_gap(T b, T q1, T q2, T r1, T r2) {
+  // b / den <= 1 first: b dq^2 underflows long before the result does (inputs and bias ~1e-90 in double).
   const T dq = q1 - q2;
-  return b * dq * dq / (r1 * r2 + q1 * q2 + b);
+  return b / (r1 * r2 + q1 * q2 + b) * dq * dq;
 }
 
 // The first layer's gaps gm = P - Sigma, gp = P + Sigma from the raw gap g = |x||y| -/+ <x,y> (or its refined
@@ -141,18 +142,33 @@ void by_activation(const fc_params& fp, F&& f) {
     case act_kind::monomial:
       if constexpr (Specialise) {
         switch (p.n) {
-          case 0: f(monomial_act<T, 0>(p, w)); return;
-          case 1: f(monomial_act<T, 1>(p, w)); return;
-          case 2: f(monomial_act<T, 2>(p, w)); return;
-          case 3: f(monomial_act<T, 3>(p, w)); return;
-          case 4: f(monomial_act<T, 4>(p, w)); return;
-          default: break;
+          case 0:
+            f(monomial_act<T, 0>(p, w));
+            return;
+          case 1:
+            f(monomial_act<T, 1>(p, w));
+            return;
+          case 2:
+            f(monomial_act<T, 2>(p, w));
+            return;
+          case 3:
+            f(monomial_act<T, 3>(p, w));
+            return;
+          case 4:
+            f(monomial_act<T, 4>(p, w));
+            return;
+          default:
+            break;
         }
       }
       f(monomial_act<T>(p, w));
       return;
-    case act_kind::sign: f(sign_act<T>(p, w)); return;
-    case act_kind::erf: f(erf_act<T>(p, w)); return;
+    case act_kind::sign:
+      f(sign_act<T>(p, w));
+      return;
+    case act_kind::erf:
+      f(erf_act<T>(p, w));
+      return;
   }
   throw std::invalid_argument("arcflow: unknown activation kind");
 }

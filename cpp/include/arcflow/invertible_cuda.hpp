@@ -25,14 +25,13 @@ namespace arcflow {
 // conv2d_cpu's contract (conv2d.hpp): out = [addend +] (alpha * conv2d(act(x), weight) + bias); addend may be
 // out itself; out must not alias x.
 template <typename T>
-void conv2d_cuda(const Conv2dShape& s, const T* x, const T* weight, const T* bias, const T* in_scale,
-                 const T* in_shift, bool in_relu, T alpha, const T* addend, T* out, int device,
-                 std::uintptr_t stream);
+void conv2d_cuda(const Conv2dShape& s, const T* x, const T* weight, const T* bias, const T* in_scale, const T* in_shift,
+                 bool in_relu, T alpha, const T* addend, T* out, int device, std::uintptr_t stream);
 
 // channel_affine_cpu (batchnorm.hpp): y[n, ci, p] = [relu](x[n, ci, p] * scale[ci] + shift[ci]); y may be x.
 template <typename T>
-void channel_affine_cuda(const T* x, index_t n, index_t c, index_t hw, const T* scale, const T* shift, bool relu,
-                         T* y, int device, std::uintptr_t stream);
+void channel_affine_cuda(const T* x, index_t n, index_t c, index_t hw, const T* scale, const T* shift, bool relu, T* y,
+                         int device, std::uintptr_t stream);
 
 // psi_forward_cpu / psi_inverse_cpu (psi.hpp); in and out must not alias.
 template <typename T>
@@ -59,8 +58,8 @@ void affine_coupling_cuda(const T* x, const T* net, index_t n, index_t c1, index
 // dst (n, cd, hw) channels [d0, d0 + count) = src (n, cs, hw) channels [s0, s0 + count); other channels of dst
 // are untouched. src and dst must not overlap.
 template <typename T>
-void channel_copy_cuda(const T* src, index_t n, index_t cs, index_t s0, T* dst, index_t cd, index_t d0,
-                       index_t count, index_t hw, int device, std::uintptr_t stream);
+void channel_copy_cuda(const T* src, index_t n, index_t cs, index_t s0, T* dst, index_t cd, index_t d0, index_t count,
+                       index_t hw, int device, std::uintptr_t stream);
 
 // Plain device buffers for callers without an array library (the tests run the kernels this way where CuPy is
 // not installed): cudaMalloc on `device` (-1 = current), cudaFree, and synchronous copies (cudaMemcpy, ordered

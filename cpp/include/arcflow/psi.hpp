@@ -5,7 +5,8 @@
 //   y[n, (dy*b + dx)*c + ci, i, j] = x[n, ci, i*b + dy, j*b + dx]
 // (position inside the block first, then the channel: the order of the reference i-RevNet code, not
 // pixel_unshuffle's). psi is a permutation, so psi_inverse(psi(x)) == x bit for bit.
-// C-contiguous host arrays; in and out must not alias. threads <= 0: OpenMP's default. Throws std::invalid_argument on bad sizes.
+// C-contiguous host arrays; in and out must not alias. threads <= 0: OpenMP's default. Throws std::invalid_argument on
+// bad sizes.
 #include "arcflow/common.hpp"
 
 namespace arcflow {

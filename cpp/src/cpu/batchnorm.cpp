@@ -6,8 +6,8 @@
 namespace arcflow {
 
 template <typename T>
-void channel_affine_cpu(const T* x, index_t n, index_t c, index_t hw, const T* scale, const T* shift,
-                        bool relu, T* y, int threads) {
+void channel_affine_cpu(const T* x, index_t n, index_t c, index_t hw, const T* scale, const T* shift, bool relu, T* y,
+                        int threads) {
 #pragma omp parallel for collapse(2) schedule(static) num_threads(omp_threads(threads)) if (n * c * hw > (1 << 17))
   for (index_t in = 0; in < n; ++in)
     for (index_t ci = 0; ci < c; ++ci) {
@@ -33,10 +33,10 @@ void relu_cpu(const T* x, index_t size, T* y, int threads) {
   }
 }
 
-template void channel_affine_cpu<float>(const float*, index_t, index_t, index_t, const float*, const float*,
-                                        bool, float*, int);
-template void channel_affine_cpu<double>(const double*, index_t, index_t, index_t, const double*,
-                                         const double*, bool, double*, int);
+template void channel_affine_cpu<float>(const float*, index_t, index_t, index_t, const float*, const float*, bool,
+                                        float*, int);
+template void channel_affine_cpu<double>(const double*, index_t, index_t, index_t, const double*, const double*, bool,
+                                         double*, int);
 template void relu_cpu<float>(const float*, index_t, float*, int);
 template void relu_cpu<double>(const double*, index_t, double*, int);
 

@@ -27,19 +27,19 @@ namespace {
 // What the tile loop needs; the phase buffer and the output image pointers are passed separately.
 template <typename T>
 struct TileArgs {
-  index_t K;               // taps = c * kh * kw
-  index_t kc;              // taps per channel block (a multiple of kh * kw)
-  index_t n_kblocks;       // ceil(K / kc)
-  index_t m;               // output channels
-  index_t ho, wo;          // output size
-  const T* ap;             // packed weights, panels of MR channels: ap[panel][k][MR]
-  const index_t* off;      // tap k -> offset in the phase buffer
-  const T* bias;           // (m) or nullptr
+  index_t K;           // taps = c * kh * kw
+  index_t kc;          // taps per channel block (a multiple of kh * kw)
+  index_t n_kblocks;   // ceil(K / kc)
+  index_t m;           // output channels
+  index_t ho, wo;      // output size
+  const T* ap;         // packed weights, panels of MR channels: ap[panel][k][MR]
+  const index_t* off;  // tap k -> offset in the phase buffer
+  const T* bias;       // (m) or nullptr
   T alpha;
-  index_t nslots;          // vector slots: VW consecutive output pixels of one row
-  const index_t* slot_q;   // slot -> offset of its first pixel in the phase-buffer grid
-  const index_t* slot_pos; // slot -> offset of its first pixel in an output channel plane
-  const int* slot_len;     // slot -> valid pixels (VW, or fewer at the end of a row)
+  index_t nslots;           // vector slots: VW consecutive output pixels of one row
+  const index_t* slot_q;    // slot -> offset of its first pixel in the phase-buffer grid
+  const index_t* slot_pos;  // slot -> offset of its first pixel in an output channel plane
+  const int* slot_len;      // slot -> valid pixels (VW, or fewer at the end of a row)
 };
 
 // Geometry of the phase buffer: for stride s the zero-padded input (hp x wp) is split into s*s phases
@@ -118,8 +118,7 @@ namespace isa_avx2 {
 template <typename T>
 struct Kernel {
   bool (*tiles)(const TileArgs<T>&, const T*, T*, const T*, T*, index_t, index_t, bool);
-  bool (*build)(const Conv2dShape&, const Geometry&, const T*, const T*, const T*, bool, bool, index_t, index_t,
-                T*);
+  bool (*build)(const Conv2dShape&, const Geometry&, const T*, const T*, const T*, bool, bool, index_t, index_t, T*);
   index_t mr;  // output channels per panel
   index_t nv;  // vectors (slots) per tile
   index_t vw;  // pixels per vector
@@ -165,8 +164,8 @@ int env_level() {
     const char* v = std::getenv("ARCFLOW_ISA");
     const int l = capped_level(v ? v : "");
     if (l < 0)
-      throw std::invalid_argument(std::string("arcflow: ARCFLOW_ISA must be auto, generic, avx2 or avx512, got '") +
-                                  v + "'");
+      throw std::invalid_argument(std::string("arcflow: ARCFLOW_ISA must be auto, generic, avx2 or avx512, got '") + v +
+                                  "'");
     return l;
   }();
   return level;
@@ -191,10 +190,8 @@ Kernel<T> pick_kernel(index_t m, index_t ho, index_t wo) {
   } else
 #endif
   {
-    a = {&isa_generic::compute_tiles<T, 4, 3>, &isa_generic::build_phases<T>, 4, 3, index_t(16 / sizeof(T)),
-         "generic"};
-    b = {&isa_generic::compute_tiles<T, 6, 2>, &isa_generic::build_phases<T>, 6, 2, index_t(16 / sizeof(T)),
-         "generic"};
+    a = {&isa_generic::compute_tiles<T, 4, 3>, &isa_generic::build_phases<T>, 4, 3, index_t(16 / sizeof(T)), "generic"};
+    b = {&isa_generic::compute_tiles<T, 6, 2>, &isa_generic::build_phases<T>, 6, 2, index_t(16 / sizeof(T)), "generic"};
   }
   const index_t nslots = ho * ((wo + a.vw - 1) / a.vw);
   auto work = [&](const Kernel<T>& k) {
@@ -263,16 +260,14 @@ std::vector<std::string> conv2d_isa_levels() {
 }
 
 template <typename T>
-void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bias, const T* in_scale,
-                const T* in_shift, bool in_relu, T alpha, const T* addend, T* out, int threads,
-                Conv2dFinite* finite) {
+void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bias, const T* in_scale, const T* in_shift,
+                bool in_relu, T alpha, const T* addend, T* out, int threads, Conv2dFinite* finite) {
   ARCFLOW_CHECK(sh.n >= 0 && sh.c > 0 && sh.h > 0 && sh.w > 0, "conv2d: bad input shape");
   ARCFLOW_CHECK(sh.m > 0 && sh.kh > 0 && sh.kw > 0, "conv2d: bad weight shape");
   ARCFLOW_CHECK(sh.stride >= 1 && sh.pad >= 0, "conv2d: stride must be >= 1 and padding >= 0");
   ARCFLOW_CHECK(sh.h + 2 * sh.pad >= sh.kh && sh.w + 2 * sh.pad >= sh.kw,
                 "conv2d: kernel larger than the padded input");
-  ARCFLOW_CHECK((in_scale == nullptr) == (in_shift == nullptr),
-                "conv2d: in_scale and in_shift go together");
+  ARCFLOW_CHECK((in_scale == nullptr) == (in_shift == nullptr), "conv2d: in_scale and in_shift go together");
   if (finite) finite->x_bad = finite->addend_bad = false;
   if (sh.n == 0) return;
 
@@ -288,9 +283,19 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
     for (index_t k = 0; k < g.K; ++k) ap.ptr[(p * g.K + k) * mr + i] = weight[co * g.K + k];
   }
 
-  const TileArgs<T> args{g.K,     g.kc,  g.n_kblocks,   sh.m,   g.ho,
-                         g.wo,    ap.ptr, g.off.data(),    bias,
-                         alpha,   g.nslots, g.slot_q.data(), g.slot_pos.data(),
+  const TileArgs<T> args{g.K,
+                         g.kc,
+                         g.n_kblocks,
+                         sh.m,
+                         g.ho,
+                         g.wo,
+                         ap.ptr,
+                         g.off.data(),
+                         bias,
+                         alpha,
+                         g.nslots,
+                         g.slot_q.data(),
+                         g.slot_pos.data(),
                          g.slot_len.data()};
   const index_t ntiles = (g.nslots + kern.nv - 1) / kern.nv;
   // buffer strides rounded up to 64 bytes
@@ -319,8 +324,8 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
 #pragma omp for schedule(dynamic, 1) reduction(| : x_bad, add_bad)
       for (index_t img = 0; img < sh.n; ++img) {
         x_bad |= kern.build(sh, g, x + img * in_img, in_scale, in_shift, in_relu, check_x, 0, sh.c, buf);
-        add_bad |= kern.tiles(args, buf, out + img * out_img, addend ? addend + img * out_img : nullptr, part,
-                              0, ntiles, check_add);
+        add_bad |= kern.tiles(args, buf, out + img * out_img, addend ? addend + img * out_img : nullptr, part, 0,
+                              ntiles, check_add);
       }
     }
   } else {
@@ -352,8 +357,7 @@ void conv2d_cpu(const Conv2dShape& sh, const T* x, const T* weight, const T* bia
 
 template void conv2d_cpu<float>(const Conv2dShape&, const float*, const float*, const float*, const float*,
                                 const float*, bool, float, const float*, float*, int, Conv2dFinite*);
-template void conv2d_cpu<double>(const Conv2dShape&, const double*, const double*, const double*,
-                                 const double*, const double*, bool, double, const double*, double*, int,
-                                 Conv2dFinite*);
+template void conv2d_cpu<double>(const Conv2dShape&, const double*, const double*, const double*, const double*,
+                                 const double*, bool, double, const double*, double*, int, Conv2dFinite*);
 
 }  // namespace arcflow

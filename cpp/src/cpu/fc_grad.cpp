@@ -33,8 +33,7 @@ template <class Act>
 struct lower_order {
   explicit lower_order(const act_params&) {}
   static constexpr bool needed = false;
-  double tdot(const angle<double>&, double, double, double, double, double, double, double, double,
-              double) const {
+  double tdot(const angle<double>&, double, double, double, double, double, double, double, double, double) const {
     return 0.0;
   }
 };
@@ -350,8 +349,7 @@ void fc_grad_engine<T>::run(const Act& act, index_t r0, index_t r1, bool diag, T
 }
 
 template <class T>
-void fc_grad_engine<T>::rows(index_t r0, index_t r1, T* nngp_dw, T* nngp_db, T* ntk_dw, T* ntk_db,
-                             int threads) const {
+void fc_grad_engine<T>::rows(index_t r0, index_t r1, T* nngp_dw, T* nngp_db, T* ntk_dw, T* ntk_db, int threads) const {
   ARCFLOW_CHECK(0 <= r0 && r0 <= r1 && r1 <= n1_, "fc_grad_engine::rows: bad row range");
   T* const out[4] = {nngp_dw, nngp_db, ntk_dw, ntk_db};
   fc_params unit = p_;

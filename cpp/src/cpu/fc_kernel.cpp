@@ -129,9 +129,9 @@ struct row_scan {
   int over_s, over_t;
 };
 
-// The diagonal recursion of one row in R (diag_first, diag_next): whether the row's table values lie in the tile kernel's range, the
-// last layer's Sigma(x,x) and Theta(x,x) (the bounds |K(x,y)| <= sqrt(K(x,x) K(y,y)), both kernels being
-// positive semi-definite), and the first layer where each exceeds tmax.
+// The diagonal recursion of one row in R (diag_first, diag_next): whether the row's table values lie in the tile
+// kernel's range, the last layer's Sigma(x,x) and Theta(x,x) (the bounds |K(x,y)| <= sqrt(K(x,x) K(y,y)), both kernels
+// being positive semi-definite), and the first layer where each exceeds tmax.
 template <class Act, class R>
 row_scan<R> scan_row(R nx2, bool zero_row, const fc_params& p, int e_lo, int e, R tmax) {
   const R lo = std::ldexp(R(1), -e_lo), hi = std::ldexp(R(1), e);
@@ -236,9 +236,9 @@ struct wide<erf_act<T>> {
 // double (range 1e+-4932) beside the tile kernel, and written over its results.
 struct slow_pairs {
   using LD = long double;
-  index_t n = 0;  // pairs
-  int layer = 0;  // layers done
-  std::vector<index_t> e, ia, jb;  // tile offset i * TILE + j, row i and column j
+  index_t n = 0;                            // pairs
+  int layer = 0;                            // layers done
+  std::vector<index_t> e, ia, jb;           // tile offset i * TILE + j, row i and column j
   std::vector<LD> s12, gm, gp, ntk, td, h;  // h: n x (depth + 1), kernel_value_batch's H_k
   std::vector<LD> tab;                      // [row: the tile's rows, then its columns][layer][field r ir pa pb t]
   std::vector<int> over_s, over_t;          // per pair, the first layer beyond T's range (0: none)
@@ -450,7 +450,9 @@ __attribute__((noinline)) void slow_finish(const tile_ctx<T>& c, const slow_pair
 // panel d x panel_width() contiguous, so the micro-kernel below streams through memory: with a plain k-major
 // d x TILE layout its loads strode by 512 bytes, all into a few L1 sets.
 template <class T>
-constexpr int panel_width() { return 64 / int(sizeof(T)); }
+constexpr int panel_width() {
+  return 64 / int(sizeof(T));
+}
 
 // bt[panel p][k][jj] = x2[p * panel_width() + jj][k] (x2 at the tile's first column), zero beyond tj.
 template <class T>
@@ -501,8 +503,7 @@ inline __attribute__((always_inline)) void gram_rows(const T* a, index_t d, cons
 }
 
 template <class T>
-inline __attribute__((always_inline)) void gram_tile(const T* a, index_t ti, index_t d, const T* bt, T* g,
-                                                     bool fused) {
+inline __attribute__((always_inline)) void gram_tile(const T* a, index_t ti, index_t d, const T* bt, T* g, bool fused) {
   index_t i = 0;
   if (fused) {  // AVX-512
     for (; i + 8 <= ti; i += 8) gram_rows<T, 8, 64>(a + i * d, d, bt, g + i * TILE);
@@ -578,8 +579,8 @@ inline void store_fence() {
 // Writes a tile (ti x tj, leading dimension TILE) into a row-major n1 x n2 output; in the symmetric case
 // also its mirror, and on a diagonal tile only the upper triangle (so both halves hold identical bits).
 template <class T>
-inline void store_tile(T* out, index_t n2, index_t i0, index_t ti, index_t j0, index_t tj, bool symmetric,
-                       const T* src, bool stream) {
+inline void store_tile(T* out, index_t n2, index_t i0, index_t ti, index_t j0, index_t tj, bool symmetric, const T* src,
+                       bool stream) {
   const bool diag_tile = symmetric && i0 == j0;
   for (index_t i = 0; i < ti; ++i) {
     const index_t jb = diag_tile ? i : 0;
@@ -632,8 +633,12 @@ template <class T>
 struct layer_rows {
   const T *r, *ir, *pa, *pb, *t, *rn;
   layer_rows(const typename fc_engine<T>::row_table& tab, int l, index_t o)
-      : r(tab.field(l, 0) + o), ir(tab.field(l, 1) + o), pa(tab.field(l, 2) + o), pb(tab.field(l, 3) + o),
-        t(tab.field(l, 4) + o), rn(tab.field(l + 1, 0) + o) {}
+      : r(tab.field(l, 0) + o),
+        ir(tab.field(l, 1) + o),
+        pa(tab.field(l, 2) + o),
+        pb(tab.field(l, 3) + o),
+        t(tab.field(l, 4) + o),
+        rn(tab.field(l + 1, 0) + o) {}
 };
 
 template <class T>
@@ -729,8 +734,8 @@ ARCFLOW_STAGE void first_planes(const tile_ctx<T>& c, const tile_at& t, workspac
 // After layer l: H_k = [l + 2 > k] Sigma + Tdot H_k for k <= l + 1 (kernel_value_batch's NTK with every
 // fix_dep; Tdot in ws.td), the slow pairs' layer, then the planes stored.
 template <class T, class Act>
-ARCFLOW_STAGE void next_planes(const tile_ctx<T>& c, const tile_at& t, workspace<T>& ws, int l,
-                               const T* __restrict sig, bool slow) {
+ARCFLOW_STAGE void next_planes(const tile_ctx<T>& c, const tile_at& t, workspace<T>& ws, int l, const T* __restrict sig,
+                               bool slow) {
   const T* __restrict td = ws.td;
   for (int k = 0; k <= l + 1; ++k) {
     T* hk = ws.h + size_t(k) * TILE * TILE;
@@ -764,8 +769,8 @@ ARCFLOW_STAGE void to_units(T* __restrict gm, T* __restrict gp, T* __restrict nt
 }
 
 template <bool M, class T, class Act>
-ARCFLOW_STAGE void scaled_pair(const Act& act, T* __restrict gm, T* __restrict gp, T* __restrict s12,
-                               T* __restrict td, T* __restrict ntk, index_t e, const angle<T>& g, bool want_td) {
+ARCFLOW_STAGE void scaled_pair(const Act& act, T* __restrict gm, T* __restrict gp, T* __restrict s12, T* __restrict td,
+                               T* __restrict ntk, index_t e, const angle<T>& g, bool want_td) {
   const pair_out<T> o = act.pair_scaled(g);
   gm[e] = o.gm;
   gp[e] = o.gp;
@@ -820,8 +825,7 @@ ARCFLOW_STAGE void scaled_row_split(const Act& act, workspace<T>& ws, index_t i,
 
 // The scale-free layers; false (nothing done) for a tile with a zero-variance row or at depth 0.
 template <class T, class Act>
-ARCFLOW_STAGE bool scaled_layers(const tile_ctx<T>& c, const Act& act, const tile_at& t, workspace<T>& ws,
-                                 bool slow) {
+ARCFLOW_STAGE bool scaled_layers(const tile_ctx<T>& c, const Act& act, const tile_at& t, workspace<T>& ws, bool slow) {
   const int depth = c.p->depth;
   const T* ir1_0 = c.tab1->field(0, 1) + t.i0;
   const T* ir2_0 = c.tab2->field(0, 1) + t.j0;
@@ -880,9 +884,9 @@ ARCFLOW_STAGE bool scaled_layers(const tile_ctx<T>& c, const Act& act, const til
   return true;
 }
 
-// The general layer loop (every activation and bias). The angle of row i in loops of its own: its dependency chain (square root,
-// division, polynomial) is long, and in one loop with the rest the out-of-order window holds too few pairs to
-// hide it. Not fused even on AVX-512: the bias's own division makes the fused chain too long.
+// The general layer loop (every activation and bias). The angle of row i in loops of its own: its dependency chain
+// (square root, division, polynomial) is long, and in one loop with the rest the out-of-order window holds too few
+// pairs to hide it. Not fused even on AVX-512: the bias's own division makes the fused chain too long.
 template <class T>
 ARCFLOW_STAGE void row_angles(workspace<T>& ws, index_t i, T ha, const T* __restrict ir2, bool cols_nonzero) {
   const T* __restrict gm = ws.gm;
@@ -942,8 +946,8 @@ ARCFLOW_STAGE void pair_row(const Act& act, const tile_scalars<T>& k, workspace<
     const T h = T(0.5) * ira * ir2[j];
     pair_out<T> o;
     if constexpr (Act::angle_based)
-      o = act.pair_angle(angle_from(a_sig2[j], a_kap2[j], a_x[j], a_sin[j]), s12[e], P, h, paa, pba, ta, pa2[j],
-                         pb2[j], t2[j]);
+      o = act.pair_angle(angle_from(a_sig2[j], a_kap2[j], a_x[j], a_sin[j]), s12[e], P, h, paa, pba, ta, pa2[j], pb2[j],
+                         t2[j]);
     else
       o = act.pair(s12[e], gm[e], gp[e], P, h, paa, pba, ta, pa2[j], pb2[j], t2[j]);
     const T bterm = Bias ? bias_gap(bv, qa, w_sd * t2[j], rna, rn2[j]) : T(0);
@@ -1060,8 +1064,7 @@ void run_rows(const tile_ctx<T>& c, const Act& act, index_t r0, index_t r1, int 
     for (int k = 0; k < threads; ++k) wss.push_back(std::make_unique<workspace<T>>(c.d, n_all));
   } catch (const std::bad_alloc&) {
     throw allocation_error("arcflow: out of memory allocating the tile buffers of " + std::to_string(threads) +
-                           " threads (" + mib(double(threads) * workspace<T>::bytes(n_all)) +
-                           "); use fewer threads");
+                           " threads (" + mib(double(threads) * workspace<T>::bytes(n_all)) + "); use fewer threads");
   }
   std::atomic<bool> stop{false};
   const tile_fn<T, Act, Bias> tile_kernel = select_tile_fn<T, Act, Bias>(active_isa());
@@ -1114,8 +1117,8 @@ std::string overflow_message(const char* what, int layer, const fc_params& p) {
 }  // namespace
 
 template <class T>
-fc_engine<T>::fc_engine(const T* x1, index_t n1, const T* x2, index_t n2, index_t d, bool symmetric,
-                        const fc_params& p, const interrupt_fn& interrupt)
+fc_engine<T>::fc_engine(const T* x1, index_t n1, const T* x2, index_t n2, index_t d, bool symmetric, const fc_params& p,
+                        const interrupt_fn& interrupt)
     : x1_(x1), x2_(x2), n1_(n1), n2_(n2), d_(d), symmetric_(symmetric), p_(p) {
   ARCFLOW_CHECK(n1 >= 0 && n2 >= 0 && d >= 0, "negative shape");
   ARCFLOW_CHECK(p.depth >= 0, "depth must be >= 0");
@@ -1171,8 +1174,10 @@ void fc_engine<T>::rows(index_t r0, index_t r1, T* nngp, T* ntk, T* ntk_all, int
         throw fp_overflow(overflow_message<T>("NTK", tab1_.over_t[i], p_));
     }
   std::atomic<int> over_nngp{0}, over_ntk{0};
-  tile_ctx<T> c{x1_,  x2_,   panels2(), n1_, n2_, d_, symmetric_, &p_, &tab1_, symmetric_ ? &tab1_ : &tab2_,
-                nngp, ntk, ntk_all,         stream,    fused_layout(), &over_nngp, &over_ntk};
+  tile_ctx<T> c{x1_,        x2_,        panels2(), n1_,    n2_,
+                d_,         symmetric_, &p_,       &tab1_, symmetric_ ? &tab1_ : &tab2_,
+                nngp,       ntk,        ntk_all,   stream, fused_layout(),
+                &over_nngp, &over_ntk};
   threads = std::max(1, threads);
   by_activation<T, true>(p_, [&](const auto& a) { run_rows_dispatch<T>(c, a, r0, r1, threads, interrupt); });
   if (over_nngp.load()) throw fp_overflow(overflow_message<T>("NNGP", over_nngp.load(), p_));
@@ -1259,11 +1264,12 @@ void set_fc_isa(const std::string& name) {
     return;
   }
   const int l = isa_by_name(name);
-  if (l < 0) throw std::invalid_argument("arcflow: unknown instruction-set level '" + name +
-                                         "'; expected one of auto, generic, avx2, avx512");
+  if (l < 0)
+    throw std::invalid_argument("arcflow: unknown instruction-set level '" + name +
+                                "'; expected one of auto, generic, avx2, avx512");
   if (l > cpu_isa())
-    throw std::invalid_argument("arcflow: this CPU cannot run the '" + name + "' variant (best: " +
-                                isa_names[cpu_isa()] + ")");
+    throw std::invalid_argument("arcflow: this CPU cannot run the '" + name +
+                                "' variant (best: " + isa_names[cpu_isa()] + ")");
   fc_isa_forced.store(l);
 }
 

@@ -59,4 +59,3 @@ struct owned_stream {
 };
 
 }  // namespace arcflow::cuda_detail
-

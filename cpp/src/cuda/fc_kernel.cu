@@ -82,8 +82,7 @@ void norms_to_host(const T* x, index_t n, index_t d, cudaStream_t st, std::vecto
   const unsigned blocks = unsigned((n + 255) / 256);
   row_norm2_kernel<T><<<blocks, 256, 0, st>>>(x, n, d, buf.as<double>());
   ARCFLOW_CUDA_CHECK(cudaGetLastError());
-  ARCFLOW_CUDA_CHECK(cudaMemcpyAsync(out.data(), buf.ptr, std::size_t(n) * sizeof(double),
-                                     cudaMemcpyDeviceToHost, st));
+  ARCFLOW_CUDA_CHECK(cudaMemcpyAsync(out.data(), buf.ptr, std::size_t(n) * sizeof(double), cudaMemcpyDeviceToHost, st));
   ARCFLOW_CUDA_CHECK(cudaStreamSynchronize(st));
 }
 
@@ -91,8 +90,8 @@ void norms_to_host(const T* x, index_t n, index_t d, cudaStream_t st, std::vecto
 }  // namespace cuda_detail
 
 template <class T>
-void fc_kernels_cuda(const T* x1, const T* x2, index_t n1, index_t n2, index_t d, const fc_params& p, T* nngp,
-                     T* ntk, int device, std::uintptr_t stream) {
+void fc_kernels_cuda(const T* x1, const T* x2, index_t n1, index_t n2, index_t d, const fc_params& p, T* nngp, T* ntk,
+                     int device, std::uintptr_t stream) {
   using namespace cuda_detail;
   const bool symmetric = x2 == nullptr;
   check_params(n1, n2, d, p, symmetric);
@@ -153,8 +152,8 @@ void fc_kernels_cuda(const T* x1, const T* x2, index_t n1, index_t n2, index_t d
 }
 
 template <class T>
-void fc_kernels_cuda_host(const T* x1, const T* x2, index_t n1, index_t n2, index_t d, const fc_params& p,
-                          T* nngp, T* ntk, int device) {
+void fc_kernels_cuda_host(const T* x1, const T* x2, index_t n1, index_t n2, index_t d, const fc_params& p, T* nngp,
+                          T* ntk, int device) {
   using namespace cuda_detail;
   const bool symmetric = x2 == nullptr;
   check_params(n1, n2, d, p, symmetric);
@@ -219,14 +218,14 @@ void fc_kernels_cuda_diag_host(const T* x1, index_t n1, index_t d, const fc_para
   ARCFLOW_CUDA_CHECK(cudaStreamSynchronize(st));
 }
 
-template void fc_kernels_cuda<float>(const float*, const float*, index_t, index_t, index_t, const fc_params&,
-                                     float*, float*, int, std::uintptr_t);
+template void fc_kernels_cuda<float>(const float*, const float*, index_t, index_t, index_t, const fc_params&, float*,
+                                     float*, int, std::uintptr_t);
 template void fc_kernels_cuda<double>(const double*, const double*, index_t, index_t, index_t, const fc_params&,
                                       double*, double*, int, std::uintptr_t);
 template void fc_kernels_cuda_host<float>(const float*, const float*, index_t, index_t, index_t, const fc_params&,
                                           float*, float*, int);
-template void fc_kernels_cuda_host<double>(const double*, const double*, index_t, index_t, index_t,
-                                           const fc_params&, double*, double*, int);
+template void fc_kernels_cuda_host<double>(const double*, const double*, index_t, index_t, index_t, const fc_params&,
+                                           double*, double*, int);
 template void fc_kernels_cuda_diag<float>(const float*, index_t, index_t, const fc_params&, float*, float*, int,
                                           std::uintptr_t);
 template void fc_kernels_cuda_diag<double>(const double*, index_t, index_t, const fc_params&, double*, double*, int,

@@ -38,9 +38,9 @@ struct tile_cfg<double> {
 };
 
 constexpr int TX = 16, TY = 16, NTHREADS = TX * TY;
-constexpr int BK = 8;   // depth of one shared-memory slice of the Gram product
-constexpr int PAD = 4;  // keeps the transposed stores of a slice free of bank conflicts, 16-byte aligned rows
-constexpr int RG = 2;   // a thread's rows come in pairs: rows (m / RG) * TY * RG + ty * RG + m % RG
+constexpr int BK = 8;        // depth of one shared-memory slice of the Gram product
+constexpr int PAD = 4;       // keeps the transposed stores of a slice free of bank conflicts, 16-byte aligned rows
+constexpr int RG = 2;        // a thread's rows come in pairs: rows (m / RG) * TY * RG + ty * RG + m % RG
 constexpr int GR = TY * RG;  // rows of one group: the mirror is staged a group (32 rows) at a time
 constexpr index_t TABLE_PAD = 128;  // tables are padded to a multiple of the largest tile
 
@@ -184,8 +184,7 @@ __global__ void __launch_bounds__(NTHREADS, ARCFLOW_CUDA_MIN_BLOCKS)
           T mv = nn - G, pv = nn + G;
           const bool near_m = mv < tau * nn, near_p = pv < tau * nn;
           if ((near_m || near_p) && nn > T(0) && i < n1 && j < n2) {
-            const T v = T(double(nn) * 0.5 *
-                          unit_dist2_dev(g.x1 + i * d, g.x2 + j * d, d, near_m ? -1.0 : 1.0));
+            const T v = T(double(nn) * 0.5 * unit_dist2_dev(g.x1 + i * d, g.x2 + j * d, d, near_m ? -1.0 : 1.0));
             if (near_m)
               mv = v;
             else
@@ -212,8 +211,7 @@ __global__ void __launch_bounds__(NTHREADS, ARCFLOW_CUDA_MIN_BLOCKS)
         const bool add = (l + 2) > g.fix_dep;
 #pragma unroll
         for (int n = 0; n < TN; ++n) {
-          const T rb = L2[n], irb = L2[np2 + n], pab = L2[2 * np2 + n], pbb = L2[3 * np2 + n],
-                  tb = L2[4 * np2 + n];
+          const T rb = L2[n], irb = L2[np2 + n], pab = L2[2 * np2 + n], pbb = L2[3 * np2 + n], tb = L2[4 * np2 + n];
           const T P = ra * rb;
           const T h = T(0.5) * ira * irb;
           const pair_out<T> o = act.pair(s[n], gm[n], gp[n], P, h, paa, pba, ta, pab, pbb, tb);

@@ -46,8 +46,8 @@ void launch_conv(const conv_args<T>& g, cudaStream_t st) {
 }
 
 template <class T>
-__global__ void channel_affine_kernel(const T* x, index_t total, index_t c, index_t hw, const T* scale,
-                                      const T* shift, bool relu, T* y) {
+__global__ void channel_affine_kernel(const T* x, index_t total, index_t c, index_t hw, const T* scale, const T* shift,
+                                      bool relu, T* y) {
   for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += index_t(gridDim.x) * blockDim.x)
     y[i] = channel_affine_value(x, scale, shift, relu, i, c, hw);
 }
@@ -78,8 +78,8 @@ __global__ void affine_coupling_kernel(const T* x, const T* net, index_t total, 
 }
 
 template <class T>
-__global__ void channel_copy_kernel(const T* src, index_t total, index_t cs, index_t s0, T* dst, index_t cd,
-                                    index_t d0, index_t count, index_t hw) {
+__global__ void channel_copy_kernel(const T* src, index_t total, index_t cs, index_t s0, T* dst, index_t cd, index_t d0,
+                                    index_t count, index_t hw) {
   for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += index_t(gridDim.x) * blockDim.x) {
     index_t a, b;
     channel_copy_offsets(i, count, hw, cs, s0, cd, d0, a, b);
@@ -97,9 +97,8 @@ unsigned elementwise_blocks(index_t total) {
 }  // namespace cuda_detail
 
 template <typename T>
-void conv2d_cuda(const Conv2dShape& s, const T* x, const T* weight, const T* bias, const T* in_scale,
-                 const T* in_shift, bool in_relu, T alpha, const T* addend, T* out, int device,
-                 std::uintptr_t stream) {
+void conv2d_cuda(const Conv2dShape& s, const T* x, const T* weight, const T* bias, const T* in_scale, const T* in_shift,
+                 bool in_relu, T alpha, const T* addend, T* out, int device, std::uintptr_t stream) {
   using namespace cuda_detail;
   ARCFLOW_CHECK(s.n >= 0 && s.c > 0 && s.h > 0 && s.w > 0, "conv2d_cuda: bad input shape");
   ARCFLOW_CHECK(s.m > 0 && s.kh > 0 && s.kw > 0, "conv2d_cuda: bad weight shape");
@@ -120,8 +119,8 @@ void conv2d_cuda(const Conv2dShape& s, const T* x, const T* weight, const T* bia
 }
 
 template <typename T>
-void channel_affine_cuda(const T* x, index_t n, index_t c, index_t hw, const T* scale, const T* shift, bool relu,
-                         T* y, int device, std::uintptr_t stream) {
+void channel_affine_cuda(const T* x, index_t n, index_t c, index_t hw, const T* scale, const T* shift, bool relu, T* y,
+                         int device, std::uintptr_t stream) {
   using namespace cuda_detail;
   ARCFLOW_CHECK(n >= 0 && c >= 0 && hw >= 0, "channel_affine_cuda: negative shape");
   const index_t total = n * c * hw;
@@ -140,8 +139,8 @@ void psi_forward_cuda(const T* x, index_t n, index_t c, index_t h, index_t w, in
   const index_t total = n * c * h * w;
   if (total == 0) return;
   device_guard guard(device);
-  psi_kernel<T, false><<<elementwise_blocks(total), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      x, total, c, h, w, b, y);
+  psi_kernel<T, false>
+      <<<elementwise_blocks(total), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(x, total, c, h, w, b, y);
   check_launch("psi_forward_cuda kernel launch");
 }
 
@@ -153,8 +152,8 @@ void psi_inverse_cuda(const T* y, index_t n, index_t c, index_t h, index_t w, in
   const index_t total = n * c * h * w;
   if (total == 0) return;
   device_guard guard(device);
-  psi_kernel<T, true><<<elementwise_blocks(total), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      y, total, c, h, w, b, x);
+  psi_kernel<T, true>
+      <<<elementwise_blocks(total), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(y, total, c, h, w, b, x);
   check_launch("psi_inverse_cuda kernel launch");
 }
 
@@ -166,8 +165,8 @@ void actnorm_cuda(const T* x, index_t n, index_t c, index_t hw, const T* loc, co
   const index_t total = n * c * hw;
   if (total == 0) return;
   device_guard guard(device);
-  actnorm_kernel<T><<<elementwise_blocks(total), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      x, total, c, hw, loc, scale, inverse, y);
+  actnorm_kernel<T><<<elementwise_blocks(total), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(x, total, c, hw, loc,
+                                                                                                   scale, inverse, y);
   check_launch("actnorm_cuda kernel launch");
 }
 
@@ -185,8 +184,8 @@ void affine_coupling_cuda(const T* x, const T* net, index_t n, index_t c1, index
 }
 
 template <typename T>
-void channel_copy_cuda(const T* src, index_t n, index_t cs, index_t s0, T* dst, index_t cd, index_t d0,
-                       index_t count, index_t hw, int device, std::uintptr_t stream) {
+void channel_copy_cuda(const T* src, index_t n, index_t cs, index_t s0, T* dst, index_t cd, index_t d0, index_t count,
+                       index_t hw, int device, std::uintptr_t stream) {
   using namespace cuda_detail;
   ARCFLOW_CHECK(n >= 0 && count >= 0 && hw >= 0 && s0 >= 0 && d0 >= 0 && s0 + count <= cs && d0 + count <= cd,
                 "channel_copy_cuda: channel range out of bounds");
@@ -215,21 +214,19 @@ void cuda_copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) {
   ARCFLOW_CUDA_CHECK(cudaMemcpy(dst, reinterpret_cast<const void*>(src), bytes, cudaMemcpyDeviceToHost));
 }
 
-#define ARCFLOW_INV_CUDA_INSTANTIATE(T)                                                                          \
-  template void conv2d_cuda<T>(const Conv2dShape&, const T*, const T*, const T*, const T*, const T*, bool, T,   \
-                               const T*, T*, int, std::uintptr_t);                                               \
-  template void channel_affine_cuda<T>(const T*, index_t, index_t, index_t, const T*, const T*, bool, T*, int,    \
-                                       std::uintptr_t);                                                          \
-  template void psi_forward_cuda<T>(const T*, index_t, index_t, index_t, index_t, index_t, T*, int,             \
-                                    std::uintptr_t);                                                             \
-  template void psi_inverse_cuda<T>(const T*, index_t, index_t, index_t, index_t, index_t, T*, int,             \
-                                    std::uintptr_t);                                                             \
-  template void actnorm_cuda<T>(const T*, index_t, index_t, index_t, const T*, const T*, bool, T*, int,           \
-                                std::uintptr_t);                                                                 \
-  template void affine_coupling_cuda<T>(const T*, const T*, index_t, index_t, index_t, index_t, double, bool, T*, \
-                                        T*, int, std::uintptr_t);                                                \
-  template void channel_copy_cuda<T>(const T*, index_t, index_t, index_t, T*, index_t, index_t, index_t, index_t, \
-                                     int, std::uintptr_t);
+#define ARCFLOW_INV_CUDA_INSTANTIATE(T)                                                                                \
+  template void conv2d_cuda<T>(const Conv2dShape&, const T*, const T*, const T*, const T*, const T*, bool, T,          \
+                               const T*, T*, int, std::uintptr_t);                                                     \
+  template void channel_affine_cuda<T>(const T*, index_t, index_t, index_t, const T*, const T*, bool, T*, int,         \
+                                       std::uintptr_t);                                                                \
+  template void psi_forward_cuda<T>(const T*, index_t, index_t, index_t, index_t, index_t, T*, int, std::uintptr_t);   \
+  template void psi_inverse_cuda<T>(const T*, index_t, index_t, index_t, index_t, index_t, T*, int, std::uintptr_t);   \
+  template void actnorm_cuda<T>(const T*, index_t, index_t, index_t, const T*, const T*, bool, T*, int,                \
+                                std::uintptr_t);                                                                       \
+  template void affine_coupling_cuda<T>(const T*, const T*, index_t, index_t, index_t, index_t, double, bool, T*, T*,  \
+                                        int, std::uintptr_t);                                                          \
+  template void channel_copy_cuda<T>(const T*, index_t, index_t, index_t, T*, index_t, index_t, index_t, index_t, int, \
+                                     std::uintptr_t);
 
 ARCFLOW_INV_CUDA_INSTANTIATE(float)
 ARCFLOW_INV_CUDA_INSTANTIATE(double)

@@ -58,14 +58,14 @@ struct conv_args {
   const T* bias;      // (m) or nullptr
   const T* in_scale;  // (c) or nullptr (then in_shift is nullptr too)
   const T* in_shift;
-  const T* addend;    // (n, m, ho, wo) or nullptr; may equal out
-  T* out;             // (n, m, ho, wo)
+  const T* addend;  // (n, m, ho, wo) or nullptr; may equal out
+  T* out;           // (n, m, ho, wo)
   T alpha;
   bool in_relu;
   index_t n, c, h, w, m, ho, wo;
   int kh, kw, stride, pad;
-  int K;          // c * kh * kw (< 2^31, checked by the launcher)
-  index_t npix;   // n * ho * wo
+  int K;         // c * kh * kw (< 2^31, checked by the launcher)
+  index_t npix;  // n * ho * wo
 };
 
 // The kernel arguments of conv2d_cuda (Conv2dShape and the pointers of conv2d.hpp's contract).
@@ -105,8 +105,8 @@ inline bool conv_use_wide_tile(index_t m) { return m <= 16; }
 // The output pixel whose im2col column a thread stages (fixed for the whole K loop, decoded once):
 // its image's offset in x and the top-left input row and column of its receptive field.
 struct conv_pixel {
-  bool valid;      // pixel < npix
-  index_t x_img;   // img * c * h * w
+  bool valid;     // pixel < npix
+  index_t x_img;  // img * c * h * w
   index_t iy0, ix0;
 };
 
@@ -149,8 +149,7 @@ ARCFLOW_HD T conv_input_value(const conv_args<T>& g, const conv_pixel& q, int k)
 // implicit im2col tile (BN pixels from p0) into Bs[BK][BN]; zeros past m, npix or K. q is
 // conv_thread_pixel(g, tid, p0): consecutive threads read consecutive pixels.
 template <class T, int BM, int BN>
-ARCFLOW_HD void conv_load_tile(const conv_args<T>& g, int tid, index_t m0, const conv_pixel& q, int k0, T* As,
-                               T* Bs) {
+ARCFLOW_HD void conv_load_tile(const conv_args<T>& g, int tid, index_t m0, const conv_pixel& q, int k0, T* As, T* Bs) {
   constexpr int BK = conv_cfg::BK, NT = conv_cfg::NTHREADS;
   // weights: consecutive threads read consecutive k of one channel row
   for (int e = tid; e < BM * BK; e += NT) {
@@ -247,8 +246,7 @@ ARCFLOW_HD T channel_affine_value(const T* x, const T* scale, const T* shift, bo
 
 // ActNorm (flows.py): forward y = (x - loc) / scale, inverse x = y * scale + loc, per channel.
 template <class T>
-ARCFLOW_HD T actnorm_value(const T* x, const T* loc, const T* scale, bool inverse, index_t idx, index_t c,
-                           index_t hw) {
+ARCFLOW_HD T actnorm_value(const T* x, const T* loc, const T* scale, bool inverse, index_t idx, index_t c, index_t hw) {
   const index_t ci = (idx / hw) % c;
   return inverse ? x[idx] * scale[ci] + loc[ci] : (x[idx] - loc[ci]) / scale[ci];
 }
