@@ -17,7 +17,9 @@ Each program runs in its own worker process (bench/compare.py's plumbing), pinne
 count; arcflow and neural-tangents run side by side, one timed call at a time (A B B A ...), after a warm-up
 call each. Reported: medians of the repetitions, their ratio, and the median of the per-repetition ratios.
 The two sides' results are compared in the same run (max |a - b| / max |b|). OPENBLAS_CORETYPE and
-OPENBLAS_L2_SIZE are removed from both sides' environment (both factorise with OpenBLAS's LAPACK).
+OPENBLAS_L2_SIZE are removed from both sides' environment (both factorise with OpenBLAS's LAPACK, jax through
+scipy's), and OPENBLAS_THREAD_TIMEOUT=4 is set unless given: on a loaded machine OpenBLAS's spinning idle threads
+otherwise make a 300 x 300 Cholesky take hundreds of milliseconds.
 """
 from __future__ import annotations
 
@@ -214,6 +216,8 @@ def main(argv=None):
         compare.worker_main(args.worker)
         return 0
     compare.HERE = os.path.abspath(__file__)  # compare's run_pair / run_worker start this file's workers
+    # Idle OpenBLAS threads sleep at once instead of spinning into the other side's turn (both sides' LAPACK).
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     sizes = {"predict": (1000, 4000), "grads": (1000, 2000), "sklearn": (500, 1000)}
     if args.quick:
         sizes, args.reps = {"predict": (300,), "grads": (200,), "sklearn": (100,)}, min(args.reps, 2)
