@@ -225,7 +225,6 @@ def main(argv=None):
     dtypes = ("float64", "float32") if args.dtype == "both" else (args.dtype,)
     T, machine, tmp = args.threads, compare._machine(), tempfile.mkdtemp(prefix="bench_predict_")
     rows, versions, t_start = [], {}, time.perf_counter()
-    say = print
 
     def run(label, job):
         """One row: arcflow alone, or interleaved with neural-tangents on the same job."""
@@ -233,8 +232,7 @@ def main(argv=None):
         job = dict(job, threads=T)
         ja, jb = dict(job, kind="arcflow", save=f"{tmp}/a.npz"), dict(job, kind="nt", save=f"{tmp}/b.npz")
         if not args.nt_python:
-            ra = compare.run_worker(dict(ja, reps=args.reps), drop_env=DROP)
-            rb = None
+            ra, rb = compare.run_worker(dict(ja, reps=args.reps), drop_env=DROP), None
         else:
             ra, rb = compare.run_pair(ja, jb, args.reps, {"drop_env": DROP},
                                       {"python": args.nt_python, "drop_env": DROP})
@@ -254,8 +252,7 @@ def main(argv=None):
             kern = run("  kernels alone", dict(base, case="kernels"))
             for t, label in (("inf", "predict t=None"), ("five", "predict 5 times")):
                 r = run(label, dict(base, case="predict", t=t))
-                share = [f"{k / w:.0%}" for k, w in ((kern["a"], r["a"]), (kern["b"], r["b"])) if k]
-                r["share"] = " / ".join(share)
+                r["share"] = " / ".join(f"{k / w:.0%}" for k, w in ((kern["a"], r["a"]), (kern["b"], r["b"])) if k)
     for dt in [] if "grads" in skip else dtypes:
         for n in sizes["grads"]:
             run("kernel_grads ntk", dict(n=n, dtype=dt, case="grads"))
@@ -269,32 +266,32 @@ def main(argv=None):
 
     with open("/proc/loadavg") as fh:
         load = f"{' '.join(machine.get('loadavg_at_start', []))}, at end {' '.join(fh.read().split()[:3])}"
-    say(f"machine: {machine.get('Model name', '?')}, {machine.get('CPU(s)', '?')} CPUs "
+    print(f"machine: {machine.get('Model name', '?')}, {machine.get('CPU(s)', '?')} CPUs "
         f"({', '.join(machine.get('simd', []))}), {machine.get('mem_total_gb', '?')} GB, shared with other jobs; "
         f"{T} threads (and CPUs) for every program; load average at start {load}; "
         f"run {time.perf_counter() - t_start:.0f} s")
-    say("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + f"; git {machine.get('git_head')}")
-    say("command: " + " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv))
-    say(f"workload: depth {DEPTH} ReLU, w_std {W_STD}, b_std {B_STD}, d = {D}, {OUTPUTS} outputs, n_test = "
+    print(f"versions: {', '.join(f'{k} {v}' for k, v in sorted(versions.items()))}; git {machine.get('git_head')}")
+    print("command: " + " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv))
+    print(f"workload: depth {DEPTH} ReLU, w_std {W_STD}, b_std {B_STD}, d = {D}, {OUTPUTS} outputs, n_test = "
         f"{N_TEST}, diag_reg {DIAG_REG}; get='ntk', compute_cov=True; median of {args.reps} after a warm-up")
     head = (f"{'call':<18} {'dtype':<8} {'n':>5} {'arcflow s':>9} {'nt s':>8} {'nt/af':>6} {'paired':>6} "
             f"{'kernel share af/nt':>18}  agreement (max|a-b|/max|b|)")
-    say(head)
-    say("-" * len(head))
+    print(head)
+    print("-" * len(head))
     for r in rows:
-        say(f"{r['label']:<18} {r['dtype']:<8} {r['n']:>5} {r['a']:9.3f} {_num(r['b'], 8, 3)} {_num(r['ratio'], 6, 2)} "
-            f"{_num(r['paired'], 6, 2)} {r.get('share', ''):>18}  {r['agree']}")
-    say("(nt/af: ratio of the medians; paired: median of the per-repetition ratios, the two run interleaved; "
+        print(f"{r['label']:<18} {r['dtype']:<8} {r['n']:>5} {r['a']:9.3f} {_num(r['b'], 8, 3)} "
+              f"{_num(r['ratio'], 6, 2)} {_num(r['paired'], 6, 2)} {r.get('share', ''):>18}  {r['agree']}")
+    print("(nt/af: ratio of the medians; paired: median of the per-repetition ratios, the two run interleaved; "
         "kernel share: the kernels alone over the whole call, each side)")
     for n, r in sk:
         evals = statistics.median(q["evals"] for q in r["per_fit"])
         k_s = statistics.median(q["kernel_s"] / max(q["evals"], 1) for q in r["per_fit"])
-        say(f"sklearn GaussianProcessRegressor(NNGPKernel(depth=2) + WhiteKernel()).fit, n = {n}, d = 8 "
+        print(f"sklearn GaussianProcessRegressor(NNGPKernel(depth=2) + WhiteKernel()).fit, n = {n}, d = 8 "
             f"(arcflow only: neural-tangents has no scikit-learn kernel): {r['median_s']:.3f} s, {evals:.0f} "
             f"kernel+gradient evaluations, {r['median_s'] / max(evals, 1) * 1e3:.1f} ms per optimiser step of "
             f"which {k_s * 1e3:.1f} ms in NNGPKernel; fitted {r['kernel']} (prior: w_std 1.3, b_std 0.4, noise 0.05)")
     if not args.nt_python:
-        say("note: neural-tangents not run (no --nt-python): arcflow's side only")
+        print("note: neural-tangents not run (no --nt-python): arcflow's side only")
     return 0
 
 
