@@ -5,8 +5,8 @@ from collections import namedtuple
 from typing import Optional, Sequence, Union
 
 from . import _dispatch as dp
-from ._kernels import Kernels, _check_get, _kernels
-from .activations import ActivationLike, resolve
+from ._kernels import Kernels, _check_get, _kernels, network_params
+from .activations import ActivationLike
 
 _WHERE = "arcflow.kernel_fn"
 _FIELDS = ("depth", "activation", "w_std", "b_std", "fix_dep")
@@ -25,17 +25,7 @@ def _named(fields: tuple):
 
 def _validate(depth, activation, w_std, b_std, fix_dep, threads, device, where):
     """The checks of arcflow.kernels, made once when the object is built."""
-    try:
-        act = resolve(activation)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    depth = dp.check_depth(depth, where)
-    w = dp.check_std(w_std, "w_std", where)
-    b = dp.check_std(b_std, "b_std", where)
-    fix_dep = dp.check_depth(fix_dep, where, "fix_dep")
-    if fix_dep > depth:
-        raise ValueError(f"{where}: fix_dep = {fix_dep} is larger than depth = {depth}; "
-                         f"at most depth layers can be frozen")
+    act, depth, w, b, fix_dep = network_params(depth, activation, w_std, b_std, fix_dep, where)
     if threads is not None:
         threads = dp.check_threads(threads, where)
     if device not in ("auto", "cpu", "cuda"):

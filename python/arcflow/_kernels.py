@@ -175,14 +175,7 @@ def _kernels(x1, x2, depth, activation, w_std, b_std, fix_dep, diag, get, thread
     get = _check_get(get, where)
     diag = dp.check_bool(diag, "diag", where)
     progress = dp.check_bool(progress, "progress", where)
-    act = resolve(activation)
-    depth = dp.check_depth(depth, where)
-    w = dp.check_std(w_std, "w_std", where)
-    b = dp.check_std(b_std, "b_std", where)
-    fix_dep = dp.check_depth(fix_dep, where, "fix_dep")
-    if fix_dep > depth:
-        raise ValueError(f"{where}: fix_dep = {fix_dep} is larger than depth = {depth}; "
-                         f"at most depth layers can be frozen")
+    act, depth, w, b, fix_dep = network_params(depth, activation, w_std, b_std, fix_dep, where)
     want_ntk = "ntk" in get
     if want_ntk and not act.has_ntk:
         raise ValueError(f"{where}: {act!r} has no NTK: its derivative is a Dirac delta, so E[phi'(u) phi'(v)] "
@@ -238,6 +231,23 @@ def _kernels(x1, x2, depth, activation, w_std, b_std, fix_dep, diag, get, thread
         else:
             _run_rows(engine, n1, n2, depth, a2 is None, (res[0], res[1], None), threads, progress, where, d)
     return Kernels(outs.get("nngp"), outs.get("ntk"))
+
+
+def network_params(depth, activation, w_std, b_std, fix_dep, where: str):
+    """The fully-connected network's parameters, checked (one place for kernels, kernel_fn and kernel_grads):
+    (activation object, depth, w_std, b_std, fix_dep) or a ValueError/TypeError naming ``where``."""
+    try:
+        act = resolve(activation)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    depth = dp.check_depth(depth, where)
+    w = dp.check_std(w_std, "w_std", where)
+    b = dp.check_std(b_std, "b_std", where)
+    fix_dep = dp.check_depth(fix_dep, where, "fix_dep")
+    if fix_dep > depth:
+        raise ValueError(f"{where}: fix_dep = {fix_dep} is larger than depth = {depth}; "
+                         f"at most depth layers can be frozen")
+    return act, depth, w, b, fix_dep
 
 
 def fc_params(act: Activation, depth: int, w_var: float, b_var: float, gram_scale: float,

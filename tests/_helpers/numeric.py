@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
+import pytest
 
 
 def rel_err(got, want) -> float:
@@ -28,3 +30,13 @@ def load_golden(path):
         meta = json.loads(str(z["meta"]))
         arrays = {k: z[k] for k in z.files if k != "meta"}
     return meta, arrays
+
+
+def import_nt():
+    """jax with neural-tangents importable (their import warnings silenced), for the live comparisons; the
+    test is skipped (never passed) where either does not import."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jax = pytest.importorskip("jax")
+        pytest.importorskip("neural_tangents")
+    return jax

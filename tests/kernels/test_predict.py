@@ -19,7 +19,7 @@ import arcflow
 from arcflow import activations as acts
 from arcflow import predict
 
-from _helpers.numeric import assert_differs, load_golden, rel_err
+from _helpers.numeric import assert_differs, import_nt, load_golden, rel_err
 
 GOLDEN = Path(__file__).resolve().parent.parent / "data" / "nt_predict_golden.npz"
 META, ARRAYS = load_golden(GOLDEN)
@@ -637,17 +637,10 @@ def test_float32_in_float32_out():
 
 
 # --------------------------------------------------------------------------------------------------
-def _import_nt():
-    """neural-tangents, x64 on; skipped (never passed) where it does not import."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        jax = pytest.importorskip("jax")
-        pytest.importorskip("neural_tangents")
-    return jax
 
 
 def test_live_against_neural_tangents():
-    jax = _import_nt()
+    jax = import_nt()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from neural_tangents import predict as nt_predict

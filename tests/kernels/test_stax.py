@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import pickle
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 import arcflow
 from arcflow import reference, reference_conv, stax
 
-from _helpers.numeric import assert_differs, load_golden, rel_err
+from _helpers.numeric import assert_differs, import_nt, load_golden, rel_err
 
 TOL = 1e-10
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "nt_stax_golden.npz"
@@ -385,16 +384,10 @@ def test_bad_inputs():
 # --------------------------------------------------------------------------------------------------
 # Live neural-tangents (where jax imports)
 # --------------------------------------------------------------------------------------------------
-def _import_nt():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        jax = pytest.importorskip("jax")
-        pytest.importorskip("neural_tangents")
-    return jax
 
 
 def test_live_against_neural_tangents():
-    jax = _import_nt()
+    jax = import_nt()
     spec = importlib.util.spec_from_file_location(
         "make_nt_stax_golden", Path(__file__).resolve().parent / "make_nt_stax_golden.py")
     gen = importlib.util.module_from_spec(spec)

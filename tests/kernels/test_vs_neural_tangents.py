@@ -20,7 +20,7 @@ import arcflow
 from arcflow import activations as acts
 from arcflow import reference
 
-from _helpers.numeric import load_golden, rel_err
+from _helpers.numeric import import_nt, load_golden, rel_err
 
 # Every test here runs with both layouts of the CPU layer loops (conftest.fc_layout).
 pytestmark = pytest.mark.usefixtures("fc_layout")
@@ -146,13 +146,6 @@ def test_arcflow_matches_neural_tangents(case, mp_oracle):
 
 
 # --------------------------------------------------------------------------------------------------
-def _import_nt():
-    """neural-tangents, x64 on; skipped (never passed) where it does not import."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        jax = pytest.importorskip("jax")
-        pytest.importorskip("neural_tangents")
-    return jax
 
 
 def _load_generator():
@@ -164,7 +157,7 @@ def _load_generator():
 
 
 def test_live_against_neural_tangents(mp_oracle):
-    jax = _import_nt()
+    jax = import_nt()
     gen = _load_generator()
     previous = jax.config.read("jax_enable_x64")
     jax.config.update("jax_enable_x64", True)
