@@ -282,6 +282,17 @@ def test_huge_inputs_with_a_bias_match_finite_differences(name):
     check_against(arcflow.kernel_grads(x * 1e100, x2 * 1e100, get=get, **kw), ref, get, np.float64, name)
 
 
+@pytest.mark.parametrize("scale", [1e80, 1e140])
+def test_erf_with_huge_variances_matches_finite_differences(scale):
+    # Erf's Tdot = c / sqrt(u1 + u2 - 1 + 4 gm gp) formed gm gp, which overflows double for variances beyond
+    # ~1e154: Tdot became 0 and the NTK's derivatives were off by 14-67% (inputs of 1e80), silently.
+    rng = np.random.default_rng(11)
+    x, x2 = rng.normal(size=(3, 4)) * scale, rng.normal(size=(2, 4)) * scale
+    kw = dict(depth=2, activation=Erf(), w_std=1.3, b_std=0.4)
+    ref = mp_kernel_grads(x, x2, need_ntk=True, dps=60, step="1e-25", **kw)
+    check_against(arcflow.kernel_grads(x, x2, **kw), ref, ("nngp", "ntk"), np.float64, "erf")
+
+
 def test_overflow_is_a_floating_point_error():
     x = np.full((2, 2), 1e150)
     with pytest.raises(FloatingPointError, match="arcflow.kernel_grads"):

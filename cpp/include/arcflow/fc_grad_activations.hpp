@@ -105,12 +105,23 @@ struct grad_rule<erf_act<T>> {
   static double diag_dt(const act_params&, double s, double, double ds) {
     return (4.0 / 3.14159265358979323846) * ds / ((1.0 + 2.0 * s) * std::sqrt(1.0 + 4.0 * s));
   }
+  // Tdot = c_d / sqrt(D) scaled as in pair_erf: the activation's own form (for the fused engine, whose rows out of
+  // range take the long double path) forms gm gp, which overflows double for variances beyond ~1e154.
+  template <class Act>
+  static double tdot(const Act& act, double gm, double gp, double u1, double u2) {
+    const double ic = 1.0 / (u1 > u2 ? u1 : u2);
+    return double(act.c_d) * ic / std::sqrt((u1 + u2 - 1.0) * ic * ic + 4.0 * (gm * ic) * (gp * ic));
+  }
   // Erf's own pair terms: S11, S22, S12 and the gaps (u = 1 + 2 S is the row factor pa).
   static pair_tangent_out pair_erf(const pair_out<double>& o, double s12, double gm, double gp, double u1, double u2,
                                    double dgm, double dgp, const pair_tangent_in& d) {
     pair_tangent_out r;
-    const double D = u1 + u2 - 1.0 + 4.0 * gm * gp;
-    const double dD = 2.0 * (d.ds1 + d.ds2) + 4.0 * (dgm * gp + gm * dgp);
+    // dD / D with both scaled by 1 / c^2, c = max(u1, u2) >= 1 (gm, gp <= u1 + u2): gm gp overflows double for
+    // variances beyond ~1e154 while the ratio stays of order 1 / S.
+    const double ic = 1.0 / (u1 > u2 ? u1 : u2);
+    const double gmc = gm * ic, gpc = gp * ic;
+    const double D = (u1 + u2 - 1.0) * ic * ic + 4.0 * gmc * gpc;
+    const double dD = 2.0 * (d.ds1 + d.ds2) * ic * ic + 4.0 * (dgm * ic * gpc + gmc * dgp * ic);
     r.dt = o.tdot * (d.ds12 - s12 * (d.ds1 / u1 + d.ds2 / u2));
     r.dtdot = -0.5 * o.tdot * dD / D;
     r.dgm = d.dtt - r.dt;

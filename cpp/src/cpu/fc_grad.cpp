@@ -268,6 +268,7 @@ void fc_grad_engine<T>::run(const Act& act, index_t r0, index_t r1, bool diag, T
             o = act.pair_angle(g, s, P, h, paa, pba, ta, pab[j], pbb[j], tb[j]);
           } else {
             o = act.pair(s, g_m, g_p, P, h, paa, pba, ta, pab[j], pbb[j], tb[j]);
+            o.tdot = rule::tdot(act, g_m, g_p, paa, pab[j]);
           }
           const double low = rule::uses_angle ? lower.tdot(g, s, P, h, pba, pca, ta, pbb[j], pcb[j], tb[j]) : 0.0;
           const double sgg = std::sqrt(g_m) * std::sqrt(g_p);  // P sin(theta); g_m g_p may overflow
