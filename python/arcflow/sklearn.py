@@ -28,7 +28,6 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from ._kernel_fn import kernel_fn as _kernel_fn
-from .activations import resolve
 
 __all__ = ["NNGPKernel", "NTKKernel", "NTKRegressor", "NNGPRegressor", "NTKClassifier"]
 
@@ -170,22 +169,19 @@ class _InfiniteNetworkEstimator(BaseEstimator):
         self._check_t(where)
         if isinstance(self.diag_reg, bool) or not isinstance(self.diag_reg, numbers.Real) or not self.diag_reg >= 0:
             raise ValueError(f"{where}: diag_reg must be a number >= 0, got {self.diag_reg!r}")
-        resolve(self.activation)
-        from . import predict
+        self._predictor = self._make_predictor(X, Y)  # kernel_fn checks depth, activation, stds, fix_dep
         self.X_train_ = X
         self.y_train_ = Y
-        self._predictor = predict.gradient_descent_mse_ensemble(self._kernel_fn(), X, Y,
-                                                                diag_reg=float(self.diag_reg))
+
+    def _make_predictor(self, X, Y):
+        from . import predict
+        return predict.gradient_descent_mse_ensemble(self._kernel_fn(), X, Y, diag_reg=float(self.diag_reg))
 
     def _predictor_fn(self):
         # The predictor is rebuilt after unpickling (it holds a factorisation, not estimator state).
-        fn = getattr(self, "_predictor", None)
-        if fn is None:
-            from . import predict
-            fn = predict.gradient_descent_mse_ensemble(self._kernel_fn(), self.X_train_, self.y_train_,
-                                                       diag_reg=float(self.diag_reg))
-            self._predictor = fn
-        return fn
+        if getattr(self, "_predictor", None) is None:
+            self._predictor = self._make_predictor(self.X_train_, self.y_train_)
+        return self._predictor
 
     def __getstate__(self):
         state = dict(self.__dict__)
