@@ -49,10 +49,11 @@ struct conv_engine<T>::plan {
   bool symmetric, want_ntk;
   bool diag_mode;  // no AvgPool, no GlobalAvgPool: only the same-position pairs (p, p) are needed
   std::vector<conv_stage> st;
-  index_t tab_len = 0;  // table values per image (sum of the activations' positions)
-  index_t buf_len = 1;  // values per scratch array
-  index_t max_pos = 1;  // largest number of positions (factor arrays)
-  index_t acc_len = 1;  // a conv's accumulator plane (hp wp)
+  index_t tab_len = 0;   // table values per image (sum of the activations' positions)
+  index_t buf_len = 1;   // values per scratch array
+  index_t max_pos = 1;   // largest number of positions (factor arrays)
+  index_t acc_len = 1;   // a conv's accumulator plane (hp wp)
+  index_t max_taps = 1;  // the largest filter (fh fw)
   std::vector<T> tab1, tab2;
   std::vector<T> self_nngp1, self_ntk1;
 };
@@ -154,31 +155,37 @@ ARCFLOW_STAGE void pad_planes(const T* in, const conv_stage& g, T* out) {
 // position's padding is by index (a plane outside the image adds nothing, SAME; wrapped, CIRCULAR). With the
 // accumulator in the planes' row stride wp, each offset (a, b) is one flat shifted add over (ho - 1) wp + wo
 // values. The offsets are summed in the same order for every pair, so equal receptive fields give equal bits.
+// acc[e] = sum_k in[offs[k] + e] for e < span: one flat shifted add per offset, in the offsets' order.
+// (Register blocks across the offsets were slower: nine read streams at once.)
+template <class T>
+ARCFLOW_STAGE void sum_offsets(const T* in, const index_t* offs, index_t n, index_t span, T* acc) {
+  for (index_t e = 0; e < span; ++e) acc[e] = T(0);
+  for (index_t k = 0; k < n; ++k) {
+    const T* __restrict src = in + offs[k];
+    T* __restrict a = acc;
+    for (index_t e = 0; e < span; ++e) a[e] += src[e];
+  }
+}
+
 template <class T, bool Ntk>
-ARCFLOW_STAGE void conv_full(const T* sin, const T* tin, const conv_stage& g, T* acc_s, T* acc_t, T* sout, T* tout) {
+ARCFLOW_STAGE void conv_full(const T* sin, const T* tin, const conv_stage& g, index_t* offs, T* acc_s, T* acc_t,
+                             T* sout, T* tout) {
   const index_t fh = g.op.fh, fw = g.op.fw, hp = g.hp, wp = g.wp, ho = g.ho, wo = g.wo;
   const index_t plane = hp * wp, span = (ho - 1) * wp + wo, Po = ho * wo;
   const T inv_f = T(1) / T(fh * fw), wv = T(g.op.w_var), bv = T(g.op.b_var);
   for (index_t i1 = 0; i1 < ho; ++i1)
     for (index_t j1 = 0; j1 < wo; ++j1) {
-      for (index_t e = 0; e < span; ++e) acc_s[e] = T(0);
-      if (Ntk)
-        for (index_t e = 0; e < span; ++e) acc_t[e] = T(0);
+      index_t n = 0;  // the valid offsets (a, b), in order
       for (index_t a = 0; a < fh; ++a) {
         const index_t si = src_index(i1 + a - g.lh, g.h, g.op.padding);
         if (si < 0) continue;
         for (index_t b = 0; b < fw; ++b) {
           const index_t sj = src_index(j1 + b - g.lw, g.w, g.op.padding);
-          if (sj < 0) continue;
-          const index_t at = (si * g.w + sj) * plane + a * wp + b;
-          const T* __restrict src = sin + at;
-          for (index_t e = 0; e < span; ++e) acc_s[e] += src[e];
-          if (Ntk) {
-            const T* __restrict srt = tin + at;
-            for (index_t e = 0; e < span; ++e) acc_t[e] += srt[e];
-          }
+          if (sj >= 0) offs[n++] = (si * g.w + sj) * plane + a * wp + b;
         }
       }
+      sum_offsets(sin, offs, n, span, acc_s);
+      if (Ntk) sum_offsets(tin, offs, n, span, acc_t);
       T* __restrict so = sout + (i1 * wo + j1) * Po;
       T* __restrict to = Ntk ? tout + (i1 * wo + j1) * Po : tout;
       for (index_t i2 = 0; i2 < ho; ++i2)
@@ -382,7 +389,8 @@ ARCFLOW_STAGE void act_stage(const act_params& p, bool diag, bool self, const T*
 template <class T>
 struct conv_scratch {
   std::vector<T> s, s2, t, t2, yt, f1, f2, acc_s, acc_t;
-  conv_scratch(index_t buf, index_t pos, index_t c, bool ntk, index_t acc)
+  std::vector<index_t> offs;
+  conv_scratch(index_t buf, index_t pos, index_t c, bool ntk, index_t acc, index_t taps)
       : s(size_t(buf)),
         s2(size_t(buf)),
         t(ntk ? size_t(buf) : 1),
@@ -391,7 +399,8 @@ struct conv_scratch {
         f1(size_t(4 * pos)),
         f2(size_t(4 * pos)),
         acc_s(size_t(acc)),
-        acc_t(ntk ? size_t(acc) : 1) {}
+        acc_t(ntk ? size_t(acc) : 1),
+        offs(size_t(taps)) {}
 };
 
 // Where one pair's run reads its images' variances (tab1, tab2: rows of the tables) or, for an image with
@@ -446,14 +455,14 @@ ARCFLOW_STAGE void run_pair(const typename conv_engine<T>::plan& pl, pair_io<T>&
           std::swap(s, so);
           std::swap(t, to);
         } else if (op.padding == conv_padding::valid) {
-          conv_full<T, Ntk>(s, t, g, sc.acc_s.data(), sc.acc_t.data(), so, to);
+          conv_full<T, Ntk>(s, t, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), so, to);
           std::swap(s, so);
           std::swap(t, to);
         } else {
           // pad into the spare buffers, then convolve back into the arrays themselves
           pad_planes(s, g, so);
           if (Ntk) pad_planes(t, g, to);
-          conv_full<T, Ntk>(so, to, g, sc.acc_s.data(), sc.acc_t.data(), s, t);
+          conv_full<T, Ntk>(so, to, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), s, t);
         }
         P = g.ho * g.wo;
         break;
@@ -527,7 +536,8 @@ std::vector<std::unique_ptr<conv_scratch<T>>> make_scratch(const typename conv_e
   std::vector<std::unique_ptr<conv_scratch<T>>> v;
   try {
     for (int k = 0; k < threads; ++k)
-      v.push_back(std::make_unique<conv_scratch<T>>(pl.buf_len, pl.max_pos, pl.c, pl.want_ntk, pl.acc_len));
+      v.push_back(
+          std::make_unique<conv_scratch<T>>(pl.buf_len, pl.max_pos, pl.c, pl.want_ntk, pl.acc_len, pl.max_taps));
   } catch (const std::bad_alloc&) {
     const double each = double(4 * pl.buf_len + 2 * pl.acc_len + pl.max_pos * (pl.c + 8)) * sizeof(T);
     throw allocation_error("arcflow: out of memory allocating the pixel-pair buffers of " + std::to_string(threads) +
@@ -669,6 +679,7 @@ conv_engine<T>::conv_engine(const T* x1, index_t n1, const T* x2, index_t n2, in
   pl.diag_mode = is_diag_mode(ops);
   pl.st = make_stages(h, w, ops, pl.tab_len);
   pl.buf_len = buffer_len(h, w, pl.st, pl.diag_mode, pl.max_pos, pl.acc_len);
+  for (const conv_op& op : ops) pl.max_taps = std::max<index_t>(pl.max_taps, index_t(op.fh) * op.fw);
   try {
     pl.tab1.resize(size_t(n1 * pl.tab_len));
     if (!symmetric) pl.tab2.resize(size_t(n2 * pl.tab_len));
