@@ -12,6 +12,15 @@ with the hyperparameters ``w_std`` and ``b_std`` and analytic gradients (``arcfl
 Estimators (:class:`NTKRegressor`, :class:`NNGPRegressor`, :class:`NTKClassifier`) predict what the infinitely
 wide network predicts (``arcflow.predict.gradient_descent_mse_ensemble``): trained by gradient descent on
 the mean squared error for time ``t`` (NTK; ``t=None`` is t = infinity), or the Bayesian posterior (NNGP).
+The network is the fully-connected one of ``depth``, ``activation``, ``w_std``, ``b_std``, ``fix_dep``, or any
+``network=arcflow.stax.serial(...)`` (then those five are not used); for a convolutional network each row of X
+is an image, reshaped to ``image_shape=(H, W, C)``::
+
+    from arcflow import stax
+    from arcflow.sklearn import NTKClassifier
+    cntk = stax.serial(stax.Conv(1, (3, 3), padding="SAME", W_std=1.4, b_std=0.1), stax.Relu(),
+                       stax.GlobalAvgPool(), stax.Dense(1, W_std=1.4, b_std=0.1))
+    NTKClassifier(network=cntk, image_shape=(8, 8, 1)).fit(X_train, y_train).score(X_test, y_test)
 
 scikit-learn is an optional dependency (``pip install "arcflow[sklearn]"``): it is imported by this module
 only.
@@ -135,11 +144,29 @@ class NTKKernel(_InfiniteNetworkKernel):
 # ---------------------------------------------------------------------------------------------------------
 # Estimators
 
+class _ImageRows:
+    """A kernel function of images applied to scikit-learn's rows: each row is reshaped to ``shape``."""
+
+    def __init__(self, kfn, shape):
+        self.kfn, self.shape = kfn, shape
+
+    def _images(self, x):
+        x = np.asarray(x)
+        return x.reshape((x.shape[0],) + self.shape)
+
+    def __call__(self, x1, x2=None, get=None):
+        return self.kfn(self._images(x1), None if x2 is None else self._images(x2), get)
+
+    def diag(self, x, get=None):
+        return self.kfn.diag(self._images(x), get)
+
+
 class _InfiniteNetworkEstimator(BaseEstimator):
     _get = "ntk"
 
     def __init__(self, depth: int = 1, activation="relu", w_std: float = 1.0, b_std: float = 0.0,
-                 fix_dep: int = 0, diag_reg: float = 1e-4, t: Optional[float] = None):
+                 fix_dep: int = 0, diag_reg: float = 1e-4, t: Optional[float] = None, network=None,
+                 image_shape=None):
         self.depth = depth
         self.activation = activation
         self.w_std = w_std
@@ -147,13 +174,35 @@ class _InfiniteNetworkEstimator(BaseEstimator):
         self.fix_dep = fix_dep
         self.diag_reg = diag_reg
         self.t = t
+        self.network = network
+        self.image_shape = image_shape
 
     def _where(self, method: str) -> str:
         return f"arcflow.sklearn.{type(self).__name__}.{method}"
 
-    def _kernel_fn(self):
-        return _kernel_fn(depth=self.depth, activation=self.activation, w_std=self.w_std, b_std=self.b_std,
-                          fix_dep=self.fix_dep)
+    def _kernel_fn(self, n_features: Optional[int] = None):
+        if self.network is None:
+            if self.image_shape is not None:
+                raise ValueError(f"{self._where('fit')}: image_shape is for a network (network=arcflow.stax."
+                                 f"serial(...)); the fully-connected network takes the rows as they are")
+            return _kernel_fn(depth=self.depth, activation=self.activation, w_std=self.w_std, b_std=self.b_std,
+                              fix_dep=self.fix_dep)
+        from .stax import SerialKernelFn
+        if not isinstance(self.network, SerialKernelFn):
+            raise TypeError(f"{self._where('fit')}: network must be an arcflow.stax.serial(...) kernel function, "
+                            f"got {type(self.network).__name__}")
+        if self.image_shape is None:
+            return self.network
+        shape = tuple(self.image_shape) if isinstance(self.image_shape, (tuple, list)) else None
+        if shape is None or len(shape) != 3 or not all(
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in shape):
+            raise ValueError(f"{self._where('fit')}: image_shape must be (H, W, C), three positive integers, got "
+                             f"{self.image_shape!r}")
+        shape = tuple(int(v) for v in shape)
+        if n_features is not None and int(np.prod(shape)) != n_features:
+            raise ValueError(f"{self._where('fit')}: image_shape {shape} has {int(np.prod(shape))} values, but X "
+                             f"has {n_features} features per row")
+        return _ImageRows(self.network, shape)
 
     def _check_t(self, where: str):
         t = self.t
@@ -175,7 +224,7 @@ class _InfiniteNetworkEstimator(BaseEstimator):
 
     def _make_predictor(self, X, Y):
         from . import predict
-        return predict.gradient_descent_mse_ensemble(self._kernel_fn(), X, Y, diag_reg=float(self.diag_reg))
+        return predict.gradient_descent_mse_ensemble(self._kernel_fn(X.shape[1]), X, Y, diag_reg=float(self.diag_reg))
 
     def _predictor_fn(self):
         # The predictor is rebuilt after unpickling (it holds a factorisation, not estimator state).

@@ -205,6 +205,59 @@ def test_pipeline_grid_search_and_pickle():
     np.testing.assert_array_equal(again.predict(x), gs.best_estimator_.predict(x))
 
 
+def _cnn():
+    from arcflow import stax
+    return stax.serial(stax.Conv(3, (3, 3), padding="SAME", W_std=1.4, b_std=0.1), stax.Relu(),
+                       stax.AvgPool((2, 2), (2, 2)), stax.Conv(3, (2, 2), W_std=1.3), stax.Erf(),
+                       stax.GlobalAvgPool(), stax.Dense(1, W_std=1.2, b_std=0.2))
+
+
+def test_convolutional_network_on_image_rows():
+    """network=stax.serial(...), rows reshaped to images: the prediction of dense linear algebra on the NumPy
+    recursion's CNTK / CNN-GP (arcflow.reference_conv) of the same images."""
+    from sklearn.base import clone
+
+    from arcflow import reference_conv
+    rng = np.random.default_rng(7)
+    imgs, imgs_te = rng.normal(size=(24, 6, 6, 2)), rng.normal(size=(5, 6, 6, 2))
+    x, xte = imgs.reshape(24, -1), imgs_te.reshape(5, -1)
+    labels = np.array([0, 1, 2])
+    y = labels[(imgs[:, :3].mean(axis=(1, 2, 3)) > 0).astype(int) + (imgs[:, 3:, :, 0].mean(axis=(1, 2)) > 0)]
+    net = _cnn()
+
+    def k(get, a, b=None):
+        return getattr(reference_conv.evaluate(net._ops, a, b, diag=False, want_nngp=True, want_ntk=True), get)
+
+    clf = NTKClassifier(network=net, image_shape=(6, 6, 2), diag_reg=1e-3).fit(x, y)
+    Y = np.stack([(y == c).astype(float) - 1 / 3 for c in labels], axis=1)
+    Ktt = k("ntk", imgs)
+    A = Ktt + 1e-3 * np.trace(Ktt) / len(Ktt) * np.eye(len(Ktt))
+    f = k("ntk", imgs_te, imgs) @ np.linalg.solve(A, Y)
+    assert _rel(clf.decision_function(xte), f) < 1e-9
+    assert np.array_equal(clf.predict(xte), labels[np.argmax(f, axis=1)])
+    reg = NNGPRegressor(network=net, image_shape=[6, 6, 2], diag_reg=1e-2).fit(x, y.astype(float))
+    Ktt = k("nngp", imgs)
+    A = Ktt + 1e-2 * np.trace(Ktt) / len(Ktt) * np.eye(len(Ktt))
+    assert _rel(reg.predict(xte), k("nngp", imgs_te, imgs) @ np.linalg.solve(A, y.astype(float))) < 1e-9
+    twin = clone(clf).fit(x, y)  # clone copies the network; pickling keeps it
+    np.testing.assert_array_equal(twin.decision_function(xte), clf.decision_function(xte))
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(clf)).decision_function(xte), clf.decision_function(xte))
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    ({"image_shape": (6, 6, 2)}, ValueError, "image_shape is for a network"),
+    ({"network": "cnn", "image_shape": (6, 6, 3)}, ValueError, r"image_shape \(6, 6, 3\) has 108 values, but X has 72"),
+    ({"network": "cnn", "image_shape": (6, 12)}, ValueError, r"image_shape must be \(H, W, C\)"),
+    ({"network": "relu"}, TypeError, "network must be an arcflow.stax.serial"),
+])
+def test_network_parameter_errors(kw, exc, match):
+    kw = dict(kw)
+    if kw.get("network") == "cnn":
+        kw["network"] = _cnn()
+    with pytest.raises(exc, match=match):
+        NTKRegressor(**kw).fit(_x(6, 72), np.arange(6.0))
+
+
 @pytest.mark.parametrize("bad,match", [({"t": -1.0}, "t must be None"), ({"diag_reg": -1.0}, "diag_reg"),
                                        ({"activation": "swish"}, "swish")])
 def test_bad_parameters_are_clear_errors_at_fit(bad, match):
@@ -212,7 +265,12 @@ def test_bad_parameters_are_clear_errors_at_fit(bad, match):
         NTKRegressor(**bad).fit(_x(5, 2), np.arange(5.0))
 
 
+def _fc_network():
+    from arcflow import stax
+    return stax.serial(stax.Dense(4, W_std=1.2, b_std=0.1), stax.Erf(), stax.Dense(1, W_std=1.5, b_std=0.3))
+
+
 @parametrize_with_checks([NTKRegressor(b_std=0.1), NNGPRegressor(b_std=0.1), NTKClassifier(b_std=0.1),
-                          NTKRegressor(depth=3, activation="erf", t=1e4)])
+                          NTKRegressor(depth=3, activation="erf", t=1e4), NTKClassifier(network=_fc_network())])
 def test_scikit_learn_estimator_checks(estimator, check):
     check(estimator)
