@@ -155,15 +155,53 @@ ARCFLOW_STAGE void pad_planes(const T* in, const conv_stage& g, T* out) {
 // position's padding is by index (a plane outside the image adds nothing, SAME; wrapped, CIRCULAR). With the
 // accumulator in the planes' row stride wp, each offset (a, b) is one flat shifted add over (ho - 1) wp + wo
 // values. The offsets are summed in the same order for every pair, so equal receptive fields give equal bits.
-// acc[e] = sum_k in[offs[k] + e] for e < span: one flat shifted add per offset, in the offsets' order.
-// (Register blocks across the offsets were slower: nine read streams at once.)
+// M more offsets added to the running sum in one pass (First: the sum starts with them), left to right.
+template <class T, int M, bool First>
+ARCFLOW_STAGE void sum_chunk(const T* in, const index_t* o, index_t span, T* __restrict acc) {
+  const T* __restrict a = in + o[0];
+  const T* __restrict b = in + o[M > 1 ? 1 : 0];
+  const T* __restrict c = in + o[M > 2 ? 2 : 0];
+  const T* __restrict d = in + o[M > 3 ? 3 : 0];
+  for (index_t e = 0; e < span; ++e) {
+    T v = First ? a[e] : acc[e] + a[e];
+    if (M > 1) v = v + b[e];
+    if (M > 2) v = v + c[e];
+    if (M > 3) v = v + d[e];
+    acc[e] = v;
+  }
+}
+
+template <class T, bool First>
+ARCFLOW_STAGE void sum_chunk_of(const T* in, const index_t* o, index_t m, index_t span, T* acc) {
+  switch (m) {
+    case 1:
+      sum_chunk<T, 1, First>(in, o, span, acc);
+      return;
+    case 2:
+      sum_chunk<T, 2, First>(in, o, span, acc);
+      return;
+    case 3:
+      sum_chunk<T, 3, First>(in, o, span, acc);
+      return;
+    default:
+      sum_chunk<T, 4, First>(in, o, span, acc);
+  }
+}
+
+// acc[e] = sum_k in[offs[k] + e] for e < span, the offsets added one by one in their order (the same bits for
+// every pair), four per pass over acc: one store per four loads instead of one per load.
 template <class T>
 ARCFLOW_STAGE void sum_offsets(const T* in, const index_t* offs, index_t n, index_t span, T* acc) {
-  for (index_t e = 0; e < span; ++e) acc[e] = T(0);
-  for (index_t k = 0; k < n; ++k) {
-    const T* __restrict src = in + offs[k];
-    T* __restrict a = acc;
-    for (index_t e = 0; e < span; ++e) a[e] += src[e];
+  if (n == 0) {
+    for (index_t e = 0; e < span; ++e) acc[e] = T(0);
+    return;
+  }
+  for (index_t k = 0; k < n; k += 4) {
+    const index_t m = std::min<index_t>(4, n - k);
+    if (k == 0)
+      sum_chunk_of<T, true>(in, offs, m, span, acc);
+    else
+      sum_chunk_of<T, false>(in, offs + k, m, span, acc);
   }
 }
 
