@@ -48,12 +48,12 @@ def as_images(X: np.ndarray) -> np.ndarray:
     return math.sqrt(X.shape[1]) * X.reshape(-1, 8, 8, 1)
 
 
-def conv_kernels(images: np.ndarray, depths: Sequence[int], readout: str):
+def conv_kernels(images: np.ndarray, depths: Sequence[int], readout: str, threads: Optional[int] = None):
     """{depth: arcflow.Kernels (nngp, ntk)} over all images, and the seconds all of them took."""
     out = {}
     t0 = time.perf_counter()
     for depth in depths:
-        out[depth] = conv_network(depth, readout)(images)
+        out[depth] = conv_network(depth, readout)(images, threads=threads)
     return out, time.perf_counter() - t0
 
 
@@ -81,7 +81,7 @@ def run(n: Optional[int] = None, depths: Sequence[int] = DEPTHS, seed: int = 0, 
     # warm-up (thread pool, first-call costs) on a few images, so the timing is of the work itself
     arcflow_kernels(X[:16], d_max, threads)
     for readout in READOUTS:
-        conv_network(depths[0], readout)(images[:4])
+        conv_network(depths[0], readout)(images[:4], threads=threads)
 
     rows = []
     fc_ntk, fc_nngp, t_ntk, t_nngp = arcflow_kernels(X, d_max, threads)
@@ -91,7 +91,7 @@ def run(n: Optional[int] = None, depths: Sequence[int] = DEPTHS, seed: int = 0, 
                  lambda s: "depth={}".format(*s["label"])))
     kernels = {}
     for readout in READOUTS:
-        ks, secs = conv_kernels(images, depths, readout)
+        ks, secs = conv_kernels(images, depths, readout, threads)
         kernels[readout] = ks
         for kind, field in (("CNTK", "ntk"), ("CNN-GP", "nngp")):
             cands = [((d,), getattr(k, field)) for d, k in ks.items()]
@@ -130,14 +130,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.n is not None and not N_MIN <= args.n <= 1797:
         parser.error(f"--n must be between {N_MIN} and 1797, got {args.n}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     try:
         depths = tuple(int(d) for d in args.depths.split(","))
     except ValueError:
         parser.error(f"--depths must be integers separated by commas, got {args.depths!r}")
     if not depths or min(depths) < 1:
         parser.error(f"--depths must be positive, got {args.depths!r}")
-    if args.threads is not None:
-        arcflow.set_num_threads(args.threads)  # the conv kernels take the default; the FC ones get threads=
     run(n=args.n, depths=depths, seed=args.seed, threads=args.threads)
     return 0
 
