@@ -29,6 +29,8 @@ NETS = {
                    stax.LeakyRelu(0.3), stax.Flatten(), stax.Dense(1, W, 0.1), stax.Relu(), stax.Dense(1)],
     "pool-valid-abrelu": [_conv("VALID", (2, 3)), stax.ABRelu(-0.5, 1.2), stax.AvgPool((3, 2), (1, 2)), _conv(),
                           stax.Identity(), stax.GlobalAvgPool()],
+    "pool-circular-erf": [_conv(), stax.Relu(), stax.AvgPool((2, 2), (1, 1), "CIRCULAR"), _conv("CIRCULAR", (2, 2)),
+                          stax.Erf(), stax.GlobalAvgPool()],
     "sign-nngp": [_conv(), stax.Sign(), _conv(), stax.Relu(), stax.GlobalAvgPool()],
     "step-nngp": [_conv("CIRCULAR"), stax.RectifiedMonomial(0), _conv("VALID"), stax.Erf(), stax.Flatten()],
     "fc-per-layer": [stax.Dense(3, 1.2, 0.1), stax.Erf(), stax.Dense(3, 0.8), stax.Relu(), stax.Dense(1, 1.7, 0.4)],
