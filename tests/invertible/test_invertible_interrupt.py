@@ -22,14 +22,24 @@ def long_net():
                    dtype=np.float64)
 
 
-def _count_calls(net, monkeypatch, name, handled):
+def _count_calls(net, monkeypatch, name, handled, target):
     """Wrap every block's forward_pair / inverse_pair and count the calls. The third call starts a timer
-    thread that sends SIGINT to this process and waits (at most 30 s) until the main thread has handled it,
-    so that however the OS schedules the threads, the workers cannot run on to the end of the batch before
-    the interrupt is seen; what they run after it is the code under test."""
+    thread that sends SIGINT (to the process, or to the thread of that call: a worker with threads=2, which
+    Python's handler does not run in) and from then on every call waits (at most 30 s in all) until the main
+    thread has handled it, so that however the OS schedules the threads, the workers cannot run on to the
+    end of the batch before the interrupt is seen; what they run after it is the code under test."""
     calls = []
     lock = threading.Lock()
-    timer = threading.Timer(0.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    caller = []
+    gave_up = threading.Event()  # the 30 s ran out: the interrupt was not handled (stop waiting, let it fail)
+
+    def send():
+        if target == "process":
+            os.kill(os.getpid(), signal.SIGINT)  # the kernel picks the thread (usually the main one)
+        else:
+            signal.pthread_kill(caller[0], signal.SIGINT)
+
+    timer = threading.Timer(0.0, send)
     for blk in net.stack:
         orig = getattr(blk, name)
 
@@ -37,9 +47,12 @@ def _count_calls(net, monkeypatch, name, handled):
             with lock:
                 calls.append(1)
                 fire = len(calls) == 3
+                gate = len(calls) >= 3
             if fire:
+                caller.append(threading.get_ident())
                 timer.start()
-                handled.wait(30)  # in the main thread, the handler's KeyboardInterrupt comes out of this wait
+            if gate and not gave_up.is_set() and not handled.wait(30):
+                gave_up.set()  # in the main thread, the handler's KeyboardInterrupt comes out of this wait
             return _orig(*args, **kw)
 
         monkeypatch.setattr(blk, name, wrapped)
@@ -56,9 +69,10 @@ def _settle(calls):
             return
 
 
+@pytest.mark.parametrize("target", ["process", "caller"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("direction", ["forward", "inverse"])
-def test_ctrl_c_stops_the_network_promptly(long_net, monkeypatch, threads, direction):
+def test_ctrl_c_stops_the_network_promptly(long_net, monkeypatch, threads, direction, target):
     n = 4
     if direction == "forward":
         arg = np.random.default_rng(0).standard_normal((n,) + long_net.in_shape)
@@ -74,7 +88,7 @@ def test_ctrl_c_stops_the_network_promptly(long_net, monkeypatch, threads, direc
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        calls, timer = _count_calls(long_net, monkeypatch, name, handled)
+        calls, timer = _count_calls(long_net, monkeypatch, name, handled, target)
         total = N_BLOCKS * min(threads, n)  # block calls of a finished run (one chain per worker)
         with pytest.raises(KeyboardInterrupt):
             try:

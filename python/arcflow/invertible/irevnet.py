@@ -548,7 +548,10 @@ class IRevNet:
         try:
             futs = [ex.submit(lambda idx: fn(one, ops.xp.ascontiguousarray(x[idx[0]:idx[-1] + 1]), stop), p)
                     for p in parts]
-            done, pending = wait(futs, return_when=FIRST_EXCEPTION)
+            while True:  # a timed wait: Python runs a signal handler that another thread received within 50 ms
+                done, pending = wait(futs, timeout=0.05, return_when=FIRST_EXCEPTION)
+                if not pending or any(f.exception() is not None for f in done):
+                    break
             if pending:  # a worker failed: stop the others, report the first real error
                 stop.set()
                 wait(pending)
