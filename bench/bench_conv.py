@@ -259,7 +259,8 @@ def main(argv=None):
     p.add_argument("--alone-n16", type=int, default=200, help="images of 16 x 16 x 3, arcflow alone (issue: 2000)")
     p.add_argument("--alone-n32", type=int, default=50, help="images of 32 x 32 x 3, arcflow alone (issue: 500)")
     p.add_argument("--alone-reps", type=int, default=1)
-    p.add_argument("--skip", default="", help="comma list of: nt, alone")
+    p.add_argument("--skip", default="", help="comma list of: nt, alone, arcflow (arcflow: "
+                   "neural-tangents' side of the comparison alone)")
     p.add_argument("--json", default=None, help="write every number, the machine and the command to this file")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: comparison at n = 8, arcflow alone at 16 and 4 images, 2 repetitions")
@@ -309,17 +310,25 @@ def main(argv=None):
                 job = dict(readout=ro, dtype=dt, n=n, hw=16, threads=T)
                 ja = dict(job, kind="arcflow", save=f"{tmp}/a.npz")
                 jb = dict(job, kind="nt", batch=batch, save=f"{tmp}/b.npz")
-                ra, rb = compare.run_pair(ja, jb, args.reps, {"drop_env": DROP},
-                                          {"python": args.nt_python, "drop_env": DROP})
-                versions.update(ra["versions"], **rb["versions"])
-                row = dict(job, batch=batch, a=ra["median_s"], b=rb["median_s"], ratio=rb["median_s"] / ra["median_s"],
-                           paired=rb["paired_ratio_median"], paired_ratios=rb["paired_ratios"],
-                           times_a=ra["times"], times_b=rb["times"], peak_a=ra["peak_mb"], peak_b=rb["peak_mb"],
-                           nt_warmup_s=rb["warmup_s"], agree=_agreement(f"{tmp}/a.npz", f"{tmp}/b.npz"),
-                           load=rb["loadavg"])
-                per_pair(row, dt)
+                if "arcflow" in skip:  # neural-tangents alone
+                    ra, rb = None, compare.run_worker(dict(jb, reps=args.reps), python=args.nt_python, drop_env=DROP)
+                else:
+                    ra, rb = compare.run_pair(ja, jb, args.reps, {"drop_env": DROP},
+                                              {"python": args.nt_python, "drop_env": DROP})
+                    versions.update(ra["versions"])
+                versions.update(rb["versions"])
+                row = dict(job, batch=batch, a=None, b=rb["median_s"], ratio=None, paired=None, times_b=rb["times"],
+                           peak_a=None, peak_b=rb["peak_mb"], nt_warmup_s=rb["warmup_s"], agree=None,
+                           vs_floor=None, load=rb["loadavg"])
+                if ra is not None:
+                    row.update(a=ra["median_s"], ratio=rb["median_s"] / ra["median_s"],
+                               paired=rb["paired_ratio_median"], paired_ratios=rb["paired_ratios"],
+                               times_a=ra["times"], peak_a=ra["peak_mb"],
+                               agree=_agreement(f"{tmp}/a.npz", f"{tmp}/b.npz"))
+                    per_pair(row, dt)
                 rows.append(row)
-                log(f"  arcflow {row['a']:.3f} s, nt {row['b']:.3f} s, paired ratio {row['paired']:.1f}")
+                log(f"  arcflow {_fmt(row['a'], '.3f', 0)} s, nt {row['b']:.3f} s, "
+                    f"paired ratio {_fmt(row['paired'], '.1f', 0)}")
     for dt in dtypes if "alone" not in skip else ():
         for hw, n in ((16, args.alone_n16), (32, args.alone_n32)):
             for ro in readouts:
@@ -366,10 +375,11 @@ def main(argv=None):
         say(head)
         say("-" * len(head))
         for r in rows:
-            ag = "; ".join(f"{r['agree'][g]['off']:.0e} / {r['agree'][g]['diag']:.0e}" for g in ("nngp", "ntk"))
-            say(f"{r['readout']:<8} {r['dtype']:<8} {r['n']:>4} {r['batch'] or '-':>8} {r['a']:9.3f} {r['b']:8.3f} "
-                f"{r['ratio']:7.1f} {r['paired']:7.1f} {r['peak_a']:6.0f} {r['peak_b']:6.0f} {r['vs_floor']:8.1f}  "
-                f"{ag}")
+            ag = "-" if r["agree"] is None else "; ".join(
+                f"{r['agree'][g]['off']:.0e} / {r['agree'][g]['diag']:.0e}" for g in ("nngp", "ntk"))
+            say(f"{r['readout']:<8} {r['dtype']:<8} {r['n']:>4} {r['batch'] or '-':>8} {_fmt(r['a'], '.3f', 9)} "
+                f"{r['b']:8.3f} {_fmt(r['ratio'], '.1f', 7)} {_fmt(r['paired'], '.1f', 7)} "
+                f"{_fmt(r['peak_a'], '.0f', 6)} {r['peak_b']:6.0f} {_fmt(r['vs_floor'], '.1f', 8)}  {ag}")
         say("(nt/af: ratio of the medians; paired: median of the per-repetition ratios; MB: peak RSS of each worker, "
             "whole process; agreement: max |af - nt| / max |nt|)")
     if alone:
