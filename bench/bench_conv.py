@@ -326,6 +326,7 @@ def main(argv=None):
                                times_a=ra["times"], peak_a=ra["peak_mb"],
                                agree=_agreement(f"{tmp}/a.npz", f"{tmp}/b.npz"))
                     per_pair(row, dt)
+                    row["budget_mb"] = _budget_mb(n, 16, ro, 4 if dt == "float32" else 8, T)[0]
                 rows.append(row)
                 log(f"  arcflow {_fmt(row['a'], '.3f', 0)} s, nt {row['b']:.3f} s, "
                     f"paired ratio {_fmt(row['paired'], '.1f', 0)}")
@@ -371,7 +372,8 @@ def main(argv=None):
         say(f"against neural-tangents 0.6.5 (16x16x{CHANNELS}; median of {args.reps} after a warm-up call, nt's jit "
             f"compilation in the warm-up and not timed; interleaved A B B A):")
         head = (f"{'readout':<8} {'dtype':<8} {'n':>4} {'nt batch':>8} {'arcflow s':>9} {'nt s':>8} {'nt/af':>7} "
-                f"{'paired':>7} {'af MB':>6} {'nt MB':>6} {'af/floor':>8}  agreement nngp, ntk (off-diag / diag)")
+                f"{'paired':>7} {'af MB':>6} {'budget':>6} {'nt MB':>6} {'af/floor':>8}  "
+                f"agreement nngp, ntk (off-diag / diag)")
         say(head)
         say("-" * len(head))
         for r in rows:
@@ -379,9 +381,11 @@ def main(argv=None):
                 f"{r['agree'][g]['off']:.0e} / {r['agree'][g]['diag']:.0e}" for g in ("nngp", "ntk"))
             say(f"{r['readout']:<8} {r['dtype']:<8} {r['n']:>4} {r['batch'] or '-':>8} {_fmt(r['a'], '.3f', 9)} "
                 f"{r['b']:8.3f} {_fmt(r['ratio'], '.1f', 7)} {_fmt(r['paired'], '.1f', 7)} "
-                f"{_fmt(r['peak_a'], '.0f', 6)} {r['peak_b']:6.0f} {_fmt(r['vs_floor'], '.1f', 8)}  {ag}")
+                f"{_fmt(r['peak_a'], '.0f', 6)} {_fmt(r.get('budget_mb'), '.0f', 6)} {r['peak_b']:6.0f} "
+                f"{_fmt(r['vs_floor'], '.1f', 8)}  {ag}")
         say("(nt/af: ratio of the medians; paired: median of the per-repetition ratios; MB: peak RSS of each worker, "
-            "whole process; agreement: max |af - nt| / max |nt|)")
+            "whole process; budget: arcflow's, as below; af/floor: arcflow's time per pair over the floor's; "
+            "agreement: max |af - nt| / max |nt|)")
     if alone:
         say("")
         say("arcflow alone (x2 = None; time of the first full-size call after a warm-up on 8 images"
