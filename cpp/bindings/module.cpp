@@ -21,6 +21,7 @@ PYBIND11_MODULE(_core, m) {
   arcflow::bind::register_fc_params(m);  // before the functions that take them
   arcflow::bind::register_fc_kernel(m);
   arcflow::bind::register_fc_grad(m);
+  arcflow::bind::register_conv_kernel(m);
   arcflow::bind::register_invertible(m);
   arcflow::bind::register_cuda(m);
   arcflow::bind::register_cuda_invertible(m);

@@ -256,16 +256,19 @@ def fc_params(act: Activation, depth: int, w_var: float, b_var: float, gram_scal
 
     ``act.kind`` names a member of ``_core.ActKind``, the one place the activation codes are defined.
     """
+    return _core.FcParams(act=act_params(act), depth=int(depth), w_var=float(w_var), b_var=float(b_var),
+                          gram_scale=float(gram_scale), fix_dep=int(fix_dep))
+
+
+def act_params(act: Activation) -> _core.ActParams:
+    """The activation as the C++ engines take it (``act.kind`` names a member of ``_core.ActKind``)."""
     kind = _core.ActKind.__members__[act.kind]
     if act.kind == "abrelu":
         a, b = act.params()
-        ap = _core.ActParams(kind=kind, a=float(a), b=float(b))
-    elif act.kind == "monomial":
-        ap = _core.ActParams(kind=kind, n=int(act.params()[0]))
-    else:
-        ap = _core.ActParams(kind=kind)
-    return _core.FcParams(act=ap, depth=int(depth), w_var=float(w_var), b_var=float(b_var),
-                          gram_scale=float(gram_scale), fix_dep=int(fix_dep))
+        return _core.ActParams(kind=kind, a=float(a), b=float(b))
+    if act.kind == "monomial":
+        return _core.ActParams(kind=kind, n=int(act.params()[0]))
+    return _core.ActParams(kind=kind)
 
 
 def _collect_out(out, get, wanted, shape, dtype, where):

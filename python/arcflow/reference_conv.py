@@ -1,7 +1,7 @@
 """Exact float64 NumPy evaluation of the kernels of :func:`arcflow.stax.serial` networks (CNN-GP and CNTK).
 
-This is the path that computes every convolutional kernel of :mod:`arcflow.stax` until the fused C++ engine
-for images lands. It follows neural-tangents 0.6.5's ``stax`` kernel rules (ntk parameterization) layer by
+The oracle of the fused C++ engine that :mod:`arcflow.stax` uses (tests compare the two), slow but plain: it
+follows neural-tangents 0.6.5's ``stax`` kernel rules (ntk parameterization) layer by
 layer on the covariance of every pair of pixel positions, for a block of image pairs at a time:
 
 * input:   ``Sigma[p, q] = <x[p, :], y[q, :]> / C``  (C channels; for (n, d) inputs ``<x, y> / d``), Theta = 0;

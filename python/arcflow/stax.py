@@ -25,10 +25,12 @@ Which orders are accepted (:func:`serial` says which layer breaks a rule, and wh
 * a fully-connected network is Dense layers and activations and takes (n, d) inputs.
 
 How the kernels are computed: a fully-connected network ``Dense, [act, Dense] * depth`` whose Dense layers share
-W_std and b_std and whose activations are all the same goes to the fused C++ engine (:func:`arcflow.kernels`);
-every other network, convolutional ones included, is evaluated exactly in float64 by NumPy
-(:mod:`arcflow.reference_conv`) for a block of pairs at a time, memory O(block * (H W)^2), until the fused engine
-for images lands. float32 inputs give float32 outputs (computed in float64 on the NumPy path).
+W_std and b_std and whose activations are all the same goes to the fused fully-connected engine
+(:func:`arcflow.kernels`); every other network, convolutional ones included, to the fused convolutional engine
+(cpp/src/cpu/conv_kernel.cpp): one pair of images at a time per thread, the covariances of every pair of pixel
+positions in the thread's scratch (O((H W)^2), or O(H W) for a Flatten readout without pooling), never an
+n1 x n2 x (H W)^2 array; OpenMP over pairs; float32 inputs computed in float32, everything else in float64.
+:mod:`arcflow.reference_conv` is the same recursion in NumPy, the engine's oracle in the tests.
 """
 from __future__ import annotations
 
@@ -361,6 +363,33 @@ def _as_input(x, name: str, image: bool) -> np.ndarray:
     return a
 
 
+# Pair-recursion work (about one add each, conv_engine::pair_work) per C++ call and thread: well under a second,
+# so that Ctrl-C and the progress bar react quickly.
+_WORK_PER_CALL = 300_000_000
+
+
+def _engine_ops(ops) -> list:
+    """The compiled layers as the C++ engine's ConvOp list."""
+    from . import _core
+    from ._kernels import act_params
+    kind, pad = _core.ConvOpKind, _core.ConvPadding
+    pads = {"VALID": pad.valid, "SAME": pad.same, "CIRCULAR": pad.circular}
+    res = []
+    for op in ops:
+        if op[0] == "dense":
+            res.append(_core.ConvOp(kind=kind.dense, w_var=op[1], b_var=op[2] or 0.0))
+        elif op[0] == "conv":
+            res.append(_core.ConvOp(kind=kind.conv, fh=op[1], fw=op[2], padding=pads[op[3]], w_var=op[4],
+                                    b_var=op[5] or 0.0))
+        elif op[0] == "pool":
+            res.append(_core.ConvOp(kind=kind.pool, fh=op[1], fw=op[2], sh=op[3], sw=op[4], padding=pads[op[5]]))
+        elif op[0] == "act":
+            res.append(_core.ConvOp(kind=kind.act, act=act_params(op[1])))
+        else:
+            res.append(_core.ConvOp(kind=kind.flatten if op[0] == "flatten" else kind.gap))
+    return res
+
+
 class SerialKernelFn:
     """The kernel function of a :func:`serial` network: ``kfn(x1, x2=None, get=None)`` and ``kfn.diag(x)``, as
     :class:`arcflow.KernelFn` and neural-tangents' ``kernel_fn``. Immutable, compared by its layers, picklable."""
@@ -383,7 +412,8 @@ class SerialKernelFn:
         """False when an activation's derivative is a Dirac delta (Sign, RectifiedMonomial(0)): NNGP only."""
         return all(op[1].has_ntk for op in self._ops if op[0] == "act")
 
-    def _call(self, x1, x2, get, diag: bool):
+    def _call(self, x1, x2, get, diag: bool, threads=None, out=None, progress=False):
+        from . import _dispatch as dp
         single = isinstance(get, str)
         names = (("nngp", "ntk") if self.has_ntk else ("nngp",)) if get is None else _check_get(get, _WHERE)
         if len(set(names)) != len(names):
@@ -391,28 +421,30 @@ class SerialKernelFn:
         if "ntk" in names and not self.has_ntk:
             bad = next(lay for lay in self._layers if isinstance(lay, _Activation) and not lay.activation.has_ntk)
             raise ValueError(f"{_WHERE}: {bad!r} has no NTK (its derivative is a Dirac delta); ask for 'nngp' only")
+        threads = dp.check_threads(threads, _WHERE)
+        progress = dp.check_bool(progress, "progress", _WHERE)
+        if x2 is x1:  # kfn(x, x): the symmetric path (half the work, an exactly symmetric result)
+            x2 = None
         a1 = _as_input(x1, "x1", self._image)
         a2 = None if x2 is None else _as_input(x2, "x2", self._image)
         if a2 is not None and a1.shape[1:] != a2.shape[1:]:
             what = "channels" if self._image and a1.shape[1:3] == a2.shape[1:3] else "shape"
             raise ValueError(f"{_WHERE}: x1 and x2 differ in {what}: x1 has shape {a1.shape}, x2 {a2.shape} "
                              f"(they must agree except in the number of inputs)")
+        if a1.shape[-1] == 0:
+            raise ValueError(f"{_WHERE}: x1 has no " + ("channels" if self._image else "features") +
+                             f" (shape {a1.shape})")
         if self._image:
             self._check_sizes(a1.shape[1:3])
-        f32 = a1.dtype == np.float32 and (a2 is None or a2.dtype == np.float32)
-        want_nngp, want_ntk = "nngp" in names, "ntk" in names
+        wanted = tuple(g for g in ("nngp", "ntk") if g in names)
         if self._route is not None:
             from ._kernels import kernels
             depth, act, w, b = self._route
-            k = kernels(a1, a2, depth=depth, activation=act, w_std=w, b_std=b, diag=diag,
-                        get=tuple(g for g in ("nngp", "ntk") if g in names))
+            k = kernels(a1, a2, depth=depth, activation=act, w_std=w, b_std=b, diag=diag, get=wanted,
+                        threads=threads, out=out, progress=progress)
             nngp, ntk = k.nngp, k.ntk
         else:
-            from .reference_conv import evaluate
-            k = evaluate(self._ops, a1.astype(np.float64), None if a2 is None else a2.astype(np.float64),
-                         diag=diag, want_nngp=want_nngp, want_ntk=want_ntk, where=_WHERE)
-            cast = (lambda v: None if v is None else v.astype(np.float32)) if f32 else (lambda v: v)
-            nngp, ntk = cast(k.nngp), cast(k.ntk)
+            nngp, ntk = self._engine(a1, a2, wanted, diag, threads, out, progress)
         res = {"nngp": nngp, "ntk": ntk}
         if single:
             return res[names[0]]
@@ -420,6 +452,55 @@ class SerialKernelFn:
             from ._kernels import Kernels
             return Kernels(nngp, ntk)
         return _named(tuple(names))(*(res[g] for g in names))
+
+    def _engine(self, a1, a2, wanted, diag: bool, threads: int, out, progress: bool):
+        """The fused C++ engine (cpp/src/cpu/conv_kernel.cpp): rows of x1 in blocks between which Python
+        handles Ctrl-C and the progress bar; float32 inputs are computed in float32."""
+        from . import _core, _dispatch as dp
+        from ._kernels import _collect_out, _engine_call, _Progress
+        dtype = dp.result_dtype(a1, a2)
+        x1 = dp.as_engine_input(a1, dtype)
+        x2 = None if a2 is None else dp.as_engine_input(a2, dtype)
+        if not self._image:  # rows are 1 x 1 images with d channels
+            x1 = x1.reshape(x1.shape[0], 1, 1, x1.shape[1])
+            x2 = None if x2 is None else x2.reshape(x2.shape[0], 1, 1, x2.shape[1])
+        n1, h, w, c = x1.shape
+        n2 = n1 if x2 is None else x2.shape[0]
+        shape = (n1,) if diag else (n1, n2)
+        outs = _collect_out(out, wanted, wanted, shape, dtype, _WHERE)
+        dp.check_no_overlap([(f"out[{k!r}]", v) for k, v in outs.items()], [("x1", x1), ("x2", x2)], _WHERE)
+        engine_cls = _core.ConvEngineF32 if dtype == np.float32 else _core.ConvEngineF64
+        ops = _engine_ops(self._ops)
+        missing = [g for g in wanted if outs.get(g) is None]
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize * len(missing)
+        n_self = n1 + (0 if x2 is None or diag else n2)
+        pairs = n1 if diag else (n1 * (n1 - 1) // 2 if x2 is None else n1 * n2)
+        scratch = engine_cls.scratch_bytes(h, w, c, ops) * max(1, min(threads, max(pairs, n_self)))
+        tables = engine_cls.table_bytes(n_self, h, w, ops)
+        dp.check_allocation(nbytes + scratch + tables, _WHERE,
+                            f"the output ({nbytes} bytes), the per-thread pixel-pair buffers ({scratch} bytes) "
+                            f"and the per-image variance tables ({tables} bytes)",
+                            hint="use fewer threads, smaller images, or compute the kernel in blocks of rows")
+        for g in missing:
+            outs[g] = dp.allocate(shape, dtype, _WHERE)
+        res = (outs.get("nngp"), outs.get("ntk"))
+        if n1 == 0 or (n2 == 0 and not diag):
+            return res
+        engine = _engine_call(_WHERE, engine_cls, x1, None if diag else x2, ops, "ntk" in wanted, threads)
+        if diag:
+            _engine_call(_WHERE, engine.diag, *res)
+            return res
+        per_row = engine_cls.pair_work(h, w, c, ops) * (n2 / 2 if x2 is None else n2)
+        block = max(1, int(_WORK_PER_CALL * threads // max(per_row, 1.0)))
+        bar = _Progress(n1, progress, _WHERE)
+        try:
+            for r0 in range(0, n1, block):
+                r1 = min(n1, r0 + block)
+                _engine_call(_WHERE, engine.rows, r0, r1, *res, threads)
+                bar.update(r1 - r0)
+        finally:
+            bar.close()
+        return res
 
     def _check_sizes(self, hw):
         from .reference_conv import spatial_shapes
@@ -433,17 +514,22 @@ class SerialKernelFn:
                                  f"with VALID padding, but its input is {before[0]} x {before[1]} "
                                  f"(from {hw[0]} x {hw[1]} images)")
 
-    def __call__(self, x1, x2=None, get: Union[None, str, Sequence[str]] = None):
+    def __call__(self, x1, x2=None, get: Union[None, str, Sequence[str]] = None, *, threads: Optional[int] = None,
+                 out=None, progress: bool = False):
         """The kernels between the inputs x1 and x2 (x2=None: x1 with itself): (n1, n2) arrays.
 
         get : None gives both, as :class:`arcflow.Kernels` (ntk None for a network without an NTK); one name
             ("nngp" or "ntk") gives that array; a tuple of names gives a named tuple with those fields in order.
+        threads : OpenMP threads (default :func:`arcflow.get_num_threads`).
+        out : preallocated outputs (e.g. ``np.memmap``), as in :func:`arcflow.kernels`: one array for one
+            kernel, or a dict / sequence by name; left partly written when the call is interrupted (Ctrl-C).
+        progress : show a progress bar (tqdm when installed) on stderr.
         """
-        return self._call(x1, x2, get, False)
+        return self._call(x1, x2, get, False, threads, out, progress)
 
-    def diag(self, x, get: Union[None, str, Sequence[str]] = None):
+    def diag(self, x, get: Union[None, str, Sequence[str]] = None, *, threads: Optional[int] = None):
         """k(x[i], x[i]) for every input, shape (n,); ``get`` as in ``__call__``."""
-        return self._call(x, None, get, True)
+        return self._call(x, None, get, True, threads)
 
     def __repr__(self) -> str:
         return "arcflow.stax.serial(" + ", ".join(repr(lay) for lay in self._layers) + ")"

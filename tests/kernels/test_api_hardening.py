@@ -6,11 +6,9 @@ arrays and the messages a user meets. Numbers are compared with the NumPy refere
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import threading
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ import pytest
 import arcflow
 from arcflow import _core, compat, reference
 from arcflow import _dispatch as dp
+from _helpers.signals import interrupted as _interrupted
 from arcflow.activations import ABReLU, Abs, Identity, LeakyReLU, RectifiedMonomial, ReLU, Step
 
 MAX = dp.MAX_THREADS
@@ -175,45 +174,6 @@ def test_mixed_float32_and_big_endian_float32_stay_float32():
 
 # --------------------------------------------------------------------------------------------------
 # 4. Ctrl-C and the GIL
-
-
-def _interrupted(call, after: float = 0.2):
-    """Run call() while a timer thread sends SIGINT to the main thread after `after` seconds.
-
-    Returns whether call raised KeyboardInterrupt. The SIGINT handler raises only while call runs, so a late
-    signal (a call that could not be interrupted) cannot hit pytest itself.
-    """
-    if threading.current_thread() is not threading.main_thread():  # pragma: no cover
-        pytest.skip("signals go to the main thread")
-    armed = {"on": True}
-
-    def handler(signum, frame):
-        if armed["on"]:
-            raise KeyboardInterrupt
-
-    done = threading.Event()
-    main = threading.main_thread().ident
-
-    def fire():
-        if not done.wait(after):
-            signal.pthread_kill(main, signal.SIGINT)
-
-    old = signal.signal(signal.SIGINT, handler)
-    t = threading.Thread(target=fire, daemon=True)
-    try:
-        t.start()
-        try:
-            call()
-            raised = False
-        except KeyboardInterrupt:
-            raised = True
-        finally:
-            armed["on"] = False
-        done.set()
-        t.join()
-    finally:
-        signal.signal(signal.SIGINT, old)
-    return raised
 
 
 def _slow_rows():

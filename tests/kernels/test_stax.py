@@ -1,4 +1,5 @@
-"""arcflow.stax: neural-tangents' layer names, serial()'s kernel function, the exact NumPy CNN-GP / CNTK.
+"""arcflow.stax: neural-tangents' layer names, serial()'s kernel function, the CNN-GP / CNTK it computes (the fused
+C++ engine) and the exact NumPy recursion (arcflow.reference_conv) that is its oracle.
 
 Oracles: neural-tangents 0.6.5 (tests/data/nt_stax_golden.npz from tests/kernels/make_nt_stax_golden.py, 56 random
 convolutional networks, and live where jax imports) to 1e-10 relative in float64, the diagonal included; for the
@@ -78,6 +79,14 @@ def test_golden_against_neural_tangents(case):
         assert err_off <= TOL, f"{field} (x1, None) off the diagonal: {err_off:.2e} from neural-tangents"
         diag_tol = NT_DIAG_TOL if field == "ntk" and _flatten_without_pooling(case) else TOL
         assert err_diag <= diag_tol, f"{field} diagonal: {err_diag:.2e} from neural-tangents"
+    if case["nt_sign_defect"]:
+        return
+    # float32 in, computed in float32 by the engine; and the NumPy recursion (the engine's other oracle)
+    f32 = kfn(x1.astype(np.float32), x2.astype(np.float32), get=get)
+    numpy_path = reference_conv.evaluate(kfn._ops, x1, x2, diag=False, want_nngp=True, want_ntk=len(get) > 1)
+    for field in get:
+        assert rel_err(getattr(f32, field), ARRAYS[key + "_" + field]) <= 1e-5, f"{field} float32"
+        assert rel_err(getattr(numpy_path, field), ARRAYS[key + "_" + field]) <= TOL, f"{field} NumPy recursion"
 
 
 def _same_position_oracle(layers, x):
@@ -201,9 +210,9 @@ def test_fc_serial_equals_arcflow_kernels(name, act, depth, b_std):
         assert rel_err(getattr(kfn.diag(x1, get=get), f), getattr(d, f)) < 1e-10
 
 
-def test_fc_per_layer_stds_use_the_numpy_path_and_match_the_1x1_image_network():
+def test_fc_per_layer_stds_match_the_1x1_image_network():
     """Different W_std / b_std per layer (not arcflow.kernels' network): the same network written with 1x1 Conv
-    layers on 1x1 images (the image path: einsum Gram, conv, Flatten) gives the same kernels."""
+    layers on 1x1 images (the image path: Gram, conv, Flatten) gives the same kernels."""
     rng = np.random.default_rng(3)
     x1, x2 = rng.normal(size=(5, 4)), rng.normal(size=(3, 4))
     stds = [(1.2, 0.1), (0.8, None), (1.7, 0.4)]
@@ -260,15 +269,19 @@ def test_get_forms_and_diag():
     assert k.ntk is None and k.nngp.shape == (4, 4)
 
 
-def test_blocks_of_pairs_give_the_same_numbers(monkeypatch):
+def test_numpy_recursion_blocks_of_pairs_give_the_same_numbers(monkeypatch):
     kfn = stax.serial(*CNN)
     rng = np.random.default_rng(1)
     x1, x2 = rng.normal(size=(5, 6, 6, 2)), rng.normal(size=(4, 6, 6, 2))
-    whole, whole_sym = kfn(x1, x2), kfn(x1)
+
+    def run(y):
+        return reference_conv.evaluate(kfn._ops, x1, y, diag=False, want_nngp=True, want_ntk=True)
+
+    whole, whole_sym = run(x2), run(None)
     per_pair = 8 * reference_conv._LIVE_ARRAYS * (6 * 6 + 6 * 2 + 4) ** 2
     monkeypatch.setattr(reference_conv, "BLOCK_BYTES", 3 * per_pair)   # a few pairs per block
     assert reference_conv._block_size(kfn._ops, (6, 6), "t") < 5
-    small, small_sym = kfn(x1, x2), kfn(x1)
+    small, small_sym = run(x2), run(None)
     for f in ("nngp", "ntk"):
         assert rel_err(getattr(small, f), getattr(whole, f)) < 1e-14
         assert rel_err(getattr(small_sym, f), getattr(whole_sym, f)) < 1e-14
@@ -277,7 +290,7 @@ def test_blocks_of_pairs_give_the_same_numbers(monkeypatch):
 def test_memory_check_names_the_function(monkeypatch):
     from arcflow import _dispatch
     monkeypatch.setattr(_dispatch, "available_memory", lambda: 1000)
-    with pytest.raises(MemoryError, match=r"arcflow\.stax\.serial: the pixel-pair covariances"):
+    with pytest.raises(MemoryError, match=r"arcflow\.stax\.serial: the output .*pixel-pair buffers"):
         stax.serial(*CNN)(np.ones((2, 6, 6, 2)))
 
 

@@ -198,6 +198,7 @@ int set_fc_layout(int layout);
 // layout three loops (set_fc_layout overrides). For tests; not thread-safe against running kernels.
 std::vector<std::string> fc_isa_levels();
 std::string fc_isa();
+int fc_isa_level();  // the same as 0, 1, 2 (the convolutional engine follows it)
 void set_fc_isa(const std::string& name);
 
 }  // namespace arcflow

@@ -1257,6 +1257,7 @@ std::vector<std::string> fc_isa_levels() {
 }
 
 std::string fc_isa() { return isa_names[active_isa()]; }
+int fc_isa_level() { return active_isa(); }
 
 void set_fc_isa(const std::string& name) {
   if (name == "auto") {
