@@ -129,25 +129,30 @@ ARCFLOW_STAGE void input_diag(const T* x, const T* y, index_t P, index_t c, T* s
   }
 }
 
-// The second position padded for a conv: every first position's h x w plane becomes an hp x wp plane, zeros
-// around it (SAME) or wrapped (CIRCULAR). The first position is padded by index in conv_full (no copy).
+// One h x w plane padded for a conv into an hp x wp plane: zeros around it (SAME) or wrapped (CIRCULAR).
 template <class T>
-ARCFLOW_STAGE void pad_planes(const T* in, const conv_stage& g, T* out) {
+ARCFLOW_STAGE void pad_plane(const T* in, const conv_stage& g, T* out) {
   const index_t h = g.h, w = g.w, hp = g.hp, wp = g.wp, lw = g.lw, rw = wp - w - lw;
   const bool circ = g.op.padding == conv_padding::circular;
-  for (index_t p = 0; p < h * w; ++p)
-    for (index_t i2 = 0; i2 < hp; ++i2) {
-      T* __restrict o = out + (p * hp + i2) * wp;
-      const index_t si = src_index(i2 - g.lh, h, g.op.padding);
-      if (si < 0) {
-        for (index_t j = 0; j < wp; ++j) o[j] = T(0);
-        continue;
-      }
-      const T* __restrict row = in + (p * h + si) * w;
-      for (index_t j = 0; j < lw; ++j) o[j] = circ ? row[src_index(j - lw, w, g.op.padding)] : T(0);
-      for (index_t j = 0; j < w; ++j) o[lw + j] = row[j];
-      for (index_t j = 0; j < rw; ++j) o[lw + w + j] = circ ? row[src_index(w + j, w, g.op.padding)] : T(0);
+  for (index_t i2 = 0; i2 < hp; ++i2) {
+    T* __restrict o = out + i2 * wp;
+    const index_t si = src_index(i2 - g.lh, h, g.op.padding);
+    if (si < 0) {
+      for (index_t j = 0; j < wp; ++j) o[j] = T(0);
+      continue;
     }
+    const T* __restrict row = in + si * w;
+    for (index_t j = 0; j < lw; ++j) o[j] = circ ? row[src_index(j - lw, w, g.op.padding)] : T(0);
+    for (index_t j = 0; j < w; ++j) o[lw + j] = row[j];
+    for (index_t j = 0; j < rw; ++j) o[lw + w + j] = circ ? row[src_index(w + j, w, g.op.padding)] : T(0);
+  }
+}
+
+// The second position padded for a conv: every first position's h x w plane becomes an hp x wp plane. The
+// first position is padded by index in conv_full (no copy).
+template <class T>
+ARCFLOW_STAGE void pad_planes(const T* in, const conv_stage& g, T* out) {
+  for (index_t p = 0; p < g.h * g.w; ++p) pad_plane(in + p * g.h * g.w, g, out + p * g.hp * g.wp);
 }
 
 // Conv on every position pair: out[p, q] = w mean_{a, b} in[p + (a, b), q + (a, b)] + b, and Theta alongside:
@@ -235,27 +240,23 @@ ARCFLOW_STAGE void conv_full(const T* sin, const T* tin, const conv_stage& g, in
     }
 }
 
-// The same on the same-position pairs only (a 2-D conv of the diagonal), padding by bounds.
+// The same on the same-position pairs only: a 2-D conv of the diagonal, one hp x wp plane (pad_plane; the
+// input itself for VALID), every tap (a, b) one flat shifted add over (ho - 1) wp + wo values as in conv_full.
 template <class T, bool Ntk>
-ARCFLOW_STAGE void conv_diag(const T* sin, const T* tin, const conv_stage& g, T* sout, T* tout) {
-  const index_t fh = g.op.fh, fw = g.op.fw;
+ARCFLOW_STAGE void conv_diag(const T* sin, const T* tin, const conv_stage& g, index_t* offs, T* acc_s, T* acc_t,
+                             T* sout, T* tout) {
+  const index_t fh = g.op.fh, fw = g.op.fw, wp = g.wp, ho = g.ho, wo = g.wo, span = (ho - 1) * wp + wo;
   const T inv_f = T(1) / T(fh * fw), wv = T(g.op.w_var), bv = T(g.op.b_var);
-  for (index_t i = 0; i < g.ho; ++i)
-    for (index_t j = 0; j < g.wo; ++j) {
-      T s = T(0), t = T(0);
-      for (index_t a = 0; a < fh; ++a) {
-        const index_t si = src_index(i + a - g.lh, g.h, g.op.padding);
-        if (si < 0) continue;
-        for (index_t b = 0; b < fw; ++b) {
-          const index_t sj = src_index(j + b - g.lw, g.w, g.op.padding);
-          if (sj < 0) continue;
-          s += sin[si * g.w + sj];
-          if (Ntk) t += tin[si * g.w + sj];
-        }
-      }
-      const T so = wv * (s * inv_f) + bv;
-      sout[i * g.wo + j] = so;
-      if (Ntk) tout[i * g.wo + j] = wv * (t * inv_f) + so;
+  index_t n = 0;
+  for (index_t a = 0; a < fh; ++a)
+    for (index_t b = 0; b < fw; ++b) offs[n++] = a * wp + b;
+  sum_offsets(sin, offs, n, span, acc_s);
+  if (Ntk) sum_offsets(tin, offs, n, span, acc_t);
+  for (index_t i = 0; i < ho; ++i)
+    for (index_t j = 0; j < wo; ++j) {
+      const T so = wv * (acc_s[i * wp + j] * inv_f) + bv;
+      sout[i * wo + j] = so;
+      if (Ntk) tout[i * wo + j] = wv * (acc_t[i * wp + j] * inv_f) + so;
     }
 }
 
@@ -367,66 +368,69 @@ ARCFLOW_STAGE void act_full(const Act& act, const T* s1, const T* f1, const T* s
 
 template <class T, class Act, bool Ntk>
 ARCFLOW_STAGE void act_diag(const Act& act, const T* s1, const T* f1, const T* s2, const T* f2, index_t P, T* s, T* t) {
+  const T* __restrict a_s = s1, * __restrict a_r = f1, * __restrict a_ir = f1 + P, * __restrict a_pa = f1 + 2 * P, * __restrict a_pb = f1 + 3 * P;
+  const T* __restrict b_s = s2, * __restrict b_r = f2, * __restrict b_ir = f2 + P, * __restrict b_pa = f2 + 2 * P, * __restrict b_pb = f2 + 3 * P;
+  T* __restrict so = s;
+  T* __restrict to = t;
+#pragma GCC ivdep
   for (index_t p = 0; p < P; ++p) {
-    const pair_out<T> o = act_pair<T>(act, s[p], s1[p], f1[p], f1[P + p], f1[2 * P + p], f1[3 * P + p], s2[p], f2[p],
-                                      f2[P + p], f2[2 * P + p], f2[3 * P + p]);
-    s[p] = o.t;
-    if (Ntk) t[p] = o.tdot * t[p];
+    const pair_out<T> o =
+        act_pair<T>(act, so[p], a_s[p], a_r[p], a_ir[p], a_pa[p], a_pb[p], b_s[p], b_r[p], b_ir[p], b_pa[p], b_pb[p]);
+    so[p] = o.t;
+    if (Ntk) to[p] = o.tdot * to[p];
   }
 }
 
-// One activation stage: the factor arrays of both images, then the pairs, for the activation's own type
-// (ReLU-like ABReLUs and monomials of order <= 4 specialised, as in the fully-connected engine).
+// One activation stage on the pairs, for the activation's own type (ReLU-like ABReLUs and monomials of order
+// <= 4 specialised, as in the fully-connected engine). The images' table rows hold each position's variance
+// and, after it, its factors (act_factors: 4 P values); an image's own run (self) computes them into its row.
 template <class T, class Act, bool Ntk>
-ARCFLOW_STAGE void act_typed(const Act& act, const act_params& p, bool diag, bool self, const T* s1, const T* s2,
-                             index_t P, T* f1, T* f2, T* s, T* t) {
-  act_factors<T, Act>(p, s1, P, f1);
-  if (!self) act_factors<T, Act>(p, s2, P, f2);
-  const T* g2 = self ? f1 : f2;
+ARCFLOW_STAGE void act_typed(const Act& act, const act_params& p, bool diag, bool self, T* tab1, const T* tab2,
+                             index_t P, T* s, T* t) {
+  if (self) act_factors<T, Act>(p, tab1, P, tab1 + P);
   if (diag)
-    act_diag<T, Act, Ntk>(act, s1, f1, s2, g2, P, s, t);
+    act_diag<T, Act, Ntk>(act, tab1, tab1 + P, tab2, tab2 + P, P, s, t);
   else
-    act_full<T, Act, Ntk>(act, s1, f1, s2, g2, P, s, t);
+    act_full<T, Act, Ntk>(act, tab1, tab1 + P, tab2, tab2 + P, P, s, t);
 }
 
 template <class T, bool Ntk>
-ARCFLOW_STAGE void act_stage(const act_params& p, bool diag, bool self, const T* s1, const T* s2, index_t P, T* f1,
-                             T* f2, T* s, T* t) {
+ARCFLOW_STAGE void act_stage(const act_params& p, bool diag, bool self, T* s1, const T* s2, index_t P, T* s, T* t) {
   switch (p.kind) {
     case act_kind::abrelu:
       if (p.a * p.b == 0.0)
-        act_typed<T, abrelu_act<T, true>, Ntk>(abrelu_act<T, true>(p), p, diag, self, s1, s2, P, f1, f2, s, t);
+        act_typed<T, abrelu_act<T, true>, Ntk>(abrelu_act<T, true>(p), p, diag, self, s1, s2, P, s, t);
       else
-        act_typed<T, abrelu_act<T>, Ntk>(abrelu_act<T>(p), p, diag, self, s1, s2, P, f1, f2, s, t);
+        act_typed<T, abrelu_act<T>, Ntk>(abrelu_act<T>(p), p, diag, self, s1, s2, P, s, t);
       return;
     case act_kind::monomial:
       switch (p.n) {
         case 0:
-          act_typed<T, monomial_act<T, 0>, Ntk>(monomial_act<T, 0>(p), p, diag, self, s1, s2, P, f1, f2, s, t);
+          act_typed<T, monomial_act<T, 0>, Ntk>(monomial_act<T, 0>(p), p, diag, self, s1, s2, P, s, t);
           return;
         case 1:
-          act_typed<T, monomial_act<T, 1>, Ntk>(monomial_act<T, 1>(p), p, diag, self, s1, s2, P, f1, f2, s, t);
+          act_typed<T, monomial_act<T, 1>, Ntk>(monomial_act<T, 1>(p), p, diag, self, s1, s2, P, s, t);
           return;
         case 2:
-          act_typed<T, monomial_act<T, 2>, Ntk>(monomial_act<T, 2>(p), p, diag, self, s1, s2, P, f1, f2, s, t);
+          act_typed<T, monomial_act<T, 2>, Ntk>(monomial_act<T, 2>(p), p, diag, self, s1, s2, P, s, t);
           return;
         default:
-          act_typed<T, monomial_act<T>, Ntk>(monomial_act<T>(p), p, diag, self, s1, s2, P, f1, f2, s, t);
+          act_typed<T, monomial_act<T>, Ntk>(monomial_act<T>(p), p, diag, self, s1, s2, P, s, t);
           return;
       }
     case act_kind::sign:
-      act_typed<T, sign_act<T>, Ntk>(sign_act<T>(p), p, diag, self, s1, s2, P, f1, f2, s, t);
+      act_typed<T, sign_act<T>, Ntk>(sign_act<T>(p), p, diag, self, s1, s2, P, s, t);
       return;
     case act_kind::erf:
-      act_typed<T, erf_act<T>, Ntk>(erf_act<T>(p), p, diag, self, s1, s2, P, f1, f2, s, t);
+      act_typed<T, erf_act<T>, Ntk>(erf_act<T>(p), p, diag, self, s1, s2, P, s, t);
       return;
   }
 }
 
-// A thread's scratch: Sigma and Theta and a second buffer of each, the transposed image, the factor arrays.
+// A thread's scratch: Sigma and Theta and a second buffer of each, the transposed image, the conv accumulators.
 template <class T>
 struct conv_scratch {
-  std::vector<T> s, s2, t, t2, yt, f1, f2, acc_s, acc_t;
+  std::vector<T> s, s2, t, t2, yt, acc_s, acc_t;
   std::vector<index_t> offs;
   conv_scratch(index_t buf, index_t pos, index_t c, bool ntk, index_t acc, index_t taps)
       : s(size_t(buf)),
@@ -434,8 +438,6 @@ struct conv_scratch {
         t(ntk ? size_t(buf) : 1),
         t2(ntk ? size_t(buf) : 1),
         yt(size_t(pos * c)),
-        f1(size_t(4 * pos)),
-        f2(size_t(4 * pos)),
         acc_s(size_t(acc)),
         acc_t(ntk ? size_t(acc) : 1),
         offs(size_t(taps)) {}
@@ -488,16 +490,18 @@ ARCFLOW_STAGE void run_pair(const typename conv_engine<T>::plan& pl, pair_io<T>&
         dense_scalar<T, Ntk>(s, t, op);
         break;
       case conv_op_kind::conv:
-        if (diag) {
-          conv_diag<T, Ntk>(s, t, g, so, to);
+        if (op.padding == conv_padding::valid) {
+          if (diag)
+            conv_diag<T, Ntk>(s, t, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), so, to);
+          else
+            conv_full<T, Ntk>(s, t, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), so, to);
           std::swap(s, so);
           std::swap(t, to);
-        } else if (op.padding == conv_padding::valid) {
-          conv_full<T, Ntk>(s, t, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), so, to);
-          std::swap(s, so);
-          std::swap(t, to);
+        } else if (diag) {  // pad into the spare buffers, then convolve back into the arrays themselves
+          pad_plane(s, g, so);
+          if (Ntk) pad_plane(t, g, to);
+          conv_diag<T, Ntk>(so, to, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), s, t);
         } else {
-          // pad into the spare buffers, then convolve back into the arrays themselves
           pad_planes(s, g, so);
           if (Ntk) pad_planes(t, g, to);
           conv_full<T, Ntk>(so, to, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), s, t);
@@ -514,7 +518,7 @@ ARCFLOW_STAGE void run_pair(const typename conv_engine<T>::plan& pl, pair_io<T>&
         if (io.self)
           for (index_t p = 0; p < P; ++p) own[p] = diag ? s[p] : s[p * P + p];
         const T* other = io.self ? own : io.tab2 + g.tab;
-        act_stage<T, Ntk>(op.act, diag || P == 1, io.self, own, other, P, sc.f1.data(), sc.f2.data(), s, t);
+        act_stage<T, Ntk>(op.act, diag || P == 1, io.self, own, other, P, s, t);
         break;
       }
       case conv_op_kind::flatten:
@@ -577,7 +581,7 @@ std::vector<std::unique_ptr<conv_scratch<T>>> make_scratch(const typename conv_e
       v.push_back(
           std::make_unique<conv_scratch<T>>(pl.buf_len, pl.max_pos, pl.c, pl.want_ntk, pl.acc_len, pl.max_taps));
   } catch (const std::bad_alloc&) {
-    const double each = double(4 * pl.buf_len + 2 * pl.acc_len + pl.max_pos * (pl.c + 8)) * sizeof(T);
+    const double each = double(4 * pl.buf_len + 2 * pl.acc_len + pl.max_pos * pl.c) * sizeof(T);
     throw allocation_error("arcflow: out of memory allocating the pixel-pair buffers of " + std::to_string(threads) +
                            " threads (" + mib(double(threads) * each) + "); use fewer threads or smaller images");
   }
@@ -649,9 +653,9 @@ std::vector<conv_stage> make_stages(index_t h, index_t w, const std::vector<conv
         }
         break;
       }
-      case conv_op_kind::act:
+      case conv_op_kind::act:  // the variances and the four factor arrays of act_factors
         g.tab = tab_len;
-        tab_len += h * w;
+        tab_len += 5 * h * w;
         break;
       case conv_op_kind::flatten:
       case conv_op_kind::gap:
@@ -682,7 +686,7 @@ index_t buffer_len(index_t h, index_t w, const std::vector<conv_stage>& st, bool
   index_t len = sq(h * w);
   max_pos = h * w;
   for (const conv_stage& g : st) {
-    len = std::max({len, diag ? g.ho * g.wo : g.h * g.w * g.hp * g.wp, sq(g.ho * g.wo)});
+    len = std::max({len, diag ? g.hp * g.wp : g.h * g.w * g.hp * g.wp, sq(g.ho * g.wo)});
     acc = std::max(acc, g.hp * g.wp);
     max_pos = std::max({max_pos, g.h * g.w, g.ho * g.wo});
     if (g.op.kind == conv_op_kind::pool) {
@@ -829,7 +833,7 @@ index_t conv_engine<T>::scratch_bytes(index_t h, index_t w, index_t c, const std
   index_t tab_len = 0, max_pos = 1, acc = 1;
   const auto st = make_stages(h, w, ops, tab_len);
   const index_t buf = buffer_len(h, w, st, is_diag_mode(ops), max_pos, acc);
-  return (4 * buf + 2 * acc + max_pos * (c + 8)) * index_t(sizeof(T));
+  return (4 * buf + 2 * acc + max_pos * c) * index_t(sizeof(T));
 }
 
 template <class T>
@@ -850,7 +854,7 @@ double conv_engine<T>::pair_work(index_t h, index_t w, index_t c, const std::vec
     const double in = sq(double(g.h * g.w)), out = sq(double(g.ho * g.wo));
     switch (g.op.kind) {
       case conv_op_kind::conv:
-        work += out * g.op.fh * g.op.fw + (diag ? 0.0 : double(g.h * g.w * g.hp * g.wp));
+        work += out * g.op.fh * g.op.fw + (diag ? double(g.hp * g.wp) : double(g.h * g.w * g.hp * g.wp));
         break;
       case conv_op_kind::pool:
         work += in * 2 * (g.op.fh + g.op.fw);
