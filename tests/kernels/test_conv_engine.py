@@ -145,6 +145,25 @@ def test_threads_blocks_and_out(monkeypatch, tmp_path):
         kfn(x1, threads=0)
 
 
+@pytest.mark.parametrize("readout", [stax.Flatten, stax.GlobalAvgPool])
+def test_tiles_of_pairs_cover_every_entry(monkeypatch, readout):
+    # 16 x 16 images and two activations: the engine's pair tiles (about 256 KB of images and tables) are 5
+    # images wide here, so 13 x 11 images take several tiles each way, and one-row blocks cut across them
+    kfn = stax.serial(_conv(), stax.Relu(), _conv("CIRCULAR"), stax.Erf(), readout())
+    rng = np.random.default_rng(11)
+    x1, x2 = rng.normal(size=(13, 16, 16, 1)), rng.normal(size=(11, 16, 16, 1))
+    want = {"cross": reference_conv.evaluate(kfn._ops, x1, x2, diag=False, want_nngp=True, want_ntk=True),
+            "sym": reference_conv.evaluate(kfn._ops, x1, None, diag=False, want_nngp=True, want_ntk=True)}
+    for work in (None, 1):
+        if work is not None:
+            monkeypatch.setattr(stax, "_WORK_PER_CALL", work)  # one row per engine call
+        for threads in (1, 2):
+            got = {"cross": kfn(x1, x2, threads=threads), "sym": kfn(x1, threads=threads)}
+            for case, k in got.items():
+                assert rel_err(k.nngp, want[case].nngp) < 1e-12, (case, work, threads)
+                assert rel_err(k.ntk, want[case].ntk) < 1e-12, (case, work, threads)
+
+
 def test_ctrl_c_stops_a_long_call():
     kfn = stax.serial(*[layer for _ in range(30) for layer in (_conv(), stax.Relu())], stax.GlobalAvgPool())
     x = np.random.default_rng(7).normal(size=(120, 12, 12, 1))

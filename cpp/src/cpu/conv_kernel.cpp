@@ -781,9 +781,18 @@ void conv_engine<T>::rows(index_t r0, index_t r1, T* nngp, T* ntk, int threads, 
   struct pair_id {
     index_t i, j;
   };
+  // The pairs in tiles of b x b images, a column of tiles at a time: the images and table rows a tile reads
+  // (2 b of them, about 256 KB) stay in cache, each column's once for all the rows. In pair order, a pair's
+  // two table rows (5 values per position and activation) came from memory at large n: the same-position
+  // (Flatten) networks ran 30% slower per pair at n = 1024 than at n = 256.
+  const index_t row_bytes = (pl.tab_len + pl.h * pl.w * pl.c) * index_t(sizeof(T));
+  const index_t b = std::clamp<index_t>(index_t(256 * 1024) / (2 * row_bytes), 1, 64);
   std::vector<pair_id> pairs;
-  for (index_t i = r0; i < r1; ++i)
-    for (index_t j = pl.symmetric ? i + 1 : 0; j < pl.n2; ++j) pairs.push_back({i, j});
+  for (index_t jb = 0; jb < pl.n2; jb += b)
+    for (index_t ib = r0; ib < r1; ib += b)
+      for (index_t i = ib; i < std::min(ib + b, r1); ++i)
+        for (index_t j = std::max(jb, pl.symmetric ? i + 1 : 0); j < std::min(jb + b, pl.n2); ++j)
+          pairs.push_back({i, j});
   const index_t n2 = pl.n2;
   if (pl.symmetric)
     for (index_t i = r0; i < r1; ++i) {
