@@ -571,6 +571,10 @@ pair_fn<T> select_pair_fn(bool ntk) {
   return ntk ? &run_pair_generic<T, true> : &run_pair_generic<T, false>;
 }
 
+// Values of one thread's scratch (conv_scratch): four pixel-pair arrays, two conv accumulators, the transposed
+// image.
+index_t scratch_values(index_t buf, index_t acc, index_t pos, index_t c) { return 4 * buf + 2 * acc + pos * c; }
+
 std::string mib(double bytes) { return std::to_string(static_cast<long long>(bytes / (1 << 20) + 0.5)) + " MiB"; }
 
 template <class T>
@@ -581,7 +585,7 @@ std::vector<std::unique_ptr<conv_scratch<T>>> make_scratch(const typename conv_e
       v.push_back(
           std::make_unique<conv_scratch<T>>(pl.buf_len, pl.max_pos, pl.c, pl.want_ntk, pl.acc_len, pl.max_taps));
   } catch (const std::bad_alloc&) {
-    const double each = double(4 * pl.buf_len + 2 * pl.acc_len + pl.max_pos * pl.c) * sizeof(T);
+    const double each = double(scratch_values(pl.buf_len, pl.acc_len, pl.max_pos, pl.c)) * sizeof(T);
     throw allocation_error("arcflow: out of memory allocating the pixel-pair buffers of " + std::to_string(threads) +
                            " threads (" + mib(double(threads) * each) + "); use fewer threads or smaller images");
   }
@@ -782,9 +786,8 @@ void conv_engine<T>::rows(index_t r0, index_t r1, T* nngp, T* ntk, int threads, 
     index_t i, j;
   };
   // The pairs in tiles of b x b images, a column of tiles at a time: the images and table rows a tile reads
-  // (2 b of them, about 256 KB) stay in cache, each column's once for all the rows. In pair order, a pair's
-  // two table rows (5 values per position and activation) came from memory at large n: the same-position
-  // (Flatten) networks ran 30% slower per pair at n = 1024 than at n = 256.
+  // (2 b of them, about 256 KB) stay in cache, each column's once for all the rows; in plain pair order a
+  // pair's two table rows (5 values per position and activation) come from memory once n is large.
   const index_t row_bytes = (pl.tab_len + pl.h * pl.w * pl.c) * index_t(sizeof(T));
   const index_t b = std::clamp<index_t>(index_t(256 * 1024) / (2 * row_bytes), 1, 64);
   std::vector<pair_id> pairs;
@@ -842,7 +845,7 @@ index_t conv_engine<T>::scratch_bytes(index_t h, index_t w, index_t c, const std
   index_t tab_len = 0, max_pos = 1, acc = 1;
   const auto st = make_stages(h, w, ops, tab_len);
   const index_t buf = buffer_len(h, w, st, is_diag_mode(ops), max_pos, acc);
-  return (4 * buf + 2 * acc + max_pos * c) * index_t(sizeof(T));
+  return scratch_values(buf, acc, max_pos, c) * index_t(sizeof(T));
 }
 
 template <class T>
