@@ -1,5 +1,6 @@
 // Bindings of the convolutional kernel engine (CNN-GP, CNTK): ConvOp and one engine class per dtype.
-// The layer order and the inputs are checked in python/arcflow/stax.py; here only shapes and pointers.
+// The layer order and the inputs are checked in python/arcflow/stax.py; here only shapes and pointers. The CUDA
+// engine (host arrays in and out, same methods) exists only in a CUDA build.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -9,6 +10,9 @@
 #include <vector>
 
 #include "arcflow/conv_kernel.hpp"
+#ifdef ARCFLOW_WITH_CUDA
+#include "arcflow/conv_kernel_cuda.hpp"
+#endif
 #include "engine_util.hpp"
 #include "registry.hpp"
 
@@ -16,6 +20,16 @@ namespace py = pybind11;
 
 namespace arcflow::bind {
 namespace {
+
+// The images' shapes, checked as the CPU engine's constructor does.
+template <class T>
+carray<T> checked_x2(const carray<T>& x1, const py::object& b) {
+  if (x1.ndim() != 4) throw std::invalid_argument("arcflow: x1 must be 4-D (n, H, W, C)");
+  carray<T> x2 = b.is_none() ? x1 : py::cast<carray<T>>(b);
+  if (x2.ndim() != 4 || x2.shape(1) != x1.shape(1) || x2.shape(2) != x1.shape(2) || x2.shape(3) != x1.shape(3))
+    throw std::invalid_argument("arcflow: x2 must be 4-D with the image shape of x1");
+  return x2;
+}
 
 template <class T>
 struct py_conv_engine {
@@ -25,10 +39,7 @@ struct py_conv_engine {
 
   py_conv_engine(carray<T> a, py::object b, const std::vector<conv_op>& ops, bool want_ntk, int threads)
       : x1(std::move(a)), symmetric(b.is_none()) {
-    if (x1.ndim() != 4) throw std::invalid_argument("arcflow: x1 must be 4-D (n, H, W, C)");
-    x2 = symmetric ? x1 : py::cast<carray<T>>(b);
-    if (x2.ndim() != 4 || x2.shape(1) != x1.shape(1) || x2.shape(2) != x1.shape(2) || x2.shape(3) != x1.shape(3))
-      throw std::invalid_argument("arcflow: x2 must be 4-D with the image shape of x1");
+    x2 = checked_x2(x1, b);
     check_aligned<T>(x1.data(), "x1");
     check_aligned<T>(x2.data(), "x2");
     const T *p1 = x1.data(), *p2 = x2.data();
@@ -51,6 +62,48 @@ struct py_conv_engine {
     eng->diag(out_ptr<T>(nngp, n1, 1, "nngp output"), out_ptr<T>(ntk, n1, 1, "ntk output"));
   }
 };
+
+#ifdef ARCFLOW_WITH_CUDA
+template <class T>
+struct py_conv_engine_cuda {
+  py::ssize_t n1, n2;
+  std::unique_ptr<conv_engine_cuda<T>> eng;
+
+  py_conv_engine_cuda(const carray<T>& x1, const py::object& b, const std::vector<conv_op>& ops, bool want_ntk,
+                      int device) {
+    const carray<T> x2 = checked_x2(x1, b);
+    const bool sym = b.is_none();
+    n1 = x1.shape(0);
+    n2 = x2.shape(0);
+    const py::ssize_t h = x1.shape(1), w = x1.shape(2), c = x1.shape(3);
+    py::gil_scoped_release nogil;
+    eng = std::make_unique<conv_engine_cuda<T>>(x1.data(), n1, x2.data(), n2, h, w, c, sym, ops, want_ntk, device);
+  }
+
+  void rows(py::ssize_t r0, py::ssize_t r1, py::object nngp, py::object ntk) {
+    T* a = out_ptr<T>(nngp, n1, n2, "nngp output");
+    T* b = out_ptr<T>(ntk, n1, n2, "ntk output");
+    py::gil_scoped_release nogil;
+    eng->rows(r0, r1, a, b);
+  }
+
+  void diag(py::object nngp, py::object ntk) {
+    eng->diag(out_ptr<T>(nngp, n1, 1, "nngp output"), out_ptr<T>(ntk, n1, 1, "ntk output"));
+  }
+};
+
+template <class T>
+void bind_conv_engine_cuda(py::module_& m, const char* name) {
+  py::class_<py_conv_engine_cuda<T>>(m, name)
+      .def(py::init([](carray<T> x1, py::object x2, const std::vector<conv_op>& ops, bool want_ntk, int device) {
+             return new py_conv_engine_cuda<T>(x1, x2, ops, want_ntk, device);
+           }),
+           py::arg("x1").noconvert(), py::arg("x2"), py::arg("ops"), py::arg("want_ntk"), py::arg("device") = -1)
+      .def("rows", &py_conv_engine_cuda<T>::rows, py::arg("r0"), py::arg("r1"), py::arg("nngp"), py::arg("ntk"))
+      .def("diag", &py_conv_engine_cuda<T>::diag, py::arg("nngp"), py::arg("ntk"))
+      .def_property_readonly("blocks", [](const py_conv_engine_cuda<T>& e) { return e.eng->blocks(); });
+}
+#endif
 
 template <class T>
 void bind_conv_engine(py::module_& m, const char* name) {
@@ -118,6 +171,10 @@ void register_conv_kernel(py::module_& m) {
       .def_readonly("kind", &conv_op::kind);
   bind_conv_engine<float>(m, "ConvEngineF32");
   bind_conv_engine<double>(m, "ConvEngineF64");
+#ifdef ARCFLOW_WITH_CUDA
+  bind_conv_engine_cuda<float>(m, "ConvEngineCudaF32");
+  bind_conv_engine_cuda<double>(m, "ConvEngineCudaF64");
+#endif
 }
 
 }  // namespace arcflow::bind

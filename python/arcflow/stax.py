@@ -412,8 +412,9 @@ class SerialKernelFn:
         """False when an activation's derivative is a Dirac delta (Sign, RectifiedMonomial(0)): NNGP only."""
         return all(op[1].has_ntk for op in self._ops if op[0] == "act")
 
-    def _call(self, x1, x2, get, diag: bool, threads=None, out=None, progress=False):
+    def _call(self, x1, x2, get, diag: bool, threads=None, out=None, progress=False, device="auto"):
         from . import _dispatch as dp
+        from ._kernels import _choose_device
         single = isinstance(get, str)
         names = (("nngp", "ntk") if self.has_ntk else ("nngp",)) if get is None else _check_get(get, _WHERE)
         if len(set(names)) != len(names):
@@ -423,6 +424,10 @@ class SerialKernelFn:
             raise ValueError(f"{_WHERE}: {bad!r} has no NTK (its derivative is a Dirac delta); ask for 'nngp' only")
         threads = dp.check_threads(threads, _WHERE)
         progress = dp.check_bool(progress, "progress", _WHERE)
+        use_cuda = _choose_device(device, x1, x2, _WHERE)
+        if use_cuda is None:
+            raise TypeError(f"{_WHERE}: x1/x2 are GPU arrays; the kernels of stax networks take NumPy arrays "
+                            f"(device='cuda' copies them to the GPU): for CuPy, pass x.get()")
         if x2 is x1:  # kfn(x, x): the symmetric path (half the work, an exactly symmetric result)
             x2 = None
         a1 = _as_input(x1, "x1", self._image)
@@ -441,10 +446,10 @@ class SerialKernelFn:
             from ._kernels import kernels
             depth, act, w, b = self._route
             k = kernels(a1, a2, depth=depth, activation=act, w_std=w, b_std=b, diag=diag, get=wanted,
-                        threads=threads, out=out, progress=progress)
+                        threads=threads, out=out, progress=progress, device=device)
             nngp, ntk = k.nngp, k.ntk
         else:
-            nngp, ntk = self._engine(a1, a2, wanted, diag, threads, out, progress)
+            nngp, ntk = self._engine(a1, a2, wanted, diag, threads, out, progress, use_cuda)
         res = {"nngp": nngp, "ntk": ntk}
         if single:
             return res[names[0]]
@@ -453,11 +458,12 @@ class SerialKernelFn:
             return Kernels(nngp, ntk)
         return _named(tuple(names))(*(res[g] for g in names))
 
-    def _engine(self, a1, a2, wanted, diag: bool, threads: int, out, progress: bool):
-        """The fused C++ engine (cpp/src/cpu/conv_kernel.cpp): rows of x1 in blocks between which Python
-        handles Ctrl-C and the progress bar; float32 inputs are computed in float32."""
+    def _engine(self, a1, a2, wanted, diag: bool, threads: int, out, progress: bool, use_cuda=False):
+        """The fused C++ engine (cpp/src/cpu/conv_kernel.cpp, or on the GPU cpp/src/cuda/conv_kernel.cu): rows of
+        x1 in blocks between which Python handles Ctrl-C and the progress bar; float32 inputs are computed in
+        float32. use_cuda: True, False or "auto" (the GPU from _AUTO_CUDA_WORK pair-ops on)."""
         from . import _core, _dispatch as dp
-        from ._kernels import _collect_out, _engine_call, _Progress
+        from ._kernels import _AUTO_CUDA_WORK, _collect_out, _engine_call, _Progress
         dtype = dp.result_dtype(a1, a2)
         x1 = dp.as_engine_input(a1, dtype)
         x2 = None if a2 is None else dp.as_engine_input(a2, dtype)
@@ -469,34 +475,51 @@ class SerialKernelFn:
         shape = (n1,) if diag else (n1, n2)
         outs = _collect_out(out, wanted, wanted, shape, dtype, _WHERE)
         dp.check_no_overlap([(f"out[{k!r}]", v) for k, v in outs.items()], [("x1", x1), ("x2", x2)], _WHERE)
-        engine_cls = _core.ConvEngineF32 if dtype == np.float32 else _core.ConvEngineF64
+        f32 = dtype == np.float32
+        engine_cls = _core.ConvEngineF32 if f32 else _core.ConvEngineF64
         ops = _engine_ops(self._ops)
         missing = [g for g in wanted if outs.get(g) is None]
         nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize * len(missing)
         n_self = n1 + (0 if x2 is None or diag else n2)
         pairs = n1 if diag else (n1 * (n1 - 1) // 2 if x2 is None else n1 * n2)
-        scratch = engine_cls.scratch_bytes(h, w, c, ops) * max(1, min(threads, max(pairs, n_self)))
-        tables = engine_cls.table_bytes(n_self, h, w, ops)
-        dp.check_allocation(nbytes + scratch + tables, _WHERE,
-                            f"the output ({nbytes} bytes), the per-thread pixel-pair buffers ({scratch} bytes) "
-                            f"and the per-image variance tables ({tables} bytes)",
-                            hint="use fewer threads, smaller images, or compute the kernel in blocks of rows")
+        work = engine_cls.pair_work(h, w, c, ops)
+        if use_cuda == "auto":
+            use_cuda = work * (pairs + n_self) >= _AUTO_CUDA_WORK
+        if use_cuda:
+            engine_cls = _core.ConvEngineCudaF32 if f32 else _core.ConvEngineCudaF64
+            dp.check_allocation(nbytes, _WHERE, f"the output ({nbytes} bytes)",
+                                hint="compute the kernel in blocks of rows")
+        else:
+            scratch = engine_cls.scratch_bytes(h, w, c, ops) * max(1, min(threads, max(pairs, n_self)))
+            tables = engine_cls.table_bytes(n_self, h, w, ops)
+            dp.check_allocation(nbytes + scratch + tables, _WHERE,
+                                f"the output ({nbytes} bytes), the per-thread pixel-pair buffers ({scratch} bytes) "
+                                f"and the per-image variance tables ({tables} bytes)",
+                                hint="use fewer threads, smaller images, or compute the kernel in blocks of rows")
         for g in missing:
             outs[g] = dp.allocate(shape, dtype, _WHERE)
         res = (outs.get("nngp"), outs.get("ntk"))
         if n1 == 0 or (n2 == 0 and not diag):
             return res
-        engine = _engine_call(_WHERE, engine_cls, x1, None if diag else x2, ops, "ntk" in wanted, threads)
+        # the CPU engine's last argument is its thread count, the GPU engine's the device (-1: the current one)
+        last = -1 if use_cuda else threads
+        engine = _engine_call(_WHERE, engine_cls, x1, None if diag else x2, ops, "ntk" in wanted, last)
         if diag:
             _engine_call(_WHERE, engine.diag, *res)
             return res
-        per_row = engine_cls.pair_work(h, w, c, ops) * (n2 / 2 if x2 is None else n2)
-        block = max(1, int(_WORK_PER_CALL * threads // max(per_row, 1.0)))
+        per_row = work * (n2 / 2 if x2 is None else n2)
+        if use_cuda:  # enough pairs per launch for every resident block several times over
+            block = max(1, int(max(_WORK_PER_CALL * 16, 8 * engine.blocks * work) // max(per_row, 1.0)))
+        else:
+            block = max(1, int(_WORK_PER_CALL * threads // max(per_row, 1.0)))
         bar = _Progress(n1, progress, _WHERE)
         try:
             for r0 in range(0, n1, block):
                 r1 = min(n1, r0 + block)
-                _engine_call(_WHERE, engine.rows, r0, r1, *res, threads)
+                if use_cuda:
+                    _engine_call(_WHERE, engine.rows, r0, r1, *res)
+                else:
+                    _engine_call(_WHERE, engine.rows, r0, r1, *res, threads)
                 bar.update(r1 - r0)
         finally:
             bar.close()
@@ -515,7 +538,7 @@ class SerialKernelFn:
                                  f"(from {hw[0]} x {hw[1]} images)")
 
     def __call__(self, x1, x2=None, get: Union[None, str, Sequence[str]] = None, *, threads: Optional[int] = None,
-                 out=None, progress: bool = False):
+                 out=None, progress: bool = False, device: str = "auto"):
         """The kernels between the inputs x1 and x2 (x2=None: x1 with itself): (n1, n2) arrays.
 
         get : None gives both, as :class:`arcflow.Kernels` (ntk None for a network without an NTK); one name
@@ -524,12 +547,16 @@ class SerialKernelFn:
         out : preallocated outputs (e.g. ``np.memmap``), as in :func:`arcflow.kernels`: one array for one
             kernel, or a dict / sequence by name; left partly written when the call is interrupted (Ctrl-C).
         progress : show a progress bar (tqdm when installed) on stderr.
+        device : "cpu", "cuda" or "auto" (the GPU for large problems when arcflow was built with CUDA and a
+            device is present), as in :func:`arcflow.kernels`. On the GPU the inputs are NumPy arrays copied to the
+            device and the result is NumPy (``out=`` and ``progress`` as on the CPU); ``threads`` is unused there.
         """
-        return self._call(x1, x2, get, False, threads, out, progress)
+        return self._call(x1, x2, get, False, threads, out, progress, device)
 
-    def diag(self, x, get: Union[None, str, Sequence[str]] = None, *, threads: Optional[int] = None):
-        """k(x[i], x[i]) for every input, shape (n,); ``get`` as in ``__call__``."""
-        return self._call(x, None, get, True, threads)
+    def diag(self, x, get: Union[None, str, Sequence[str]] = None, *, threads: Optional[int] = None,
+             device: str = "auto"):
+        """k(x[i], x[i]) for every input, shape (n,); ``get`` and ``device`` as in ``__call__``."""
+        return self._call(x, None, get, True, threads, device=device)
 
     def __repr__(self) -> str:
         return "arcflow.stax.serial(" + ", ".join(repr(lay) for lay in self._layers) + ")"

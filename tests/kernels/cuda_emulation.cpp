@@ -16,23 +16,7 @@
 #include <thread>
 #include <vector>
 
-struct emu_dim3 {
-  unsigned x = 0, y = 0, z = 0;
-};
-thread_local emu_dim3 threadIdx;
-emu_dim3 blockIdx, blockDim{256, 1, 1};
-std::barrier<>* emu_barrier = nullptr;
-#define __global__
-#define __device__
-#define __host__
-#define __noinline__
-#define __forceinline__
-#define __launch_bounds__(...)
-#define __shared__ static
-#define __align__(n) __attribute__((aligned(n)))
-#define __syncthreads() emu_barrier->arrive_and_wait()
-inline double __dmul_rn(double a, double b) { return a * b; }
-inline double __dadd_rn(double a, double b) { return a + b; }
+#include "cuda_emulation.hpp"
 
 #include "../../cpp/src/cuda/fc_tile.cuh"
 

@@ -136,7 +136,7 @@ template <class T, bool ZeroAB = false>
 struct abrelu_act {
   T k1, k2, kd, ab;      // times w
   T k1n, k1h, kdh, abn;  // pair_scaled's: k1 / k2, k1 / 2k2, kd / 2k2, ab / k2 (0 when k2 = 0)
-  explicit abrelu_act(const act_params& p, double w = 1.0)
+  ARCFLOW_HD explicit abrelu_act(const act_params& p, double w = 1.0)
       : k1(T(w * (p.a - p.b) * (p.a - p.b) / (2.0 * 3.14159265358979323846))),
         k2(T(w * (p.a * p.a + p.b * p.b) / 2.0)),
         kd(T(w * (p.a + p.b) * (p.a + p.b) / 2.0)),
@@ -159,7 +159,7 @@ struct abrelu_act {
     return R(s > 0 ? k2 : k2 - k1 * 1.57079632679489661923);
   }
   template <class R>
-  static void row(const act_params&, R, R r, R& pa, R& pb) {
+  ARCFLOW_HD static void row(const act_params&, R, R r, R& pa, R& pb) {
     pa = r;
     pb = R(1);
   }
@@ -222,7 +222,7 @@ template <class T, int N = -1>
 struct monomial_act {
   int n_rt;
   T w, c;  // c = w / 2pi
-  explicit monomial_act(const act_params& p, double w_ = 1.0)
+  ARCFLOW_HD explicit monomial_act(const act_params& p, double w_ = 1.0)
       : n_rt(p.n), w(T(w_)), c(T(w_ / (2.0 * 3.14159265358979323846))) {}
   ARCFLOW_HD int order() const { return N >= 0 ? N : n_rt; }
   static double j0_at_zero(int n) {
@@ -243,7 +243,7 @@ struct monomial_act {
     return R(p.n) * R(p.n) * std::pow(s, p.n - 1) * R(j0_at_zero(p.n - 1)) / R(2.0 * 3.14159265358979323846);
   }
   template <class R>
-  static void row(const act_params& p, R, R r, R& pa, R& pb) {
+  ARCFLOW_HD static void row(const act_params& p, R, R r, R& pa, R& pb) {
     pa = std::pow(r, p.n);
     pb = p.n >= 1 ? std::pow(r, p.n - 1) : R(0);
   }
@@ -306,7 +306,7 @@ struct monomial_act {
 template <class T>
 struct sign_act {
   T w;
-  explicit sign_act(const act_params&, double w_ = 1.0) : w(T(w_)) {}
+  ARCFLOW_HD explicit sign_act(const act_params&, double w_ = 1.0) : w(T(w_)) {}
   template <class R>
   static R diag_t(const act_params&, R s) {
     return s > 0 ? R(1) : R(0);
@@ -316,7 +316,7 @@ struct sign_act {
     return R(0);
   }
   template <class R>
-  static void row(const act_params&, R, R, R& pa, R& pb) {
+  ARCFLOW_HD static void row(const act_params&, R, R, R& pa, R& pb) {
     pa = R(1);
     pb = R(0);
   }
@@ -355,7 +355,7 @@ struct sign_act {
 template <class T>
 struct erf_act {
   T w, c_t, c_d;  // c_t = 2w / pi, c_d = 4w / pi
-  explicit erf_act(const act_params&, double w_ = 1.0)
+  ARCFLOW_HD explicit erf_act(const act_params&, double w_ = 1.0)
       : w(T(w_)), c_t(T(2.0 * w_ / 3.14159265358979323846)), c_d(T(4.0 * w_ / 3.14159265358979323846)) {}
   static constexpr bool angle_based = false;
   static constexpr bool scale_free = false;
@@ -375,7 +375,7 @@ struct erf_act {
     return R(4.0 / 3.14159265358979323846) / std::sqrt(R(1) + R(4) * s);
   }
   template <class R>
-  static void row(const act_params&, R s, R, R& pa, R& pb) {
+  ARCFLOW_HD static void row(const act_params&, R s, R, R& pa, R& pb) {
     pa = R(1) + R(2) * s;
     pb = std::sqrt(pa);
   }

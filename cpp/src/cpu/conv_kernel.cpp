@@ -2,6 +2,8 @@
 // layer on the pixel-pair covariances in the thread's scratch.
 #include "arcflow/conv_kernel.hpp"
 
+#include "arcflow/conv_plan.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -31,16 +33,6 @@
 #define ARCFLOW_STAGE inline __attribute__((always_inline))
 
 namespace arcflow {
-
-// One op with its sizes. After the readout (or for rows) the positions are 1 x 1.
-struct conv_stage {
-  conv_op op;
-  index_t h, w;    // input positions
-  index_t ho, wo;  // output positions
-  index_t lh, lw;  // padding before (conv and pool, SAME / CIRCULAR)
-  index_t hp, wp;  // padded input (conv)
-  index_t tab;     // act: offset of its variances in an image's table row
-};
 
 template <class T>
 struct conv_engine<T>::plan {
@@ -73,12 +65,7 @@ index_t pad_before(index_t size, index_t window, index_t stride, conv_padding pa
   return total / 2;
 }
 
-// Source index of a padded coordinate: wrapped (CIRCULAR), or -1 outside the image (SAME zeros).
-inline index_t src_index(index_t i, index_t size, conv_padding pad) {
-  if (i >= 0 && i < size) return i;
-  if (pad == conv_padding::circular) return ((i % size) + size) % size;
-  return -1;
-}
+inline index_t src_index(index_t i, index_t size, conv_padding pad) { return conv_src_index(i, size, pad); }
 
 std::string op_name(const conv_op& op) {
   switch (op.kind) {
@@ -704,6 +691,24 @@ index_t buffer_len(index_t h, index_t w, const std::vector<conv_stage>& st, bool
 
 }  // namespace
 
+conv_layout make_conv_layout(index_t h, index_t w, const std::vector<conv_op>& ops) {
+  conv_layout L;
+  L.diag_mode = is_diag_mode(ops);
+  L.st = make_stages(h, w, ops, L.tab_len);
+  L.buf_len = buffer_len(h, w, L.st, L.diag_mode, L.max_pos, L.acc_len);
+  for (const conv_op& op : ops) L.max_taps = std::max<index_t>(L.max_taps, index_t(op.fh) * op.fw);
+  return L;
+}
+
+std::string conv_overflow_message(const std::vector<conv_op>& ops, int bad_op, bool single_precision) {
+  const std::string where =
+      bad_op == 0 ? "the input covariance"
+                  : "after op " + std::to_string(bad_op - 1) + " (" + op_name(ops[size_t(bad_op - 1)]) + ")";
+  return std::string("the kernel of an image with itself is not finite in ") +
+         (single_precision ? "float32" : "float64") + " " + where +
+         ": the exact kernel leaves the dtype's range; scale the inputs or the weights down";
+}
+
 template <class T>
 conv_engine<T>::conv_engine(const T* x1, index_t n1, const T* x2, index_t n2, index_t h, index_t w, index_t c,
                             bool symmetric, const std::vector<conv_op>& ops, bool want_ntk, int threads,
@@ -722,10 +727,16 @@ conv_engine<T>::conv_engine(const T* x1, index_t n1, const T* x2, index_t n2, in
   pl.c = c;
   pl.symmetric = symmetric;
   pl.want_ntk = want_ntk;
-  pl.diag_mode = is_diag_mode(ops);
-  pl.st = make_stages(h, w, ops, pl.tab_len);
-  pl.buf_len = buffer_len(h, w, pl.st, pl.diag_mode, pl.max_pos, pl.acc_len);
-  for (const conv_op& op : ops) pl.max_taps = std::max<index_t>(pl.max_taps, index_t(op.fh) * op.fw);
+  {
+    conv_layout L = make_conv_layout(h, w, ops);
+    pl.diag_mode = L.diag_mode;
+    pl.st = std::move(L.st);
+    pl.tab_len = L.tab_len;
+    pl.buf_len = L.buf_len;
+    pl.max_pos = L.max_pos;
+    pl.acc_len = L.acc_len;
+    pl.max_taps = L.max_taps;
+  }
   try {
     pl.tab1.resize(size_t(n1 * pl.tab_len));
     if (!symmetric) pl.tab2.resize(size_t(n2 * pl.tab_len));
@@ -761,14 +772,7 @@ conv_engine<T>::conv_engine(const T* x1, index_t n1, const T* x2, index_t n2, in
       pl.self_ntk1[size_t(i)] = io.ntk;
     }
   });
-  if (bad_op.load() >= 0) {
-    const int k = bad_op.load();
-    const std::string where = k == 0 ? "the input covariance"
-                                     : "after op " + std::to_string(k - 1) + " (" + op_name(ops[size_t(k - 1)]) + ")";
-    throw fp_overflow(std::string("the kernel of an image with itself is not finite in ") +
-                      (sizeof(T) == 4 ? "float32" : "float64") + " " + where +
-                      ": the exact kernel leaves the dtype's range; scale the inputs or the weights down");
-  }
+  if (bad_op.load() >= 0) throw fp_overflow(conv_overflow_message(ops, bad_op.load(), sizeof(T) == 4));
   own.release();
 }
 
