@@ -129,9 +129,14 @@ ARCFLOW_STAGE void pad_plane(const T* in, const conv_stage& g, T* out) {
       continue;
     }
     const T* __restrict row = in + si * w;
-    for (index_t j = 0; j < lw; ++j) o[j] = circ ? row[src_index(j - lw, w, g.op.padding)] : T(0);
+    if (circ) {
+      for (index_t j = 0; j < lw; ++j) o[j] = row[src_index(j - lw, w, g.op.padding)];
+      for (index_t j = 0; j < rw; ++j) o[lw + w + j] = row[src_index(w + j, w, g.op.padding)];
+    } else {
+      for (index_t j = 0; j < lw; ++j) o[j] = T(0);
+      for (index_t j = 0; j < rw; ++j) o[lw + w + j] = T(0);
+    }
     for (index_t j = 0; j < w; ++j) o[lw + j] = row[j];
-    for (index_t j = 0; j < rw; ++j) o[lw + w + j] = circ ? row[src_index(w + j, w, g.op.padding)] : T(0);
   }
 }
 
@@ -228,17 +233,23 @@ ARCFLOW_STAGE void conv_full(const T* sin, const T* tin, const conv_stage& g, in
 }
 
 // The same on the same-position pairs only: a 2-D conv of the diagonal, one hp x wp plane (pad_plane; the
-// input itself for VALID), every tap (a, b) one flat shifted add over (ho - 1) wp + wo values as in conv_full.
+// input itself for VALID), separable: the sums along each row (fw flat shifted adds over (hp - 1) wp + wo
+// values, into the second half of the accumulators), then down the columns (fh adds of rows wp apart). Equal
+// receptive fields still give equal bits (the same values added in the same order).
 template <class T, bool Ntk>
 ARCFLOW_STAGE void conv_diag(const T* sin, const T* tin, const conv_stage& g, index_t* offs, T* acc_s, T* acc_t,
                              T* sout, T* tout) {
-  const index_t fh = g.op.fh, fw = g.op.fw, wp = g.wp, ho = g.ho, wo = g.wo, span = (ho - 1) * wp + wo;
+  const index_t fh = g.op.fh, fw = g.op.fw, hp = g.hp, wp = g.wp, ho = g.ho, wo = g.wo;
+  const index_t span = (ho - 1) * wp + wo, span_h = (hp - 1) * wp + wo;
   const T inv_f = T(1) / T(fh * fw), wv = T(g.op.w_var), bv = T(g.op.b_var);
-  index_t n = 0;
-  for (index_t a = 0; a < fh; ++a)
-    for (index_t b = 0; b < fw; ++b) offs[n++] = a * wp + b;
-  sum_offsets(sin, offs, n, span, acc_s);
-  if (Ntk) sum_offsets(tin, offs, n, span, acc_t);
+  T* hs = acc_s + hp * wp;
+  T* ht = acc_t + hp * wp;
+  for (index_t b = 0; b < fw; ++b) offs[b] = b;
+  sum_offsets(sin, offs, fw, span_h, hs);
+  if (Ntk) sum_offsets(tin, offs, fw, span_h, ht);
+  for (index_t a = 0; a < fh; ++a) offs[a] = a * wp;
+  sum_offsets(hs, offs, fh, span, acc_s);
+  if (Ntk) sum_offsets(ht, offs, fh, span, acc_t);
   for (index_t i = 0; i < ho; ++i)
     for (index_t j = 0; j < wo; ++j) {
       const T so = wv * (acc_s[i * wp + j] * inv_f) + bv;
@@ -425,8 +436,8 @@ struct conv_scratch {
         t(ntk ? size_t(buf) : 1),
         t2(ntk ? size_t(buf) : 1),
         yt(size_t(pos * c)),
-        acc_s(size_t(acc)),
-        acc_t(ntk ? size_t(acc) : 1),
+        acc_s(size_t(2 * acc)),
+        acc_t(ntk ? size_t(2 * acc) : 1),
         offs(size_t(taps)) {}
 };
 
@@ -558,9 +569,9 @@ pair_fn<T> select_pair_fn(bool ntk) {
   return ntk ? &run_pair_generic<T, true> : &run_pair_generic<T, false>;
 }
 
-// Values of one thread's scratch (conv_scratch): four pixel-pair arrays, two conv accumulators, the transposed
-// image.
-index_t scratch_values(index_t buf, index_t acc, index_t pos, index_t c) { return 4 * buf + 2 * acc + pos * c; }
+// Values of one thread's scratch (conv_scratch): four pixel-pair arrays, two conv accumulators of two planes each, the
+// transposed image.
+index_t scratch_values(index_t buf, index_t acc, index_t pos, index_t c) { return 4 * buf + 4 * acc + pos * c; }
 
 std::string mib(double bytes) { return std::to_string(static_cast<long long>(bytes / (1 << 20) + 0.5)) + " MiB"; }
 
