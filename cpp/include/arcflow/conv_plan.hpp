@@ -37,8 +37,10 @@ conv_layout make_conv_layout(index_t h, index_t w, const std::vector<conv_op>& o
 // The message of fp_overflow when an image's own recursion left T's range at op bad_op - 1 (0: the input).
 std::string conv_overflow_message(const std::vector<conv_op>& ops, int bad_op, bool single_precision);
 
-// Source index of a padded coordinate: wrapped (CIRCULAR), or -1 outside the image (SAME zeros).
-ARCFLOW_HD index_t conv_src_index(index_t i, index_t size, conv_padding pad) {
+// Source index of a padded coordinate: wrapped (CIRCULAR), or -1 outside the image (SAME zeros). I: index_t on
+// the CPU, int in the CUDA kernel (32-bit division is several times cheaper there).
+template <class I>
+ARCFLOW_HD I conv_src_index(I i, I size, conv_padding pad) {
   if (i >= 0 && i < size) return i;
   if (pad == conv_padding::circular) return ((i % size) + size) % size;
   return -1;

@@ -96,6 +96,8 @@ conv_engine_cuda<T>::conv_engine_cuda(const T* x1, index_t n1, const T* x2, inde
   ARCFLOW_CHECK(n1 >= 0 && n2 >= 0 && h >= 1 && w >= 1 && c >= 1, "bad image shape");
   ARCFLOW_CHECK(!symmetric || (x2 == x1 && n2 == n1), "symmetric needs x2 == x1");
   s.L = make_conv_layout(h, w, ops);
+  ARCFLOW_CHECK(s.L.buf_len < index_t(1) << 30,
+                "the images are too large for the CUDA engine (pixel-pair arrays of more than 2^30 values)");
   s.ops = ops;
   s.n1 = n1;
   s.n2 = n2;

@@ -15,6 +15,8 @@
 //   variances in the tables, and the gap sqrt(S11 S22) - S12 is exactly 0 there (no arccos(1 - eps)).
 // - The readouts sum in double: per thread in element order, then thread 0 over the threads in order (the same
 //   order for every pair of one launch configuration).
+// - Indices inside a pair's arrays are int (the host checks that they fit): 32-bit division is several times
+//   cheaper than 64-bit on the device, and every element splits its index into positions.
 // - Blocks take items (images, or pairs of rows [r0, r0 + rows) x columns [0, n2)) grid-stride; in the symmetric
 //   case pairs with j <= i are skipped (the host takes the diagonal from the self pass and mirrors).
 #include <algorithm>
@@ -86,9 +88,9 @@ __device__ double block_sum(const T* v, index_t n, index_t step, double* red) {
 template <class T>
 __device__ void input_dev(const T* x, const T* y, index_t P, index_t c, bool diag, bool ntk, T* s, T* t) {
   const T inv_c = T(1) / T(c);
-  const index_t n = diag ? P : P * P;
-  for (index_t e = threadIdx.x; e < n; e += blockDim.x) {
-    const index_t p = diag ? e : e / P, q = diag ? e : e % P;
+  const int Pi = int(P), n = diag ? Pi : Pi * Pi;
+  for (int e = threadIdx.x; e < n; e += blockDim.x) {
+    const index_t p = diag ? e : e / Pi, q = diag ? e : e % Pi;
     T acc = T(0);
     for (index_t k = 0; k < c; ++k) acc += x[p * c + k] * y[q * c + k];
     s[e] = acc * inv_c;
@@ -101,21 +103,22 @@ __device__ void input_dev(const T* x, const T* y, index_t P, index_t c, bool dia
 // Theta alongside: w mean(Theta) + Sigma_out.
 template <class T>
 __device__ void conv_dev(const T* sin, const T* tin, const conv_stage& g, bool diag, bool ntk, T* sout, T* tout) {
-  const index_t fh = g.op.fh, fw = g.op.fw, ho = g.ho, wo = g.wo, h = g.h, w = g.w, Pi = h * w, Po = ho * wo;
+  const int fh = g.op.fh, fw = g.op.fw, ho = int(g.ho), wo = int(g.wo), h = int(g.h), w = int(g.w);
+  const int lh = int(g.lh), lw = int(g.lw), Pi = h * w, Po = ho * wo;
   const conv_padding pad = g.op.padding;
   const T inv_f = T(1) / T(fh * fw), wv = T(g.op.w_var), bv = T(g.op.b_var);
-  const index_t n = diag ? Po : Po * Po;
-  for (index_t e = threadIdx.x; e < n; e += blockDim.x) {
-    const index_t po = diag ? e : e / Po, qo = diag ? e : e % Po;
-    const index_t i1 = po / wo, j1 = po % wo, i2 = qo / wo, j2 = qo % wo;
+  const int n = diag ? Po : Po * Po;
+  for (int e = threadIdx.x; e < n; e += blockDim.x) {
+    const int po = diag ? e : e / Po, qo = diag ? e : e % Po;
+    const int i1 = po / wo, j1 = po % wo, i2 = qo / wo, j2 = qo % wo;
     T as = T(0), at = T(0);
-    for (index_t a = 0; a < fh; ++a) {
-      const index_t si1 = conv_src_index(i1 + a - g.lh, h, pad), si2 = conv_src_index(i2 + a - g.lh, h, pad);
+    for (int a = 0; a < fh; ++a) {
+      const int si1 = conv_src_index(i1 + a - lh, h, pad), si2 = conv_src_index(i2 + a - lh, h, pad);
       if (si1 < 0 || si2 < 0) continue;
-      for (index_t b = 0; b < fw; ++b) {
-        const index_t sj1 = conv_src_index(j1 + b - g.lw, w, pad), sj2 = conv_src_index(j2 + b - g.lw, w, pad);
+      for (int b = 0; b < fw; ++b) {
+        const int sj1 = conv_src_index(j1 + b - lw, w, pad), sj2 = conv_src_index(j2 + b - lw, w, pad);
         if (sj1 < 0 || sj2 < 0) continue;
-        const index_t idx = diag ? si1 * w + sj1 : (si1 * w + sj1) * Pi + si2 * w + sj2;
+        const int idx = diag ? si1 * w + sj1 : (si1 * w + sj1) * Pi + si2 * w + sj2;
         as += sin[idx];
         if (ntk) at += tin[idx];
       }
@@ -132,25 +135,25 @@ __device__ void conv_dev(const T* sin, const T* tin, const conv_stage& g, bool d
 template <class T>
 __device__ T* pool_dev(T* a, T* tmp, const conv_stage& g) {
   const conv_op& op = g.op;
-  index_t d[4] = {g.h, g.w, g.h, g.w};
-  const index_t od[4] = {g.ho, g.wo, g.ho, g.wo};
-  const index_t win[4] = {op.fh, op.fw, op.fh, op.fw}, str[4] = {op.sh, op.sw, op.sh, op.sw};
-  const index_t lo[4] = {g.lh, g.lw, g.lh, g.lw};
+  int d[4] = {int(g.h), int(g.w), int(g.h), int(g.w)};
+  const int od[4] = {int(g.ho), int(g.wo), int(g.ho), int(g.wo)};
+  const int win[4] = {op.fh, op.fw, op.fh, op.fw}, str[4] = {op.sh, op.sw, op.sh, op.sw};
+  const int lo[4] = {int(g.lh), int(g.lw), int(g.lh), int(g.lw)};
   const int order[4] = {0, 2, 1, 3};
   T* src = a;
   T* dst = tmp;
   for (int oi = 0; oi < 4; ++oi) {
     const int ax = order[oi];
-    index_t inner = 1, outer = 1;
+    int inner = 1, outer = 1;
     for (int k = 0; k < ax; ++k) outer *= d[k];
     for (int k = ax + 1; k < 4; ++k) inner *= d[k];
-    const index_t len = d[ax], olen = od[ax], n = outer * olen * inner;
+    const int len = d[ax], olen = od[ax], n = outer * olen * inner;
     const T inv = T(1) / T(win[ax]);
-    for (index_t e = threadIdx.x; e < n; e += blockDim.x) {
-      const index_t kk = e % inner, rest = e / inner, i = rest % olen, o = rest / olen;
+    for (int e = threadIdx.x; e < n; e += blockDim.x) {
+      const int kk = e % inner, rest = e / inner, i = rest % olen, o = rest / olen;
       T acc = T(0);
-      for (index_t q = 0; q < win[ax]; ++q) {
-        const index_t si = conv_src_index(i * str[ax] + q - lo[ax], len, op.padding);
+      for (int q = 0; q < win[ax]; ++q) {
+        const int si = conv_src_index(i * str[ax] + q - lo[ax], len, op.padding);
         if (si >= 0) acc += src[(o * len + si) * inner + kk];
       }
       dst[e] = acc * inv;
@@ -197,9 +200,9 @@ __device__ void act_dev(const Act& act, const act_params& p, bool diag, bool sel
   }
   const T* a = own;
   const T* b = self ? own : other;
-  const index_t n = diag ? P : P * P;
-  for (index_t e = threadIdx.x; e < n; e += blockDim.x) {
-    const index_t i = diag ? e : e / P, j = diag ? e : e % P;
+  const int Pi = int(P), n = diag ? Pi : Pi * Pi;
+  for (int e = threadIdx.x; e < n; e += blockDim.x) {
+    const int i = diag ? e : e / Pi, j = diag ? e : e % Pi;
     const pair_out<T> o = act_pair_dev<T>(act, s[e], a[i], a[P + i], a[2 * P + i], a[3 * P + i], a[4 * P + i], b[j],
                                           b[P + j], b[2 * P + j], b[3 * P + j], b[4 * P + j]);
     s[e] = o.t;
