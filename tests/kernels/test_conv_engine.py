@@ -34,6 +34,10 @@ NETS = {
     "sign-nngp": [_conv(), stax.Sign(), _conv(), stax.Relu(), stax.GlobalAvgPool()],
     "step-nngp": [_conv("CIRCULAR"), stax.RectifiedMonomial(0), _conv("VALID"), stax.Erf(), stax.Flatten()],
     "fc-per-layer": [stax.Dense(3, 1.2, 0.1), stax.Erf(), stax.Dense(3, 0.8), stax.Relu(), stax.Dense(1, 1.7, 0.4)],
+    # ops before the first Conv / Dense, while Theta is still identically 0 (the engine skips its arrays)
+    "pool-first": [stax.AvgPool((2, 2), padding="SAME"), _conv("CIRCULAR"), stax.Relu(), stax.Flatten()],
+    "readout-first": [stax.AvgPool((2, 2)), stax.GlobalAvgPool(), stax.Dense(1, 1.2, 0.3), stax.Relu(),
+                      stax.Dense(1)],
 }
 
 

@@ -202,9 +202,23 @@ ARCFLOW_STAGE void sum_offsets(const T* in, const index_t* offs, index_t n, inde
   }
 }
 
+// A conv's outputs from its sums (ho x wo of them at row stride wp): Sigma = w mean + b, Theta = w mean(Theta) +
+// Sigma. tz: the input Theta is identically 0 (before the first conv or Dense), so its sums were skipped and
+// Theta is Sigma itself (w (0 / f) + Sigma: the same value).
+template <class T, bool Ntk>
+ARCFLOW_STAGE void conv_out(const T* acc_s, const T* acc_t, index_t wp, index_t ho, index_t wo, T wv, T inv_f, T bv,
+                            bool tz, T* __restrict so, T* __restrict to) {
+  for (index_t i = 0; i < ho; ++i)
+    for (index_t j = 0; j < wo; ++j) {
+      const T v = wv * (acc_s[i * wp + j] * inv_f) + bv;
+      so[i * wo + j] = v;
+      if (Ntk) to[i * wo + j] = tz ? v : wv * (acc_t[i * wp + j] * inv_f) + v;
+    }
+}
+
 template <class T, bool Ntk>
 ARCFLOW_STAGE void conv_full(const T* sin, const T* tin, const conv_stage& g, index_t* offs, T* acc_s, T* acc_t,
-                             T* sout, T* tout) {
+                             T* sout, T* tout, bool tz) {
   const index_t fh = g.op.fh, fw = g.op.fw, hp = g.hp, wp = g.wp, ho = g.ho, wo = g.wo;
   const index_t plane = hp * wp, span = (ho - 1) * wp + wo, Po = ho * wo;
   const T inv_f = T(1) / T(fh * fw), wv = T(g.op.w_var), bv = T(g.op.b_var);
@@ -220,15 +234,10 @@ ARCFLOW_STAGE void conv_full(const T* sin, const T* tin, const conv_stage& g, in
         }
       }
       sum_offsets(sin, offs, n, span, acc_s);
-      if (Ntk) sum_offsets(tin, offs, n, span, acc_t);
+      if (Ntk && !tz) sum_offsets(tin, offs, n, span, acc_t);
       T* __restrict so = sout + (i1 * wo + j1) * Po;
       T* __restrict to = Ntk ? tout + (i1 * wo + j1) * Po : tout;
-      for (index_t i2 = 0; i2 < ho; ++i2)
-        for (index_t j2 = 0; j2 < wo; ++j2) {
-          const T v = wv * (acc_s[i2 * wp + j2] * inv_f) + bv;
-          so[i2 * wo + j2] = v;
-          if (Ntk) to[i2 * wo + j2] = wv * (acc_t[i2 * wp + j2] * inv_f) + v;
-        }
+      conv_out<T, Ntk>(acc_s, acc_t, wp, ho, wo, wv, inv_f, bv, tz, so, to);
     }
 }
 
@@ -238,7 +247,7 @@ ARCFLOW_STAGE void conv_full(const T* sin, const T* tin, const conv_stage& g, in
 // receptive fields still give equal bits (the same values added in the same order).
 template <class T, bool Ntk>
 ARCFLOW_STAGE void conv_diag(const T* sin, const T* tin, const conv_stage& g, index_t* offs, T* acc_s, T* acc_t,
-                             T* sout, T* tout) {
+                             T* sout, T* tout, bool tz) {
   const index_t fh = g.op.fh, fw = g.op.fw, hp = g.hp, wp = g.wp, ho = g.ho, wo = g.wo;
   const index_t span = (ho - 1) * wp + wo, span_h = (hp - 1) * wp + wo;
   const T inv_f = T(1) / T(fh * fw), wv = T(g.op.w_var), bv = T(g.op.b_var);
@@ -246,16 +255,11 @@ ARCFLOW_STAGE void conv_diag(const T* sin, const T* tin, const conv_stage& g, in
   T* ht = acc_t + hp * wp;
   for (index_t b = 0; b < fw; ++b) offs[b] = b;
   sum_offsets(sin, offs, fw, span_h, hs);
-  if (Ntk) sum_offsets(tin, offs, fw, span_h, ht);
+  if (Ntk && !tz) sum_offsets(tin, offs, fw, span_h, ht);
   for (index_t a = 0; a < fh; ++a) offs[a] = a * wp;
   sum_offsets(hs, offs, fh, span, acc_s);
-  if (Ntk) sum_offsets(ht, offs, fh, span, acc_t);
-  for (index_t i = 0; i < ho; ++i)
-    for (index_t j = 0; j < wo; ++j) {
-      const T so = wv * (acc_s[i * wp + j] * inv_f) + bv;
-      sout[i * wo + j] = so;
-      if (Ntk) tout[i * wo + j] = wv * (acc_t[i * wp + j] * inv_f) + so;
-    }
+  if (Ntk && !tz) sum_offsets(ht, offs, fh, span, acc_t);
+  conv_out<T, Ntk>(acc_s, acc_t, wp, ho, wo, wv, inv_f, bv, tz, sout, tout);
 }
 
 // Dense on the pair's scalar (after the readout, or rows): the conv's formula with one offset.
@@ -474,7 +478,13 @@ ARCFLOW_STAGE void run_pair(const typename conv_engine<T>::plan& pl, pair_io<T>&
     input_diag(io.x, io.y, P, pl.c, s);
   else
     input_full(io.x, io.y, P, pl.c, sc.yt.data(), s);
-  if (Ntk) std::fill(t, t + (diag ? P : P * P), T(0));
+  // Theta starts identically 0: until the first conv or Dense it is not stored (tz), and an op that needs its
+  // values before then (an activation, a readout) writes the zeros first.
+  bool tz = Ntk;
+  auto zero_theta = [&]() {
+    if (tz) std::fill(t, t + (diag || P == 1 ? P : P * P), T(0));
+    tz = false;
+  };
   io.bad_op = -1;
   if (io.self && !finite_diag(s, P, diag)) {
     io.bad_op = 0;
@@ -485,33 +495,36 @@ ARCFLOW_STAGE void run_pair(const typename conv_engine<T>::plan& pl, pair_io<T>&
     const conv_op& op = g.op;
     switch (op.kind) {
       case conv_op_kind::dense:
+        zero_theta();
         dense_scalar<T, Ntk>(s, t, op);
         break;
       case conv_op_kind::conv:
         if (op.padding == conv_padding::valid) {
           if (diag)
-            conv_diag<T, Ntk>(s, t, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), so, to);
+            conv_diag<T, Ntk>(s, t, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), so, to, tz);
           else
-            conv_full<T, Ntk>(s, t, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), so, to);
+            conv_full<T, Ntk>(s, t, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), so, to, tz);
           std::swap(s, so);
           std::swap(t, to);
         } else if (diag) {  // pad into the spare buffers, then convolve back into the arrays themselves
           pad_plane(s, g, so);
-          if (Ntk) pad_plane(t, g, to);
-          conv_diag<T, Ntk>(so, to, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), s, t);
+          if (Ntk && !tz) pad_plane(t, g, to);
+          conv_diag<T, Ntk>(so, to, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), s, t, tz);
         } else {
           pad_planes(s, g, so);
-          if (Ntk) pad_planes(t, g, to);
-          conv_full<T, Ntk>(so, to, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), s, t);
+          if (Ntk && !tz) pad_planes(t, g, to);
+          conv_full<T, Ntk>(so, to, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), s, t, tz);
         }
+        tz = false;
         P = g.ho * g.wo;
         break;
       case conv_op_kind::pool:
         if (pool_full(s, so, g) != s) std::swap(s, so);
-        if (Ntk && pool_full(t, to, g) != t) std::swap(t, to);
+        if (Ntk && !tz && pool_full(t, to, g) != t) std::swap(t, to);
         P = g.ho * g.wo;
         break;
       case conv_op_kind::act: {
+        zero_theta();
         T* own = io.tab1 + g.tab;  // self: written here from the diagonal
         if (io.self)
           for (index_t p = 0; p < P; ++p) own[p] = diag ? s[p] : s[p * P + p];
@@ -521,6 +534,7 @@ ARCFLOW_STAGE void run_pair(const typename conv_engine<T>::plan& pl, pair_io<T>&
       }
       case conv_op_kind::flatten:
       case conv_op_kind::gap: {
+        zero_theta();
         const bool all = op.kind == conv_op_kind::gap;
         // the values summed: all P^2 pairs (GAP), or the P same-position pairs (Flatten; stride P + 1 in full)
         const index_t cnt_v = all ? P * P : P, step = all || diag ? 1 : P + 1;
