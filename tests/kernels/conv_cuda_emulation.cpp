@@ -90,7 +90,7 @@ struct emulated_engine {
 
   void launch(const conv_args<T>& g, index_t blocks) {
     for (unsigned b = 0; b < unsigned(blocks); ++b)
-      emu_run_block(b, unsigned(blocks), threads, [&g] { conv_pair_kernel<T>(g); });
+      emu_run_block({b, 0, 0}, {unsigned(blocks), 1, 1}, threads, [&g] { conv_pair_kernel<T>(g); });
   }
 
   void rows(index_t r0, index_t r1, T* nngp, T* ntkout) {

@@ -103,21 +103,10 @@ double run_case(const act_params& ap, double wv, double bv, int depth, int fix, 
     g.sq_gs = T(std::sqrt(p.gram_scale));
     g.w_sd = T(std::sqrt(wv));
     constexpr int BM = TY * tile_cfg<T>::TM, BN = TX * tile_cfg<T>::TN;
-    for (unsigned by = 0; by < unsigned((n1 + BM - 1) / BM); ++by)
-      for (unsigned bx = 0; bx < unsigned((n2 + BN - 1) / BN); ++bx) {
-        blockIdx.x = bx;
-        blockIdx.y = by;
-        std::barrier<> bar(NTHREADS);
-        emu_barrier = &bar;
-        std::vector<std::thread> th;
-        th.reserve(NTHREADS);
-        for (int t = 0; t < NTHREADS; ++t)
-          th.emplace_back([&, t] {
-            threadIdx.x = unsigned(t);
-            fc_tile_kernel<T, Act>(g, act);
-          });
-        for (auto& x : th) x.join();
-      }
+    const unsigned gx = unsigned((n2 + BN - 1) / BN), gy = unsigned((n1 + BM - 1) / BM);
+    for (unsigned by = 0; by < gy; ++by)
+      for (unsigned bx = 0; bx < gx; ++bx)
+        emu_run_block({bx, by, 0}, {gx, gy, 1}, NTHREADS, [&] { fc_tile_kernel<T, Act>(g, act); });
     if (sym) {  // the CUDA backend's diag (computed on the host from the row norms)
       const size_t nn1 = static_cast<size_t>(n1);
       std::vector<T> dn(nn1), dt(nn1), en(nn1, T(-5)), et(nn1, T(-5));

@@ -24,12 +24,12 @@ std::barrier<>* emu_barrier = nullptr;
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __dadd_rn(double a, double b) { return a + b; }
 
-// Runs fn() as every thread of block `block` of a grid of `grid` blocks of `threads` threads.
+// Runs fn() as every thread of block `block` of a grid `grid` of blocks of `threads` threads.
 template <class F>
-void emu_run_block(unsigned block, unsigned grid, unsigned threads, F&& fn) {
-  blockIdx.x = block;
-  gridDim.x = grid;
-  blockDim.x = threads;
+void emu_run_block(emu_dim3 block, emu_dim3 grid, unsigned threads, F&& fn) {
+  blockIdx = block;
+  gridDim = grid;
+  blockDim = emu_dim3{threads, 1, 1};
   std::barrier<> bar(threads);
   emu_barrier = &bar;
   std::vector<std::thread> th;

@@ -7,8 +7,16 @@
 #include <string>
 #include <vector>
 
+#include "arcflow/activations.hpp"
 #include "arcflow/common.hpp"
 #include "arcflow/conv_kernel.hpp"
+
+// Always inlined on the host too: the CPU engine's activation loops vectorise only with the pair formula inline.
+#if defined(__CUDACC__)
+#define ARCFLOW_CONV_HD __host__ __device__ __forceinline__
+#else
+#define ARCFLOW_CONV_HD inline __attribute__((always_inline))
+#endif
 
 namespace arcflow {
 
@@ -44,6 +52,19 @@ ARCFLOW_HD I conv_src_index(I i, I size, conv_padding pad) {
   if (i >= 0 && i < size) return i;
   if (pad == conv_padding::circular) return ((i % size) + size) % size;
   return -1;
+}
+
+// T and Tdot at one position pair from the two variances and the covariance, for both engines. P = sqrt(s1 s2) is
+// s1 itself when the variances are equal (exact), r1 r2 otherwise; the gaps P -/+ s12 then vanish exactly for
+// equal patches.
+template <class T, class Act>
+ARCFLOW_CONV_HD pair_out<T> conv_act_pair(const Act& act, T s12, T s1, T r1, T ir1, T pa1, T pb1, T s2, T r2, T ir2,
+                                          T pa2, T pb2) {
+  const T P = s1 == s2 ? s1 : r1 * r2;
+  const T h = T(0.5) * (ir1 * ir2);
+  const T dm = P - s12, dp = P + s12;
+  const T gm = dm > T(0) ? dm : T(0), gp = dp > T(0) ? dp : T(0);
+  return act.pair(s12, gm, gp, P, h, pa1, pb1, T(0), pa2, pb2, T(0));
 }
 
 }  // namespace arcflow

@@ -338,18 +338,6 @@ ARCFLOW_STAGE void act_factors(const act_params& p, const T* s, index_t n, T* f)
   }
 }
 
-// T and Tdot at one position pair from the two variances and the covariance. P = sqrt(s1 s2) is s1 itself when
-// the variances are equal (exact), r1 r2 otherwise; the gaps P -/+ s12 then vanish exactly for equal patches.
-template <class T, class Act>
-ARCFLOW_STAGE pair_out<T> act_pair(const Act& act, T s12, T s1, T r1, T ir1, T pa1, T pb1, T s2, T r2, T ir2, T pa2,
-                                   T pb2) {
-  const T P = s1 == s2 ? s1 : r1 * r2;
-  const T h = T(0.5) * (ir1 * ir2);
-  const T dm = P - s12, dp = P + s12;
-  const T gm = dm > T(0) ? dm : T(0), gp = dp > T(0) ? dp : T(0);
-  return act.pair(s12, gm, gp, P, h, pa1, pb1, T(0), pa2, pb2, T(0));
-}
-
 // The activation on every position pair (full: P1 x P2 with the two images' factor arrays f1, f2) or on the
 // same-position pairs (diag: P values).
 template <class T, class Act, bool Ntk>
@@ -361,7 +349,7 @@ ARCFLOW_STAGE void act_full(const Act& act, const T* s1, const T* f1, const T* s
     const T* __restrict b_s = s2, * __restrict b_r = f2, * __restrict b_ir = f2 + P, * __restrict b_pa = f2 + 2 * P, * __restrict b_pb = f2 + 3 * P;
     for (index_t q = 0; q < P; ++q) {
       const pair_out<T> o =
-          act_pair<T>(act, so[q], a_s, a_r, a_ir, a_pa, a_pb, b_s[q], b_r[q], b_ir[q], b_pa[q], b_pb[q]);
+          conv_act_pair<T>(act, so[q], a_s, a_r, a_ir, a_pa, a_pb, b_s[q], b_r[q], b_ir[q], b_pa[q], b_pb[q]);
       so[q] = o.t;
       if (Ntk) to[q] = o.tdot * to[q];
     }
@@ -376,8 +364,8 @@ ARCFLOW_STAGE void act_diag(const Act& act, const T* s1, const T* f1, const T* s
   T* __restrict to = t;
 #pragma GCC ivdep
   for (index_t p = 0; p < P; ++p) {
-    const pair_out<T> o =
-        act_pair<T>(act, so[p], a_s[p], a_r[p], a_ir[p], a_pa[p], a_pb[p], b_s[p], b_r[p], b_ir[p], b_pa[p], b_pb[p]);
+    const pair_out<T> o = conv_act_pair<T>(act, so[p], a_s[p], a_r[p], a_ir[p], a_pa[p], a_pb[p], b_s[p], b_r[p],
+                                           b_ir[p], b_pa[p], b_pb[p]);
     so[p] = o.t;
     if (Ntk) to[p] = o.tdot * to[p];
   }

@@ -167,18 +167,6 @@ __device__ T* pool_dev(T* a, T* tmp, const conv_stage& g) {
   return src;
 }
 
-// T and Tdot at one position pair, as the CPU engine's act_pair: P = s1 when the variances are equal (exact),
-// r1 r2 otherwise, so the gaps P -/+ s12 vanish exactly for equal patches.
-template <class T, class Act>
-__device__ pair_out<T> act_pair_dev(const Act& act, T s12, T s1, T r1, T ir1, T pa1, T pb1, T s2, T r2, T ir2, T pa2,
-                                    T pb2) {
-  const T P = s1 == s2 ? s1 : r1 * r2;
-  const T h = T(0.5) * (ir1 * ir2);
-  const T dm = P - s12, dp = P + s12;
-  const T gm = dm > T(0) ? dm : T(0), gp = dp > T(0) ? dp : T(0);
-  return act.pair(s12, gm, gp, P, h, pa1, pb1, T(0), pa2, pb2, T(0));
-}
-
 // One activation on the pairs. Table rows hold each position's variance, then r, 1/r, pa, pb (P values each);
 // the self pass writes its image's row from the diagonal first.
 template <class T, class Act>
@@ -203,8 +191,8 @@ __device__ void act_dev(const Act& act, const act_params& p, bool diag, bool sel
   const int Pi = int(P), n = diag ? Pi : Pi * Pi;
   for (int e = threadIdx.x; e < n; e += blockDim.x) {
     const int i = diag ? e : e / Pi, j = diag ? e : e % Pi;
-    const pair_out<T> o = act_pair_dev<T>(act, s[e], a[i], a[P + i], a[2 * P + i], a[3 * P + i], a[4 * P + i], b[j],
-                                          b[P + j], b[2 * P + j], b[3 * P + j], b[4 * P + j]);
+    const pair_out<T> o = conv_act_pair<T>(act, s[e], a[i], a[P + i], a[2 * P + i], a[3 * P + i], a[4 * P + i], b[j],
+                                           b[P + j], b[2 * P + j], b[3 * P + j], b[4 * P + j]);
     s[e] = o.t;
     if (ntk) t[e] = o.tdot * t[e];
   }
