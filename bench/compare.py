@@ -412,8 +412,14 @@ def _finish(res, job, drop_env):
     return res
 
 
+# run_pair's pause before each timed call: the threads of the program that ran last (XLA's pool, OpenMP's team)
+# spin for a while after their call returns, and would otherwise run into the other program's timed call.
+PAUSE_S = 0.2
+
+
 def run_pair(job_a, job_b, rounds, kw_a=None, kw_b=None):
-    """Run two programs side by side, interleaved rep by rep (A B, B A, A B, ...).
+    """Run two programs side by side, interleaved rep by rep (A B, B A, A B, ...), with a pause of PAUSE_S
+    before every timed call.
 
     Each worker sets up and warms up first (one after the other), then the driver asks for one timed
     call at a time. Returns both results; the B result carries the per-round ratios t_B / t_A.
@@ -436,6 +442,7 @@ def run_pair(job_a, job_b, rounds, kw_a=None, kw_b=None):
         for r in range(rounds):
             order = (0, 1) if r % 2 == 0 else (1, 0)
             for i in order:
+                time.sleep(PAUSE_S)
                 procs[i].stdin.write("run\n")
                 procs[i].stdin.flush()
                 times[i].append(float(_expect(procs[i], errs[i], "TIME ", (job_a, job_b)[i])))
