@@ -141,7 +141,7 @@ ARCFLOW_STAGE void pad_plane(const T* in, const conv_stage& g, T* out) {
 }
 
 // The second position padded for a conv: every first position's h x w plane becomes an hp x wp plane. The
-// first position is padded by index in conv_full (no copy).
+// first position is padded by index in conv_full_sep (no copy).
 template <class T>
 ARCFLOW_STAGE void pad_planes(const T* in, const conv_stage& g, T* out) {
   for (index_t p = 0; p < g.h * g.w; ++p) pad_plane(in + p * g.h * g.w, g, out + p * g.hp * g.wp);
@@ -150,8 +150,8 @@ ARCFLOW_STAGE void pad_planes(const T* in, const conv_stage& g, T* out) {
 // Conv on every position pair: out[p, q] = w mean_{a, b} in[p + (a, b), q + (a, b)] + b, and Theta alongside:
 // w mean(Theta) + Sigma_out. `in` holds hp x wp planes (pad_planes; the input itself for VALID); the first
 // position's padding is by index (a plane outside the image adds nothing, SAME; wrapped, CIRCULAR). With the
-// accumulator in the planes' row stride wp, each offset (a, b) is one flat shifted add over (ho - 1) wp + wo
-// values. The offsets are summed in the same order for every pair, so equal receptive fields give equal bits.
+// accumulator in the planes' row stride wp, each offset is one flat shifted add over the plane (conv_full_sep,
+// conv_diag). The offsets are summed in the same order for every pair, so equal receptive fields give equal bits.
 // M more offsets added to the running sum in one pass (First: the sum starts with them), left to right.
 template <class T, int M, bool First>
 ARCFLOW_STAGE void sum_chunk(const T* in, const index_t* o, index_t span, T* __restrict acc) {
@@ -216,25 +216,38 @@ ARCFLOW_STAGE void conv_out(const T* acc_s, const T* acc_t, index_t wp, index_t 
     }
 }
 
+// The conv on every position pair, in two separable passes: the sums over the filter's columns b for every image
+// row r of the first position and output column j1 (planes H[r, j1] of the second position, fw flat shifted adds
+// over (hp - 1) wp + wo values each), then over its rows a (fh adds of H planes, rows wp apart); a tap of the
+// first position outside the image is skipped (SAME) or wrapped (CIRCULAR) by index. 2 fh fw / (fh + fw) times
+// fewer adds than one pass over the fh fw taps, for one more pass over an array of h wo planes (sh, th: a spare
+// buffer; sin may be sout, since the first pass reads all of sin before the second writes).
 template <class T, bool Ntk>
-ARCFLOW_STAGE void conv_full(const T* sin, const T* tin, const conv_stage& g, index_t* offs, T* acc_s, T* acc_t,
-                             T* sout, T* tout, bool tz) {
-  const index_t fh = g.op.fh, fw = g.op.fw, hp = g.hp, wp = g.wp, ho = g.ho, wo = g.wo;
-  const index_t plane = hp * wp, span = (ho - 1) * wp + wo, Po = ho * wo;
+ARCFLOW_STAGE void conv_full_sep(const T* sin, const T* tin, T* sh, T* th, const conv_stage& g, index_t* offs, T* acc_s,
+                                 T* acc_t, T* sout, T* tout, bool tz) {
+  const index_t fh = g.op.fh, fw = g.op.fw, hp = g.hp, wp = g.wp, ho = g.ho, wo = g.wo, h = g.h, w = g.w;
+  const index_t plane = hp * wp, span = (ho - 1) * wp + wo, span_h = (hp - 1) * wp + wo, Po = ho * wo;
   const T inv_f = T(1) / T(fh * fw), wv = T(g.op.w_var), bv = T(g.op.b_var);
+  for (index_t r = 0; r < h; ++r)
+    for (index_t j1 = 0; j1 < wo; ++j1) {
+      index_t n = 0;
+      for (index_t b = 0; b < fw; ++b) {
+        const index_t sj = src_index(j1 + b - g.lw, w, g.op.padding);
+        if (sj >= 0) offs[n++] = (r * w + sj) * plane + b;
+      }
+      const index_t o = (r * wo + j1) * plane;
+      sum_offsets(sin, offs, n, span_h, sh + o);
+      if (Ntk && !tz) sum_offsets(tin, offs, n, span_h, th + o);
+    }
   for (index_t i1 = 0; i1 < ho; ++i1)
     for (index_t j1 = 0; j1 < wo; ++j1) {
-      index_t n = 0;  // the valid offsets (a, b), in order
+      index_t n = 0;
       for (index_t a = 0; a < fh; ++a) {
-        const index_t si = src_index(i1 + a - g.lh, g.h, g.op.padding);
-        if (si < 0) continue;
-        for (index_t b = 0; b < fw; ++b) {
-          const index_t sj = src_index(j1 + b - g.lw, g.w, g.op.padding);
-          if (sj >= 0) offs[n++] = (si * g.w + sj) * plane + a * wp + b;
-        }
+        const index_t si = src_index(i1 + a - g.lh, h, g.op.padding);
+        if (si >= 0) offs[n++] = (si * wo + j1) * plane + a * wp;
       }
-      sum_offsets(sin, offs, n, span, acc_s);
-      if (Ntk && !tz) sum_offsets(tin, offs, n, span, acc_t);
+      sum_offsets(sh, offs, n, span, acc_s);
+      if (Ntk && !tz) sum_offsets(th, offs, n, span, acc_t);
       T* __restrict so = sout + (i1 * wo + j1) * Po;
       T* __restrict to = Ntk ? tout + (i1 * wo + j1) * Po : tout;
       conv_out<T, Ntk>(acc_s, acc_t, wp, ho, wo, wv, inv_f, bv, tz, so, to);
@@ -242,7 +255,7 @@ ARCFLOW_STAGE void conv_full(const T* sin, const T* tin, const conv_stage& g, in
 }
 
 // The same on the same-position pairs only: a 2-D conv of the diagonal, one hp x wp plane (pad_plane; the
-// input itself for VALID), separable: the sums along each row (fw flat shifted adds over (hp - 1) wp + wo
+// input itself for VALID), also separable: the sums along each row (fw flat shifted adds over (hp - 1) wp + wo
 // values, into the second half of the accumulators), then down the columns (fh adds of rows wp apart). Equal
 // receptive fields still give equal bits (the same values added in the same order).
 template <class T, bool Ntk>
@@ -488,20 +501,23 @@ ARCFLOW_STAGE void run_pair(const typename conv_engine<T>::plan& pl, pair_io<T>&
         break;
       case conv_op_kind::conv:
         if (op.padding == conv_padding::valid) {
-          if (diag)
+          if (diag) {
             conv_diag<T, Ntk>(s, t, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), so, to, tz);
-          else
-            conv_full<T, Ntk>(s, t, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), so, to, tz);
-          std::swap(s, so);
-          std::swap(t, to);
+            std::swap(s, so);
+            std::swap(t, to);
+          } else {  // the column sums into the spare buffers, the result back into the arrays
+            conv_full_sep<T, Ntk>(s, t, so, to, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), s, t, tz);
+          }
         } else if (diag) {  // pad into the spare buffers, then convolve back into the arrays themselves
           pad_plane(s, g, so);
           if (Ntk && !tz) pad_plane(t, g, to);
           conv_diag<T, Ntk>(so, to, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), s, t, tz);
         } else {
-          pad_planes(s, g, so);
+          pad_planes(s, g, so);  // padded into the spare buffers, column sums into the arrays, result in the spares
           if (Ntk && !tz) pad_planes(t, g, to);
-          conv_full<T, Ntk>(so, to, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), s, t, tz);
+          conv_full_sep<T, Ntk>(so, to, s, t, g, sc.offs.data(), sc.acc_s.data(), sc.acc_t.data(), so, to, tz);
+          std::swap(s, so);
+          std::swap(t, to);
         }
         tz = false;
         P = g.ho * g.wo;
