@@ -39,13 +39,7 @@ struct conv_engine<T>::plan {
   const T *x1, *x2;
   index_t n1, n2, h, w, c;
   bool symmetric, want_ntk;
-  bool diag_mode;  // no AvgPool, no GlobalAvgPool: only the same-position pairs (p, p) are needed
-  std::vector<conv_stage> st;
-  index_t tab_len = 0;   // table values per image (sum of the activations' positions)
-  index_t buf_len = 1;   // values per scratch array
-  index_t max_pos = 1;   // largest number of positions (factor arrays)
-  index_t acc_len = 1;   // a conv's accumulator plane (hp wp)
-  index_t max_taps = 1;  // the largest filter (fh fw)
+  conv_layout L;  // the ops with their sizes, the table and scratch lengths (conv_plan.hpp)
   std::vector<T> tab1, tab2;
   std::vector<T> self_nngp1, self_ntk1;
 };
@@ -64,8 +58,6 @@ index_t pad_before(index_t size, index_t window, index_t stride, conv_padding pa
   const index_t total = std::max<index_t>((out - 1) * stride + window - size, 0);
   return total / 2;
 }
-
-inline index_t src_index(index_t i, index_t size, conv_padding pad) { return conv_src_index(i, size, pad); }
 
 std::string op_name(const conv_op& op) {
   switch (op.kind) {
@@ -123,15 +115,15 @@ ARCFLOW_STAGE void pad_plane(const T* in, const conv_stage& g, T* out) {
   const bool circ = g.op.padding == conv_padding::circular;
   for (index_t i2 = 0; i2 < hp; ++i2) {
     T* __restrict o = out + i2 * wp;
-    const index_t si = src_index(i2 - g.lh, h, g.op.padding);
+    const index_t si = conv_src_index(i2 - g.lh, h, g.op.padding);
     if (si < 0) {
       for (index_t j = 0; j < wp; ++j) o[j] = T(0);
       continue;
     }
     const T* __restrict row = in + si * w;
     if (circ) {
-      for (index_t j = 0; j < lw; ++j) o[j] = row[src_index(j - lw, w, g.op.padding)];
-      for (index_t j = 0; j < rw; ++j) o[lw + w + j] = row[src_index(w + j, w, g.op.padding)];
+      for (index_t j = 0; j < lw; ++j) o[j] = row[conv_src_index(j - lw, w, g.op.padding)];
+      for (index_t j = 0; j < rw; ++j) o[lw + w + j] = row[conv_src_index(w + j, w, g.op.padding)];
     } else {
       for (index_t j = 0; j < lw; ++j) o[j] = T(0);
       for (index_t j = 0; j < rw; ++j) o[lw + w + j] = T(0);
@@ -232,7 +224,7 @@ ARCFLOW_STAGE void conv_full_sep(const T* sin, const T* tin, T* sh, T* th, const
     for (index_t j1 = 0; j1 < wo; ++j1) {
       index_t n = 0;
       for (index_t b = 0; b < fw; ++b) {
-        const index_t sj = src_index(j1 + b - g.lw, w, g.op.padding);
+        const index_t sj = conv_src_index(j1 + b - g.lw, w, g.op.padding);
         if (sj >= 0) offs[n++] = (r * w + sj) * plane + b;
       }
       const index_t o = (r * wo + j1) * plane;
@@ -243,7 +235,7 @@ ARCFLOW_STAGE void conv_full_sep(const T* sin, const T* tin, T* sh, T* th, const
     for (index_t j1 = 0; j1 < wo; ++j1) {
       index_t n = 0;
       for (index_t a = 0; a < fh; ++a) {
-        const index_t si = src_index(i1 + a - g.lh, h, g.op.padding);
+        const index_t si = conv_src_index(i1 + a - g.lh, h, g.op.padding);
         if (si >= 0) offs[n++] = (si * wo + j1) * plane + a * wp;
       }
       sum_offsets(sh, offs, n, span, acc_s);
@@ -265,7 +257,7 @@ ARCFLOW_STAGE void conv_diag(const T* sin, const T* tin, const conv_stage& g, in
   const index_t span = (ho - 1) * wp + wo, span_h = (hp - 1) * wp + wo;
   const T inv_f = T(1) / T(fh * fw), wv = T(g.op.w_var), bv = T(g.op.b_var);
   T* hs = acc_s + hp * wp;
-  T* ht = acc_t + hp * wp;
+  T* ht = Ntk ? acc_t + hp * wp : acc_t;  // without the NTK, acc_t is one value
   for (index_t b = 0; b < fw; ++b) offs[b] = b;
   sum_offsets(sin, offs, fw, span_h, hs);
   if (Ntk && !tz) sum_offsets(tin, offs, fw, span_h, ht);
@@ -294,7 +286,7 @@ ARCFLOW_STAGE void pool_axis(const T* in, T* out, index_t outer, index_t len, in
       T* __restrict dst = out + (o * olen + i) * inner;
       for (index_t k = 0; k < inner; ++k) dst[k] = T(0);
       for (index_t a = 0; a < window; ++a) {
-        const index_t si = src_index(i * stride + a - lo, len, op.padding);
+        const index_t si = conv_src_index(i * stride + a - lo, len, op.padding);
         if (si < 0) continue;
         const T* __restrict src = in + (o * len + si) * inner;
         for (index_t k = 0; k < inner; ++k) dst[k] += src[k];
@@ -469,7 +461,7 @@ bool finite_diag(const T* s, index_t P, bool diag) {
 // (the diagonal at that point) and stop at the first non-finite value.
 template <class T, bool Ntk>
 ARCFLOW_STAGE void run_pair(const typename conv_engine<T>::plan& pl, pair_io<T>& io, conv_scratch<T>& sc) {
-  const bool diag = pl.diag_mode;
+  const bool diag = pl.L.diag_mode;
   T* s = sc.s.data();
   T* so = sc.s2.data();
   T* t = sc.t.data();
@@ -491,8 +483,8 @@ ARCFLOW_STAGE void run_pair(const typename conv_engine<T>::plan& pl, pair_io<T>&
     io.bad_op = 0;
     return;
   }
-  for (size_t k = 0; k < pl.st.size(); ++k) {
-    const conv_stage& g = pl.st[k];
+  for (size_t k = 0; k < pl.L.st.size(); ++k) {
+    const conv_stage& g = pl.L.st[k];
     const conv_op& op = g.op;
     switch (op.kind) {
       case conv_op_kind::dense:
@@ -598,10 +590,10 @@ std::vector<std::unique_ptr<conv_scratch<T>>> make_scratch(const typename conv_e
   std::vector<std::unique_ptr<conv_scratch<T>>> v;
   try {
     for (int k = 0; k < threads; ++k)
-      v.push_back(
-          std::make_unique<conv_scratch<T>>(pl.buf_len, pl.max_pos, pl.c, pl.want_ntk, pl.acc_len, pl.max_taps));
+      v.push_back(std::make_unique<conv_scratch<T>>(pl.L.buf_len, pl.L.max_pos, pl.c, pl.want_ntk, pl.L.acc_len,
+                                                    pl.L.max_taps));
   } catch (const std::bad_alloc&) {
-    const double each = double(scratch_values(pl.buf_len, pl.acc_len, pl.max_pos, pl.c)) * sizeof(T);
+    const double each = double(scratch_values(pl.L.buf_len, pl.L.acc_len, pl.L.max_pos, pl.c)) * sizeof(T);
     throw allocation_error("arcflow: out of memory allocating the pixel-pair buffers of " + std::to_string(threads) +
                            " threads (" + mib(double(threads) * each) + "); use fewer threads or smaller images");
   }
@@ -756,24 +748,15 @@ conv_engine<T>::conv_engine(const T* x1, index_t n1, const T* x2, index_t n2, in
   pl.c = c;
   pl.symmetric = symmetric;
   pl.want_ntk = want_ntk;
-  {
-    conv_layout L = make_conv_layout(h, w, ops);
-    pl.diag_mode = L.diag_mode;
-    pl.st = std::move(L.st);
-    pl.tab_len = L.tab_len;
-    pl.buf_len = L.buf_len;
-    pl.max_pos = L.max_pos;
-    pl.acc_len = L.acc_len;
-    pl.max_taps = L.max_taps;
-  }
+  pl.L = make_conv_layout(h, w, ops);
   try {
-    pl.tab1.resize(size_t(n1 * pl.tab_len));
-    if (!symmetric) pl.tab2.resize(size_t(n2 * pl.tab_len));
+    pl.tab1.resize(size_t(n1 * pl.L.tab_len));
+    if (!symmetric) pl.tab2.resize(size_t(n2 * pl.L.tab_len));
     pl.self_nngp1.resize(size_t(n1));
     pl.self_ntk1.resize(size_t(n1));
   } catch (const std::bad_alloc&) {
     throw allocation_error("arcflow: out of memory allocating the per-image variance tables (" +
-                           mib(double(n1 + n2) * double(pl.tab_len) * sizeof(T)) + ")");
+                           mib(double(n1 + n2) * double(pl.L.tab_len) * sizeof(T)) + ")");
   }
   // Every image's own recursion: its tables, its k(x, x) and the first op whose value overflowed.
   const index_t n_self = n1 + (symmetric ? 0 : n2);
@@ -786,7 +769,7 @@ conv_engine<T>::conv_engine(const T* x1, index_t n1, const T* x2, index_t n2, in
   parallel_items<T>(n_self, threads, scratch, interrupt, [&](index_t i, conv_scratch<T>& sc) {
     const bool first = i < n1;
     const T* x = first ? x1 + i * img : x2 + (i - n1) * img;
-    T* tab = first ? pl.tab1.data() + i * pl.tab_len : pl.tab2.data() + (i - n1) * pl.tab_len;
+    T* tab = first ? pl.tab1.data() + i * pl.L.tab_len : pl.tab2.data() + (i - n1) * pl.L.tab_len;
     pair_io<T> io{x, x, tab, tab, true, T(0), T(0), -1};
     fn(pl, io, sc);
     if (io.bad_op >= 0) {
@@ -821,7 +804,7 @@ void conv_engine<T>::rows(index_t r0, index_t r1, T* nngp, T* ntk, int threads, 
   // The pairs in tiles of b x b images, a column of tiles at a time: the images and table rows a tile reads
   // (2 b of them, about 256 KB) stay in cache, each column's once for all the rows; in plain pair order a
   // pair's two table rows (5 values per position and activation) come from memory once n is large.
-  const index_t row_bytes = (pl.tab_len + pl.h * pl.w * pl.c) * index_t(sizeof(T));
+  const index_t row_bytes = (pl.L.tab_len + pl.h * pl.w * pl.c) * index_t(sizeof(T));
   const index_t b = std::clamp<index_t>(index_t(256 * 1024) / (2 * row_bytes), 1, 64);
   std::vector<pair_id> pairs;
   for (index_t jb = 0; jb < pl.n2; jb += b)
@@ -847,8 +830,8 @@ void conv_engine<T>::rows(index_t r0, index_t r1, T* nngp, T* ntk, int threads, 
     const index_t i = pairs[size_t(k)].i, j = pairs[size_t(k)].j;
     pair_io<T> io{pl.x1 + i * img,
                   x2 + j * img,
-                  const_cast<T*>(pl.tab1.data()) + i * pl.tab_len,
-                  tab2 + j * pl.tab_len,
+                  const_cast<T*>(pl.tab1.data()) + i * pl.L.tab_len,
+                  tab2 + j * pl.L.tab_len,
                   false,
                   T(0),
                   T(0),
@@ -875,27 +858,22 @@ void conv_engine<T>::diag(T* nngp, T* ntk) const {
 
 template <class T>
 index_t conv_engine<T>::scratch_bytes(index_t h, index_t w, index_t c, const std::vector<conv_op>& ops) {
-  index_t tab_len = 0, max_pos = 1, acc = 1;
-  const auto st = make_stages(h, w, ops, tab_len);
-  const index_t buf = buffer_len(h, w, st, is_diag_mode(ops), max_pos, acc);
-  return scratch_values(buf, acc, max_pos, c) * index_t(sizeof(T));
+  const conv_layout L = make_conv_layout(h, w, ops);
+  return scratch_values(L.buf_len, L.acc_len, L.max_pos, c) * index_t(sizeof(T));
 }
 
 template <class T>
 index_t conv_engine<T>::table_bytes(index_t n, index_t h, index_t w, const std::vector<conv_op>& ops) {
-  index_t tab_len = 0;
-  make_stages(h, w, ops, tab_len);
-  return n * (tab_len * index_t(sizeof(T)) + 2 * index_t(sizeof(T)));
+  return n * (make_conv_layout(h, w, ops).tab_len * index_t(sizeof(T)) + 2 * index_t(sizeof(T)));
 }
 
 template <class T>
 double conv_engine<T>::pair_work(index_t h, index_t w, index_t c, const std::vector<conv_op>& ops) {
-  index_t tab_len = 0;
-  const auto st = make_stages(h, w, ops, tab_len);
-  const bool diag = is_diag_mode(ops);
+  const conv_layout L = make_conv_layout(h, w, ops);
+  const bool diag = L.diag_mode;
   auto sq = [diag](double p) { return diag ? p : p * p; };
   double work = sq(double(h * w)) * double(c);
-  for (const conv_stage& g : st) {
+  for (const conv_stage& g : L.st) {
     const double in = sq(double(g.h * g.w)), out = sq(double(g.ho * g.wo));
     switch (g.op.kind) {
       case conv_op_kind::conv:
